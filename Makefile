@@ -1,0 +1,32 @@
+# The two commands of the README. Both create .venv when missing and work offline.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Data: $FTKIT_DATA_DIR if set, else ../shared/data where it exists.
+FTKIT_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export FTKIT_DATA_DIR
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+# torch is installed first, pinned, so no other package can pull a CUDA build of it.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$$(grep '^torch==' requirements.txt)"
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+demo: install
+	rm -rf runs/demo
+	$(BIN)/ftkit train recipes/full_ft_sst2.yaml train.max_steps=150 train.eval_every=0 train.output_dir=runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,142 @@
+"""The `ftkit` command: parse, call the library, render with rich. Exit 0 on success, 2 on a user error,
+1 on an internal error (with its traceback), 128+N when stopped by signal N after saving."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ftkit.errors import TrainingDiverged, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune language models on a small memory budget: QuZO, MeZO, LoRETTA and first-order.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.lr=1e-5 train.max_steps=200")
+
+
+def friendly(command):
+    """Turn a user mistake into one line on stderr and exit 2; keep tracebacks for real bugs."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from ftkit.train.loop import Interrupted
+
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            err.print(f"error: {error}", markup=False)
+            raise typer.Exit(2)
+        except TrainingDiverged as error:
+            err.print(f"stopped: {error}", markup=False)
+            raise typer.Exit(1)
+        except Interrupted as error:
+            err.print(str(error), markup=False)
+            raise typer.Exit(128 + error.signum)
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file"),
+    overrides: Optional[list[str]] = OVERRIDES,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint"),
+):
+    """Train a recipe; writes checkpoints and metrics to its run directory."""
+    from ftkit.recipe import load_recipe
+    from ftkit.train.loop import train as run_training
+
+    spec = load_recipe(recipe, overrides or [])
+    summary = run_training(spec, resume=resume, console=out)
+    metric = summary["metric"]
+    start = (summary.get("dev_at_start") or {}).get(metric)
+    end = (summary.get("dev") or {}).get(metric)
+    line = f"done: {summary['steps']} steps"
+    if start is not None:
+        line += f"; dev {metric} {start:.4f} at step 0"
+    if end is not None:
+        line += f" -> {end:.4f} at step {summary['steps']}"
+    if summary.get("best_step"):
+        line += f" (best {summary['best_dev']:.4f} at step {summary['best_step']})"
+    out.print(line)
+
+
+@app.command("eval")
+@friendly
+def eval_command(
+    target: Path = typer.Argument(..., help="A run directory, or a recipe (evaluates the model it builds, untrained)"),
+    split: str = typer.Option("dev", "--split", help="dev or test"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A step directory (default: best, else last)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """Evaluate a finished run, one of its checkpoints, or a recipe's starting point."""
+    from ftkit.runs import evaluate_target
+
+    result = evaluate_target(target, split, checkpoint)
+    if as_json:
+        out.print(json.dumps(result), markup=False)
+        return
+    table = Table(title=f"{result['task']} {result['split']} ({result['n']} examples)")
+    for column in ("source", "accuracy", "macro_f1", "loss"):
+        table.add_column(column)
+    table.add_row(result["source"], f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}", f"{result['loss']:.4f}")
+    out.print(table)
+
+
+@app.command("count-params")
+@friendly
+def count_params(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file"),
+    overrides: Optional[list[str]] = OVERRIDES,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """Total, trainable and stored bytes per module group, built on the meta device (no weights loaded)."""
+    from ftkit.models.count import count_parameters
+    from ftkit.recipe import load_recipe
+
+    counts = count_parameters(load_recipe(recipe, overrides or []))
+    if as_json:
+        out.print(json.dumps(counts), markup=False)
+        return
+    table = Table(title=str(recipe))
+    for column in ("group", "total", "trainable", "stored bytes"):
+        table.add_column(column, justify="right" if column != "group" else "left")
+    for name, group in sorted(counts["groups"].items()):
+        table.add_row(name, f"{group['total']:,}", f"{group['trainable']:,}", f"{group['stored_bytes']:,}")
+    table.add_row("[bold]all", f"[bold]{counts['total']:,}", f"[bold]{counts['trainable']:,}",
+                  f"[bold]{counts['stored_bytes']:,}")
+    out.print(table)
+    share = counts["trainable"] / counts["total"] if counts["total"] else 0.0
+    out.print(f"total {counts['total']:,}  trainable {counts['trainable']:,} ({share:.2%})  "
+              f"backbone {counts['backbone']:,}  stored {counts['stored_bytes']:,} bytes")
+
+
+@app.command()
+@friendly
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file"),
+    overrides: Optional[list[str]] = OVERRIDES,
+):
+    """Check a recipe (keys, types, combinations) without loading any model or data."""
+    from ftkit.recipe import load_recipe
+
+    spec = load_recipe(recipe, overrides or [])
+    out.print(f"ok: {recipe}: model {spec.model.name}, format {spec.quant.format}, adapter {spec.method.adapter}, "
+              f"optimizer {spec.method.optimizer}, task {spec.data.task}, {spec.train.max_steps} steps", markup=False)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Tokenise examples once, then serve padded batches: a resumable shuffled stream for training, and
+length-sorted chunks for evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from ftkit.data.dataset import Example, TaskData
+
+
+def encode(examples: list[Example], tokenizer, kind: str, task: TaskData, max_seq_len: int) -> list[dict]:
+    """One feature dict per example (lists of token ids), ready for `collate`."""
+    if kind == "encoder":
+        return _encode_for_encoder(examples, tokenizer, max_seq_len)
+    return _encode_for_causal_lm(examples, tokenizer, task, max_seq_len)
+
+
+def _encode_for_encoder(examples, tokenizer, max_seq_len):
+    first = [e.texts[0] for e in examples]
+    second = [e.texts[1] for e in examples] if examples and len(examples[0].texts) > 1 else None
+    encoded = tokenizer(first, second, truncation=True, max_length=max_seq_len)
+    features = []
+    for i, example in enumerate(examples):
+        item = {key: encoded[key][i] for key in encoded.keys()}
+        item["labels"] = example.label
+        features.append(item)
+    return features
+
+
+def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len):
+    """Each example becomes one sequence per candidate label: prompt tokens, then the label word's tokens."""
+    template = task.spec.template or " ".join("{" + c + "}" for c in task.spec.text_columns)
+    candidates = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in task.label_words]
+    features = []
+    for example in examples:
+        prompt = template.format(**dict(zip(task.spec.text_columns, example.texts)))
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        rows, masks = [], []
+        for candidate in candidates:
+            # Truncate the prompt from the left so the candidate (the answer) is never cut.
+            has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
+            head, body = (prompt_ids[:1], prompt_ids[1:]) if has_bos else ([], prompt_ids)
+            room = max(0, max_seq_len - len(candidate) - len(head))
+            body = body[len(body) - room :] if room < len(body) else body
+            ids = head + body + candidate
+            rows.append(ids)
+            masks.append([0] * (len(ids) - len(candidate)) + [1] * len(candidate))
+        features.append({"rows": rows, "option_masks": masks, "labels": example.label})
+    return features
+
+
+def collate(features: list[dict], pad_id: int) -> dict:
+    if "rows" in features[0]:
+        rows = [r for f in features for r in f["rows"]]
+        masks = [m for f in features for m in f["option_masks"]]
+        batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0),
+                 "option_mask": _pad(masks, 0)}
+    else:
+        batch = {key: _pad([f[key] for f in features], pad_id if key == "input_ids" else 0)
+                 for key in features[0] if key != "labels"}
+    batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    return batch
+
+
+def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+class TrainStream:
+    """Shuffled batches, epoch after epoch. The order depends only on (seed, epoch), so the state that resumes it
+    exactly is two integers."""
+
+    def __init__(self, features: list[dict], batch_size: int, seed: int, pad_id: int):
+        self.features, self.batch_size, self.seed, self.pad_id = features, batch_size, seed, pad_id
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.features), generator=generator).tolist()
+
+    def next_batch(self) -> dict:
+        picked = []
+        while len(picked) < self.batch_size:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = self._order[self.position : self.position + self.batch_size - len(picked)]
+            picked.extend(take)
+            self.position += len(take)
+        return collate([self.features[i] for i in picked], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def eval_batches(features: list[dict], batch_size: int, pad_id: int):
+    """Length-sorted batches (little padding); yields (original indices, batch)."""
+    length = (lambda f: max(len(r) for r in f["rows"])) if features and "rows" in features[0] else (lambda f: len(f["input_ids"]))
+    order = sorted(range(len(features)), key=lambda i: length(features[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, collate([features[i] for i in chunk], pad_id)

@@ -1,0 +1,170 @@
+"""Turn a recipe's data section into labelled examples per split.
+
+Files for a built-in task are found in this order: the recipe's explicit path, `$FTKIT_DATA_DIR/<task>/`, then
+the Hugging Face hub. A recipe-defined task reads only its own files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftkit.data.files import LINE, read_rows
+from ftkit.data.tasks import BUILTIN_TASKS
+from ftkit.errors import DataError
+from ftkit.recipe.schema import Recipe, TaskSpec
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class Example:
+    texts: tuple[str, ...]
+    label: int
+
+
+@dataclass
+class TaskData:
+    name: str
+    spec: TaskSpec
+    labels: list[str]  # label values in class order; class i is labels[i]
+    splits: dict[str, list[Example]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # split -> where it was read from
+
+    @property
+    def label_words(self) -> list[str]:
+        return [self.spec.label_words[v] for v in self.labels]
+
+    @property
+    def label_phrases(self) -> list[str]:
+        phrases = self.spec.label_phrases or self.spec.label_words
+        return [phrases[v] for v in self.labels]
+
+
+def task_spec(recipe: Recipe) -> TaskSpec:
+    name = recipe.data.task
+    return recipe.data.tasks[name] if name in recipe.data.tasks else BUILTIN_TASKS[name].spec
+
+
+def load_task_data(recipe: Recipe, splits: tuple[str, ...] = SPLITS) -> TaskData:
+    name = recipe.data.task
+    spec = task_spec(recipe)
+    data = TaskData(name=name, spec=spec, labels=list(spec.label_words))
+    # With MeZO-style sampling, dev is drawn from train and the validation split becomes the test set.
+    sampling = recipe.data.n_train is not None or recipe.data.n_dev is not None
+    wanted = set(splits) | ({"train", "dev"} if sampling else set())
+    raw = {}
+    for split in SPLITS:
+        if split in wanted:
+            found = _read_split(recipe, name, spec, split, required=split == "train" or (split == "dev" and sampling))
+            if found is not None:
+                raw[split], data.sources[split] = found
+    if sampling:
+        raw, data.sources = _sample_mezo_style(recipe, raw, data.sources)
+    for split, rows in raw.items():
+        if split in splits:
+            data.splits[split] = _examples(rows, spec, data.labels, data.sources[split], name)
+    return data
+
+
+def _read_split(recipe: Recipe, name: str, spec: TaskSpec, split: str, required: bool):
+    """Return (rows, source) for one split, or None when an optional split is absent."""
+    if name in recipe.data.tasks:
+        path = getattr(spec, split)
+        if path is None:
+            return None
+        return _read_file(_locate(path, recipe), spec, f"data.tasks.{name}.{split}"), path
+    builtin = BUILTIN_TASKS[name]
+    explicit = getattr(recipe.data, f"{split}_file")
+    if explicit:
+        return _read_file(_locate(explicit, recipe), spec, f"data.{split}_file"), explicit
+    looked = []
+    data_dir = os.environ.get("FTKIT_DATA_DIR")
+    if data_dir and split in builtin.files:
+        candidate = Path(data_dir) / name / builtin.files[split]
+        if candidate.is_file():
+            return _read_file(candidate, spec, f"data.{split}_file"), str(candidate)
+        looked.append(str(candidate))
+    elif split in builtin.files:
+        looked.append(f"$FTKIT_DATA_DIR/{name}/{builtin.files[split]} (FTKIT_DATA_DIR is not set)")
+    if split in builtin.hub_splits:
+        rows, error = _read_hub(builtin, split)
+        if rows is not None:
+            return rows, f"hub {builtin.hub_path}/{builtin.hub_name}:{builtin.hub_splits[split]}"
+        looked.append(f"the hub ({error})")
+    if required:
+        raise DataError(f"{name} {split} data not found: looked in {'; '.join(looked)}. "
+                        f"Set FTKIT_DATA_DIR or data.{split}_file")
+    return None
+
+
+def _locate(path: str, recipe: Recipe) -> Path:
+    candidate = Path(os.path.expanduser(path))
+    if not candidate.is_absolute() and not candidate.exists() and recipe.source:
+        beside_recipe = Path(recipe.source).parent / candidate
+        if beside_recipe.exists():
+            return beside_recipe
+    return candidate
+
+
+def _read_file(path: Path, spec: TaskSpec, key: str) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{key}: data file not found: {path}")
+    columns, rows = read_rows(path, spec.format)
+    for column in [*spec.text_columns, spec.label_column]:
+        if column not in columns:
+            raise DataError(f"{path}: column '{column}' not found (columns: {', '.join(map(str, columns))})")
+    return rows
+
+
+def _read_hub(builtin, split: str):
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(builtin.hub_path, builtin.hub_name, split=builtin.hub_splits[split])
+    except Exception as err:  # offline, missing package, unknown dataset: all mean "not here"
+        return None, str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+    return [{LINE: i + 1, **row} for i, row in enumerate(dataset)], None
+
+
+def _sample_mezo_style(recipe: Recipe, raw: dict, sources: dict):
+    """n_train / n_dev examples drawn without overlap from train; the original dev split becomes test."""
+    train = raw["train"]
+    order = list(range(len(train)))
+    random.Random(recipe.data.data_seed).shuffle(order)
+    n_train = recipe.data.n_train or len(train) - (recipe.data.n_dev or 0)
+    n_dev = recipe.data.n_dev or 0
+    if n_train + n_dev > len(train):
+        raise DataError(f"data.n_train + data.n_dev = {n_train + n_dev} is more than the {len(train)} training rows "
+                        f"in {sources['train']}")
+    sampled = {"train": [train[i] for i in order[:n_train]]}
+    new_sources = {"train": f"{sources['train']} (sample of {n_train}, seed {recipe.data.data_seed})"}
+    if n_dev:
+        sampled["dev"] = [train[i] for i in order[n_train:n_train + n_dev]]
+        new_sources["dev"] = f"{sources['train']} (held-out sample of {n_dev})"
+        if "dev" in raw:
+            sampled["test"], new_sources["test"] = raw["dev"], sources["dev"]
+    elif "dev" in raw:
+        sampled["dev"], new_sources["dev"] = raw["dev"], sources["dev"]
+    return sampled, new_sources
+
+
+def _examples(rows: list[dict], spec: TaskSpec, labels: list[str], source: str, task: str) -> list[Example]:
+    index = {value: i for i, value in enumerate(labels)}
+    examples = []
+    for row in rows:
+        value = _label_text(row[spec.label_column])
+        if value not in index:
+            raise DataError(f"{source}: line {row[LINE]}: label {value!r} is not one of {', '.join(labels)} "
+                            f"(the labels of task {task}; add it to label_words)")
+        texts = tuple(str(row[c]).strip() for c in spec.text_columns)
+        examples.append(Example(texts=texts, label=index[value]))
+    return examples
+
+
+def _label_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()

@@ -1,0 +1,17 @@
+"""Errors that end in one clear line for the user (exit 2), as opposed to bugs (exit 1)."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad recipe key, missing file, missing column, unknown label."""
+
+
+class RecipeError(UserError):
+    """A recipe that does not validate; the message names the file and the key."""
+
+
+class DataError(UserError):
+    """Data that cannot be read as the task describes; the message names the file and, where known, the row."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became non-finite; the last good checkpoint is kept."""

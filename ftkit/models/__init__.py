@@ -1,0 +1,1 @@
+"""Models: loading backbones and tokenizers, task heads, assembly, and parameter counts."""

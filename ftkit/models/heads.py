@@ -1,0 +1,97 @@
+"""Task heads. Both turn a batch into class logits [batch, classes], so every method shares one loss.
+
+- Encoders: masked mean pooling, then a linear head. The head starts from the label phrases' embeddings
+  (class prototypes) so the model is far above chance before any step; zeroth-order training cannot recover
+  from a random head.
+- Causal LMs: each candidate label is scored by the mean log-probability of its tokens after the prompt
+  (MeZO's protocol); the scores are the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROTOTYPE_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes, dtype=encoder.dtype)
+        # Mean pooling replaces BERT's pooler: it receives no gradient and does not change the loss.
+        pooler = getattr(encoder, "pooler", None)
+        if pooler is not None:
+            pooler.requires_grad_(False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        hidden = self.encoder(**inputs).last_hidden_state
+        return mean_pool(hidden, batch["attention_mask"])
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.head(self.embed(batch)).float()
+
+
+class CausalLMScorer(nn.Module):
+    def __init__(self, lm: nn.Module, num_classes: int):
+        super().__init__()
+        self.lm = lm
+        self.num_classes = num_classes
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.lm
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        # batch holds one row per (example, candidate); option_mask marks the candidate's tokens.
+        hidden = self.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = hidden.last_hidden_state[:, :-1]
+        targets = batch["input_ids"][:, 1:]
+        scored = batch["option_mask"][:, 1:].bool()
+        # Project only the positions that are scored: the full [rows, tokens, vocab] logits are never built.
+        logits = self.lm.get_output_embeddings()(hidden[scored]).float()
+        token_logprob = logits.log_softmax(-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+        rows = torch.arange(scored.shape[0], device=scored.device).unsqueeze(1).expand_as(scored)[scored]
+        total = torch.zeros(scored.shape[0], device=logits.device).index_add_(0, rows, token_logprob)
+        mean = total / scored.sum(1).clamp(min=1)
+        return mean.view(-1, self.num_classes)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def init_prototype_head(model: EncoderClassifier, phrase_batch: dict, calibration_batches: list[dict]) -> float:
+    """Set the head to s * unit(embedding of each label phrase), with s chosen by cross-entropy on train data.
+
+    The pooled vectors share one norm per sentence, so the argmax is the cosine-prototype argmax and step-0
+    accuracy is the zero-shot accuracy; s only sets the temperature. Returns the chosen s.
+    """
+    was_training = model.training
+    model.eval()
+    prototypes = F.normalize(model.embed(phrase_batch).float(), dim=-1)
+    pooled, labels = [], []
+    for batch in calibration_batches:
+        pooled.append(model.embed(batch).float())
+        labels.append(batch["labels"])
+    pooled, labels = torch.cat(pooled), torch.cat(labels)
+    logits_at_scale_one = pooled @ prototypes.T
+    losses = [F.cross_entropy(s * logits_at_scale_one, labels).item() for s in PROTOTYPE_SCALES]
+    scale = PROTOTYPE_SCALES[min(range(len(losses)), key=losses.__getitem__)]
+    model.head.weight.copy_((scale * prototypes).to(model.head.weight.dtype))
+    model.head.bias.zero_()
+    model.train(was_training)
+    return scale

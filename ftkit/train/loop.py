@@ -1,0 +1,202 @@
+"""The shared training loop. Every method runs through it: the method owns `step(batch, lr)`, the loop owns steps,
+the schedule, evaluation, checkpoints, metrics, progress and signals. Read it top to bottom."""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+from ftkit.data.batches import TrainStream, encode
+from ftkit.data.dataset import load_task_data
+from ftkit.errors import TrainingDiverged, UserError
+from ftkit.eval import evaluate
+from ftkit.models.build import build_model
+from ftkit.models.load import load_tokenizer
+from ftkit.optim import OPTIMIZERS
+from ftkit.optim.schedules import learning_rate
+from ftkit.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from ftkit.train import checkpoint as ckpt
+from ftkit.train.metrics import MetricsLog, truncate_after
+from ftkit.train.progress import TrainProgress
+
+# Keys a resumed run may change: they decide how long and how often, not what is computed.
+RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
+                     "train.tensorboard", "train.eval_batch_size", "description"}
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def run_dir_for(recipe: Recipe) -> Path:
+    if recipe.train.output_dir:
+        return Path(recipe.train.output_dir)
+    return Path("runs") / Path(recipe.source or "recipe").stem
+
+
+def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict:
+    console = console or Console()
+    started = time.perf_counter()
+    run_dir = run_dir_for(recipe)
+    ckpt_root = run_dir / "checkpoints"
+    ckpt.remove_leftovers(ckpt_root)
+    resume_from = ckpt.resolve(ckpt_root) if resume else None
+    if not resume and ckpt.resolve(ckpt_root) is not None:
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                        f"or set train.output_dir to start another")
+    if resume_from is not None:
+        _check_same_recipe(run_dir, recipe)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+
+    # Data, model, method.
+    task = load_task_data(recipe)
+    tokenizer = load_tokenizer(recipe.model)
+    model, kind, facts = build_model(recipe, task, tokenizer)
+    features = {split: encode(examples, tokenizer, kind, task, recipe.data.max_seq_len)
+                for split, examples in task.splits.items()}
+    method = OPTIMIZERS[recipe.method.optimizer](model, recipe)
+    stream = TrainStream(features["train"], recipe.train.batch_size, recipe.train.seed, tokenizer.pad_token_id)
+    num_classes = len(task.labels)
+
+    def run_eval(split: str) -> dict:
+        return evaluate(model, features[split], recipe.train.eval_batch_size, tokenizer.pad_token_id, num_classes)
+
+    metric = task.spec.metric
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = {"step": 0, "best_metric": None, "best_step": None, "dev_at_start": None}
+
+    # Fresh start or resume.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from, model, method)
+        stream.load_state_dict(saved["stream"])
+        ckpt.set_rng_state(saved["rng"])
+        state = saved["loop"]
+        truncate_after(run_dir / "metrics.jsonl", state["step"])
+        console.print(f"resuming {run_dir} from step {state['step']}")
+    else:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        torch.manual_seed(recipe.train.seed)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    log = MetricsLog(run_dir, recipe.train.tensorboard)
+    console.print(f"{kind} model, {trainable:,} trainable parameters; data: "
+                  + ", ".join(f"{s} {len(v)}" for s, v in task.splits.items()))
+
+    if state["step"] == 0 and recipe.train.eval_at_start and "dev" in features:
+        dev = run_eval("dev")
+        state["dev_at_start"] = dev
+        log.write({"step": 0, "split": "dev", **dev})
+        console.print(f"dev {metric} at step 0: {dev[metric]:.4f}")
+
+    # SIGINT / SIGTERM: finish the step, save, and leave.
+    stop = {"signum": None}
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signum=signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def save(step: int, is_best: bool = False) -> Path:
+        trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source}
+        return ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best)
+
+    progress = TrainProgress(console, recipe.train.max_steps, state["step"], recipe.train.log_every)
+    loop_started, first_step = time.perf_counter(), state["step"]
+    try:
+        for step in range(state["step"], recipe.train.max_steps):
+            lr = learning_rate(step, recipe.train)
+            batch = stream.next_batch()
+            metrics = method.step(batch, lr)
+            done = step + 1
+            if not math.isfinite(metrics["loss"]):
+                last = ckpt.resolve(ckpt_root)
+                raise TrainingDiverged(f"the loss became {metrics['loss']} at step {done} (lr {lr:.3g}); "
+                                       f"last good checkpoint: {last or 'none'}; try a lower train.lr")
+            state["step"] = done
+            log.write({"step": done, "split": "train", "lr": lr, **metrics})
+            progress.update(done, metrics["loss"])
+
+            improved = False
+            is_last = done == recipe.train.max_steps
+            if "dev" in features and ((recipe.train.eval_every and done % recipe.train.eval_every == 0) or is_last):
+                dev = run_eval("dev")
+                log.write({"step": done, "split": "dev", **dev})
+                progress.message(f"step {done}: dev {metric} {dev[metric]:.4f}  loss {dev['loss']:.4f}")
+                if state["best_metric"] is None or dev[metric] > state["best_metric"]:
+                    state["best_metric"], state["best_step"], improved = dev[metric], done, True
+            periodic = recipe.train.save_every and done % recipe.train.save_every == 0
+            if periodic or is_last or improved or stop["signum"] is not None:
+                save(done, is_best=improved)
+            if stop["signum"] is not None and not is_last:
+                raise Interrupted(stop["signum"], f"interrupted at step {done}; checkpoint saved in {ckpt_root}; "
+                                  f"continue with: ftkit train {recipe.source} --resume")
+    finally:
+        progress.close()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        log.close()
+
+    # Final figures: test split (if any) on the best checkpoint's weights.
+    steps_run = state["step"] - first_step
+    summary = {
+        "recipe": recipe.source, "kind": kind, "steps": state["step"], **facts,
+        "dev_at_start": state["dev_at_start"], "dev": _last_dev(run_dir), "metric": metric,
+        "best_step": state["best_step"], "best_dev": state["best_metric"],
+        "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wall_seconds": time.perf_counter() - started,
+        "seconds_per_step": (time.perf_counter() - loop_started) / steps_run if steps_run else None,
+    }
+    if "test" in features:
+        best = ckpt.resolve(ckpt_root, "best")
+        if best is not None:
+            ckpt.load_checkpoint(best, model)
+        summary["test"] = run_eval("test")
+        test_log = MetricsLog(run_dir)
+        test_log.write({"step": state["best_step"] or state["step"], "split": "test", **summary["test"]})
+        test_log.close()
+    (run_dir / "summary.json").write_text(_json(summary))
+    return summary
+
+
+def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(recipe_to_dict(recipe_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path))))
+    current = _flatten(recipe_to_dict(recipe))
+    for key in sorted(set(saved) | set(current)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            raise UserError(f"cannot resume {run_dir}: {key} was {saved.get(key)!r} and is now {current.get(key)!r}; "
+                            f"a resumed run must compute the same thing (only {', '.join(sorted(RESUMABLE_CHANGES))} "
+                            f"may change)")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "config" and key != "tasks":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _last_dev(run_dir: Path) -> dict | None:
+    from ftkit.train.metrics import read_events
+
+    devs = [e for e in read_events(run_dir / "metrics.jsonl") if e["split"] == "dev"]
+    return devs[-1] if devs else None
+
+
+def _json(data: dict) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
