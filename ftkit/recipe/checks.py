@@ -52,6 +52,8 @@ def run_checks(recipe: Recipe, where: str) -> None:
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         fail("method.adamw.betas", f"must be two numbers in [0, 1), got {betas}")
     _at_least(fail, "method.sgd.momentum", recipe.method.sgd.momentum, 0)
+    if recipe.method.sgd.nesterov and recipe.method.sgd.momentum == 0:
+        fail("method.sgd.nesterov", "Nesterov momentum needs method.sgd.momentum > 0")
     for i, pattern in enumerate(recipe.method.freeze):
         try:
             re.compile(pattern)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -137,6 +138,8 @@ def _convert(hint: Any, value: Any, key: str, ctx: _Context):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ctx.error(key, f"must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ctx.error(key, f"must be a finite number, got {value}")
         return float(value)
     if hint is str:
         # Label words like 0/1 arrive from YAML as ints; names and paths must really be text.

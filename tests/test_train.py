@@ -1,0 +1,217 @@
+"""The shared loop: learning, checkpoints that survive crashes, bit-exact resume after SIGKILL, signals, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import REPO, tiny_recipe
+from ftkit.cli import app
+from ftkit.errors import TrainingDiverged, UserError
+from ftkit.optim.first_order import FirstOrder
+from ftkit.optim.schedules import learning_rate
+from ftkit.recipe import load_recipe
+from ftkit.recipe.schema import TrainSpec
+from ftkit.train import checkpoint as ckpt
+from ftkit.train.loop import train
+from ftkit.train.metrics import read_events
+
+
+def run(write_recipe, tmp_path, name="run", **sections):
+    sections.setdefault("train", {})["output_dir"] = str(tmp_path / name)
+    return load_recipe(write_recipe(tiny_recipe(**sections), f"{name}.yaml"))
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(str(ckpt.resolve(run_dir / "checkpoints") / ckpt.WEIGHTS))
+
+
+def train_losses(run_dir: Path) -> list:
+    return [(e["step"], e["loss"]) for e in read_events(run_dir / "metrics.jsonl") if e["split"] == "train"]
+
+
+def test_first_order_training_lowers_the_loss_and_writes_the_run_dir(write_recipe, tmp_path):
+    recipe = run(write_recipe, tmp_path, train={"max_steps": 40, "eval_every": 20, "save_every": 0, "lr": 3e-3})
+    summary = train(recipe)
+    run_dir = tmp_path / "run"
+    events = read_events(run_dir / "metrics.jsonl")
+    dev = [e for e in events if e["split"] == "dev"]
+    assert [e["step"] for e in dev] == [0, 20, 40]
+    losses = [e["loss"] for e in events if e["split"] == "train"]
+    assert sum(losses[-8:]) < 0.5 * sum(losses[:8])  # 64 sentences: the tiny model fits them
+    assert {e["split"] for e in events} == {"train", "dev", "test"}
+    for name in ("recipe.yaml", "summary.json", "checkpoints/last", "checkpoints/best"):
+        assert (run_dir / name).exists(), name
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["steps"] == 40 and saved["trainable_params"] == summary["trainable_params"] > 0
+    assert saved["test"]["n"] == 872 and saved["peak_rss_mb"] > 0
+    assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 40
+
+
+def test_schedules():
+    spec = TrainSpec(max_steps=10, lr=1.0, warmup_steps=2, schedule="linear")
+    assert [learning_rate(s, spec) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert learning_rate(9, spec) == pytest.approx(1 / 8)
+    spec.schedule = "cosine"
+    assert learning_rate(2, spec) == 1.0 and learning_rate(6, spec) == pytest.approx(0.5)
+    spec.schedule = "constant"
+    assert learning_rate(9, spec) == 1.0
+
+
+def test_keeps_last_k_plus_best(write_recipe, tmp_path):
+    recipe = run(write_recipe, tmp_path, train={"max_steps": 20, "save_every": 2, "eval_every": 0, "keep_last": 2})
+    train(recipe)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000018", "step-000020"]
+    assert os.readlink(root / "last") == "step-000020"
+
+
+def test_refuses_to_overwrite_a_run_and_resume_checks_the_recipe(write_recipe, tmp_path):
+    recipe = run(write_recipe, tmp_path, train={"max_steps": 4})
+    train(recipe)
+    with pytest.raises(UserError, match="already holds checkpoints: pass --resume"):
+        train(recipe)
+    changed = run(write_recipe, tmp_path, train={"max_steps": 4, "lr": 0.5})
+    with pytest.raises(UserError, match="train.lr was 0.001 and is now 0.5"):
+        train(changed, resume=True)
+
+
+def test_interrupted_save_never_corrupts_last(write_recipe, tmp_path, monkeypatch):
+    recipe = run(write_recipe, tmp_path, train={"max_steps": 8, "save_every": 4, "eval_every": 0})
+    calls = {"n": 0}
+    real_save = ckpt.save_file
+
+    def crash_on_second_save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(path).write_bytes(b"half a file")
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_file", crash_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(recipe)
+    root = tmp_path / "run" / "checkpoints"
+    assert os.readlink(root / "last") == "step-000004"
+    assert ckpt.resolve(root).name == "step-000004"
+    assert len(load_file(str(root / "last" / ckpt.WEIGHTS))) > 0
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    summary = train(recipe, resume=True)  # the leftover temporary directory is cleaned and the run goes on
+    assert summary["steps"] == 8 and not list(root.glob(".tmp-*"))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(write_recipe, tmp_path, monkeypatch):
+    recipe = run(write_recipe, tmp_path, train={"max_steps": 8, "save_every": 2, "eval_every": 0})
+    real_step = FirstOrder.step
+
+    def step(self, batch, lr):
+        metrics = real_step(self, batch, lr)
+        step.count += 1
+        return {**metrics, "loss": float("nan")} if step.count == 5 else metrics
+
+    step.count = 0
+    monkeypatch.setattr(FirstOrder, "step", step)
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 5 .*last good checkpoint: .*step-000004"):
+        train(recipe)
+    assert os.readlink(tmp_path / "run" / "checkpoints" / "last") == "step-000004"
+
+
+# --- subprocess runs: SIGKILL and SIGTERM ----------------------------------------------------------------------
+
+def ftkit(*args, **popen):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "ftkit", *map(str, args)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def wait_for_step(run_dir: Path, step: int, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early: {process.stdout.read()}")
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(e["step"] >= step and e["split"] == "train" for e in _events(path)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _events(path):
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+SLOW_ENOUGH = {"max_steps": 60, "save_every": 10, "eval_every": 20, "log_every": 10, "lr": 3e-3}
+
+
+def test_sigkill_then_resume_is_bit_identical(write_recipe, tmp_path):
+    reference = run(write_recipe, tmp_path, "reference", train=dict(SLOW_ENOUGH))
+    interrupted = run(write_recipe, tmp_path, "interrupted", train=dict(SLOW_ENOUGH))
+    assert ftkit("train", reference.source).wait(timeout=300) == 0
+
+    process = ftkit("train", interrupted.source)
+    wait_for_step(tmp_path / "interrupted", 33, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    last = ckpt.resolve(tmp_path / "interrupted" / "checkpoints")
+    assert last is not None and 10 <= int(last.name.split("-")[1]) < 60
+
+    resumed = ftkit("train", interrupted.source, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"resuming {tmp_path / 'interrupted'} from step" in output
+
+    expected, actual = final_weights(tmp_path / "reference"), final_weights(tmp_path / "interrupted")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert train_losses(tmp_path / "interrupted") == train_losses(tmp_path / "reference")
+    dev = lambda d: [(e["step"], e["accuracy"]) for e in read_events(d / "metrics.jsonl") if e["split"] == "dev"]
+    assert dev(tmp_path / "interrupted") == dev(tmp_path / "reference")
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(write_recipe, tmp_path):
+    recipe = run(write_recipe, tmp_path, train={**SLOW_ENOUGH, "max_steps": 100000, "save_every": 0})
+    process = ftkit("train", recipe.source)
+    wait_for_step(tmp_path / "run", 5, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    lines = [line for line in output.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in output
+    saved = ckpt.resolve(tmp_path / "run" / "checkpoints")
+    state = json.loads((saved / ckpt.TRAINER_STATE).read_text())
+    assert state["loop"]["step"] == int(saved.name.split("-")[1]) >= 5
+
+
+def test_eval_cli_on_run_dir_and_recipe(write_recipe, tmp_path):
+    recipe = run(write_recipe, tmp_path, train={"max_steps": 4})
+    train(recipe)
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["split"] == "dev" and metrics["n"] == 32 and metrics["source"].endswith("step-000004")
+    logged = [e for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["split"] == "dev"][-1]
+    assert metrics["accuracy"] == logged["accuracy"] and metrics["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+    test = json.loads(runner.invoke(app, ["eval", str(tmp_path / "run"), "--split", "test", "--json"]).output)
+    assert test["n"] == 872
+    untrained = runner.invoke(app, ["eval", recipe.source, "--json"])
+    assert untrained.exit_code == 0 and json.loads(untrained.output)["source"].endswith("(untrained)")
+    missing = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not found" in missing.output
