@@ -40,6 +40,9 @@ def friendly(command):
         except Interrupted as error:
             err.print(str(error), markup=False)
             raise typer.Exit(128 + error.signum)
+        except KeyboardInterrupt:
+            err.print("interrupted before training started; nothing was written", markup=False)
+            raise typer.Exit(130)
 
     return wrapper
 

@@ -94,3 +94,23 @@ def test_candidate_scores_match_hand_computation(config):
                 positions = [t for t in range(1, len(row)) if mask[t]]
                 expected = sum(logprobs[t - 1, row[t]].item() for t in positions) / len(positions)
                 assert scores[example, candidate].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_local_directory_loads_through_transformers(tmp_path, write_recipe):
+    """A model saved with save_pretrained (weights + tokenizer) loads by path, with its trained weights."""
+    from conftest import TINY_BERT
+    from transformers import AutoModel
+
+    from ftkit.models.load import load_config, minilm_path
+
+    config = load_config(recipe_from_dict({"model": {"config": dict(TINY_BERT)}}).model)
+    config.vocab_size = 30522
+    torch.manual_seed(1)
+    saved = AutoModel.from_config(config)
+    saved.save_pretrained(tmp_path / "tiny")
+    load_tokenizer(recipe_from_dict({}).model).save_pretrained(tmp_path / "tiny")
+    recipe = load_recipe(write_recipe(tiny_recipe(model={"name": str(tmp_path / "tiny"), "config": None})))
+    task = load_task_data(recipe, splits=("train",))
+    model, kind, _ = build_model(recipe, task, load_tokenizer(recipe.model))
+    assert kind == "encoder" and minilm_path() != tmp_path / "tiny"
+    assert torch.equal(model.encoder.embeddings.word_embeddings.weight, saved.embeddings.word_embeddings.weight)

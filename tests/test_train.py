@@ -215,3 +215,25 @@ def test_eval_cli_on_run_dir_and_recipe(write_recipe, tmp_path):
     assert untrained.exit_code == 0 and json.loads(untrained.output)["source"].endswith("(untrained)")
     missing = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_sgd_in_bfloat16_runs(write_recipe, tmp_path):
+    recipe = run(write_recipe, tmp_path, model={"dtype": "bfloat16"},
+                 method={"optimizer": "sgd", "sgd": {"momentum": 0.9}}, train={"max_steps": 6, "lr": 0.05})
+    summary = train(recipe)
+    weights = final_weights(tmp_path / "run")
+    assert summary["steps"] == 6 and all(t.dtype == torch.bfloat16 for t in weights.values())
+
+
+def test_cli_train_user_errors_are_one_line(write_recipe, tmp_path):
+    runner = CliRunner()
+    missing_file = write_recipe(tiny_recipe(data={"train_file": str(tmp_path / "absent.tsv")}), "a.yaml")
+    result = runner.invoke(app, ["train", str(missing_file)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"error: data.train_file: data file not found: {tmp_path / 'absent.tsv'}"]
+    (tmp_path / "bad.tsv").write_text("text\tlabel\nfine\t1\n")
+    bad_column = write_recipe(tiny_recipe(data={"train_file": str(tmp_path / "bad.tsv")}), "b.yaml")
+    result = runner.invoke(app, ["train", str(bad_column)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'bad.tsv'}: column 'sentence' not found (columns: text, label)"]
