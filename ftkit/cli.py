@@ -77,6 +77,8 @@ def train(
 @friendly
 def eval_command(
     target: Path = typer.Argument(..., help="A run directory, or a recipe (evaluates the model it builds, untrained)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Recipe overrides; for a run, quant.* applies "
+                                                    "post-training quantization, e.g. quant.format=int4"),
     split: str = typer.Option("dev", "--split", help="dev or test"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A step directory (default: best, else last)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
@@ -84,7 +86,7 @@ def eval_command(
     """Evaluate a finished run, one of its checkpoints, or a recipe's starting point."""
     from ftkit.runs import evaluate_target
 
-    result = evaluate_target(target, split, checkpoint)
+    result = evaluate_target(target, split, checkpoint, overrides or [])
     if as_json:
         out.print(json.dumps(result), markup=False)
         return
@@ -93,6 +95,22 @@ def eval_command(
         table.add_column(column)
     table.add_row(result["source"], f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}", f"{result['loss']:.4f}")
     out.print(table)
+
+
+@app.command()
+@friendly
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="Directory to write (must be new or empty)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A step directory (default: best, else last)"),
+):
+    """Write a run's model as a Hugging Face directory that from_pretrained loads (quantized weights dequantized)."""
+    from ftkit.runs import export_run
+
+    if not run_dir.is_dir():
+        raise UserError(f"not a run directory: {run_dir}")
+    written = export_run(run_dir, out_dir, checkpoint)
+    out.print(f"exported {run_dir} to {written} (load with transformers' from_pretrained)", markup=False)
 
 
 @app.command("count-params")

@@ -20,8 +20,12 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return recipe
 
 
-def evaluate_target(target: Path, split: str, checkpoint: Path | None = None) -> dict:
-    """Evaluate a run directory (its best checkpoint, else last, or `checkpoint`) or a recipe's untrained model."""
+def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, overrides: list[str] = ()) -> dict:
+    """Evaluate a run directory (its best checkpoint, else last, or `checkpoint`) or a recipe's untrained model.
+
+    For a run directory, `quant.*` overrides quantize the trained model after loading it (post-training
+    quantization), e.g. quant.format=int4 quant.group_size=128.
+    """
     from ftkit.data.batches import encode
     from ftkit.data.dataset import load_task_data
     from ftkit.eval import evaluate
@@ -30,8 +34,11 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None) ->
 
     if split not in ("dev", "test"):
         raise UserError(f"--split must be dev or test, got {split!r}")
+    ptq = None
     if target.is_dir():
         recipe = load_run_recipe(target)
+        if overrides:
+            ptq = _ptq_spec(recipe, overrides)
         root = target / "checkpoints"
         step_dir = checkpoint or ckpt.resolve(root, "best") or ckpt.resolve(root, "last")
         if step_dir is None:
@@ -39,7 +46,7 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None) ->
         if not (Path(step_dir) / ckpt.TRAINER_STATE).is_file():
             raise UserError(f"{step_dir} is not a checkpoint directory (no {ckpt.TRAINER_STATE})")
     elif target.is_file():
-        recipe, step_dir = load_recipe(target), None
+        recipe, step_dir = load_recipe(target, overrides), None
         if checkpoint is not None:
             raise UserError("--checkpoint applies to a run directory, not to a recipe")
     else:
@@ -52,7 +59,68 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None) ->
     model, kind, _ = build_model(recipe, task, tokenizer)
     if step_dir is not None:
         ckpt.load_checkpoint(Path(step_dir), model)
+    if ptq is not None:
+        from ftkit.quant import FORMATS
+
+        model = FORMATS[ptq.format](model, ptq)
     features = encode(task.splits[split], tokenizer, kind, task, recipe.data.max_seq_len)
     metrics = evaluate(model, features, recipe.train.eval_batch_size, tokenizer.pad_token_id, len(task.labels))
     source = str(Path(step_dir).resolve()) if step_dir is not None else f"{target} (untrained)"
+    if ptq is not None:
+        source += f" + {ptq.format} post-training quantization"
     return {"task": task.name, "split": split, "source": source, **metrics}
+
+
+def _ptq_spec(recipe: Recipe, overrides: list[str]):
+    """The quant section after applying `overrides`, which may only touch quant.* for a finished run."""
+    from ftkit.recipe.load import recipe_from_dict, recipe_to_dict
+
+    for item in overrides:
+        if not item.startswith("quant."):
+            raise UserError(f"override {item!r}: a finished run can only be re-evaluated under quant.* overrides "
+                            f"(post-training quantization)")
+    if recipe.quant.format != "none":
+        raise UserError("post-training quantization applies to a run trained in full precision "
+                        f"(this one used quant.format {recipe.quant.format})")
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.merge(OmegaConf.create(recipe_to_dict(recipe)), OmegaConf.from_dotlist(list(overrides)))
+    updated = recipe_from_dict(OmegaConf.to_container(data), "overrides",
+                               {item.partition("=")[0]: item for item in overrides})
+    from ftkit.recipe.checks import run_checks
+
+    run_checks(updated, "overrides")
+    return updated.quant
+
+
+def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None) -> Path:
+    """Write the run's model as a plain Hugging Face directory: weights (dequantized when quantized), config,
+    tokenizer. The task head of an encoder goes beside it in `ftkit_head.safetensors` with `ftkit_task.json`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ftkit.data.dataset import load_task_data
+    from ftkit.models.build import build_model
+    from ftkit.models.load import load_tokenizer
+    from ftkit.quant.io import export_hf
+
+    recipe = load_run_recipe(run_dir)
+    root = run_dir / "checkpoints"
+    step_dir = checkpoint or ckpt.resolve(root, "best") or ckpt.resolve(root, "last")
+    if step_dir is None:
+        raise UserError(f"{run_dir} has no checkpoint yet")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} exists and is not empty; choose another -o")
+    task = load_task_data(recipe, splits=("train",))
+    tokenizer = load_tokenizer(recipe.model)
+    model, kind, _ = build_model(recipe, task, tokenizer)
+    ckpt.load_checkpoint(Path(step_dir), model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_hf(model.backbone, tokenizer, out_dir)
+    if kind == "encoder":
+        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out_dir / "ftkit_head.safetensors"))
+    (out_dir / "ftkit_task.json").write_text(json.dumps(
+        {"task": task.name, "kind": kind, "labels": task.labels, "label_words": task.label_words,
+         "pooling": "mean" if kind == "encoder" else None, "checkpoint": str(Path(step_dir).resolve())}, indent=2))
+    return out_dir

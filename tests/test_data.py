@@ -110,16 +110,29 @@ def test_relative_paths_resolve_beside_the_recipe(tmp_path, write_recipe):
     assert len(task.splits["train"]) == 2
 
 
-def test_train_stream_resumes_exactly():
-    features = [{"input_ids": [101, i, 102], "attention_mask": [1, 1, 1], "labels": i % 2} for i in range(10)]
-    stream = TrainStream(features, batch_size=4, seed=7, pad_id=0)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_train_stream_covers_each_epoch_and_resumes_exactly(grouped):
+    features = [{"input_ids": [101, i] + [7] * (i % 5), "attention_mask": [1] * (2 + i % 5), "labels": i % 2}
+                for i in range(10)]
+    stream = TrainStream(features, batch_size=4, seed=7, pad_id=0, group_by_length=grouped)
     seen = [stream.next_batch()["input_ids"][:, 1].tolist() for _ in range(3)]
     assert sorted(seen[0] + seen[1] + seen[2][:2]) == list(range(10))  # one epoch, then the next begins
     state = stream.state_dict()
     expected = [stream.next_batch()["input_ids"][:, 1].tolist() for _ in range(5)]
-    resumed = TrainStream(features, batch_size=4, seed=7, pad_id=0)
+    resumed = TrainStream(features, batch_size=4, seed=7, pad_id=0, group_by_length=grouped)
     resumed.load_state_dict(state)
     assert [resumed.next_batch()["input_ids"][:, 1].tolist() for _ in range(5)] == expected
+
+
+def test_length_grouping_cuts_padding_on_sst2():
+    recipe = recipe_of({"n_train": 2000, "n_dev": None})
+    task = load_task_data(recipe, splits=("train",))
+    features = encode(task.splits["train"], load_tokenizer(recipe.model), "encoder", task, 64)
+    padded = {}
+    for grouped in (False, True):
+        stream = TrainStream(features, batch_size=32, seed=0, pad_id=0, group_by_length=grouped)
+        padded[grouped] = sum(stream.next_batch()["input_ids"].numel() for _ in range(40))
+    assert padded[True] < 0.5 * padded[False]
 
 
 def test_collate_pads_right_with_mask():

@@ -70,18 +70,37 @@ def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
+# Length grouping sorts windows of this many batches by length, so a batch holds sentences of similar length.
+GROUP_WINDOW = 50
+
+
 class TrainStream:
     """Shuffled batches, epoch after epoch. The order depends only on (seed, epoch), so the state that resumes it
-    exactly is two integers."""
+    exactly is two integers.
 
-    def __init__(self, features: list[dict], batch_size: int, seed: int, pad_id: int):
+    With `group_by_length`, each window of GROUP_WINDOW batches of the shuffled order is sorted by length and its
+    batches are shuffled again: batches stay random draws of the data, but with little padding (SST-2 mixes
+    two-word phrases with 50-token sentences, so random batches are mostly padding).
+    """
+
+    def __init__(self, features: list[dict], batch_size: int, seed: int, pad_id: int, group_by_length: bool = False):
         self.features, self.batch_size, self.seed, self.pad_id = features, batch_size, seed, pad_id
+        self.group_by_length = group_by_length
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.features), generator=generator).tolist()
+        order = torch.randperm(len(self.features), generator=generator).tolist()
+        if not self.group_by_length:
+            return order
+        grouped, window = [], GROUP_WINDOW * self.batch_size
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: _length(self.features[i]))
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                grouped.extend(batches[b])
+        return grouped
 
     def next_batch(self) -> dict:
         picked = []
@@ -102,10 +121,13 @@ class TrainStream:
         self._order = self._permutation(self.epoch)
 
 
+def _length(feature: dict) -> int:
+    return max(len(r) for r in feature["rows"]) if "rows" in feature else len(feature["input_ids"])
+
+
 def eval_batches(features: list[dict], batch_size: int, pad_id: int):
     """Length-sorted batches (little padding); yields (original indices, batch)."""
-    length = (lambda f: max(len(r) for r in f["rows"])) if features and "rows" in features[0] else (lambda f: len(f["input_ids"]))
-    order = sorted(range(len(features)), key=lambda i: length(features[i]))
+    order = sorted(range(len(features)), key=lambda i: _length(features[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         yield chunk, collate([features[i] for i in chunk], pad_id)

@@ -39,7 +39,7 @@ def build_model(recipe: Recipe, task: TaskData, tokenizer) -> tuple[nn.Module, s
     config = load_config(recipe.model)
     kind = model_kind(recipe.model, config)
     torch.manual_seed(recipe.train.seed)  # config-built weights and a random head depend on the seed only
-    backbone = load_backbone(recipe.model, kind, vocab_size=len(tokenizer))
+    backbone = load_backbone(recipe.model, kind, vocab_size=len(tokenizer), quant=recipe.quant)
     model = wrap_backbone(backbone, kind, len(task.labels))
     facts = {"kind": kind}
     if kind == "encoder" and recipe.model.head_init == "prototype":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn as nn
 
 from ftkit.data.dataset import task_spec
@@ -32,40 +33,44 @@ def count_model(model: nn.Module) -> dict:
     groups: dict[str, dict] = {}
     total = trainable = stored = 0
     seen = set()
-    for name, tensor in _weights(model):
-        if id(tensor) in seen:  # tied weights count once
-            continue
-        seen.add(id(tensor))
-        numel = logical_numel(tensor)
-        nbytes = stored_bytes(tensor)
-        is_trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
-        entry = groups.setdefault(group_of(name), {"total": 0, "trainable": 0, "stored_bytes": 0})
-        entry["total"] += numel
-        entry["trainable"] += numel if is_trainable else 0
-        entry["stored_bytes"] += nbytes
-        total += numel
-        trainable += numel if is_trainable else 0
-        stored += nbytes
+    for module_name, module in model.named_modules():
+        for leaf, tensor, persistent in _own_tensors(module):
+            if id(tensor) in seen or not persistent:  # tied weights count once; caches are not weights
+                continue
+            seen.add(id(tensor))
+            numel, nbytes = tensor_figures(module, leaf, tensor)
+            is_trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            entry = groups.setdefault(group_of(name), {"total": 0, "trainable": 0, "stored_bytes": 0})
+            entry["total"] += numel
+            entry["trainable"] += numel if is_trainable else 0
+            entry["stored_bytes"] += nbytes
+            total += numel
+            trainable += numel if is_trainable else 0
+            stored += nbytes
     return {"total": total, "trainable": trainable, "stored_bytes": stored, "groups": groups}
 
 
-def logical_numel(tensor) -> int:
-    """Parameters a tensor stands for; packed low-bit formats say so through `logical_numel`."""
-    return getattr(tensor, "logical_numel", tensor.numel())
+def tensor_figures(module: nn.Module, leaf: str, tensor: torch.Tensor) -> tuple[int, int]:
+    """(parameters it stands for, bytes it takes). Low-bit layers count their logical weights, not their codes."""
+    from ftkit.quant.bnb import bnb_counts
+    from ftkit.quant.linear import QuantLinear
+
+    nbytes = tensor.numel() * tensor.element_size()
+    if isinstance(module, QuantLinear) and leaf in ("codes", "scales"):
+        return (module.in_features * module.out_features if leaf == "codes" else 0), nbytes
+    bnb = bnb_counts(module)
+    if bnb is not None and leaf == "weight":
+        bias_bytes = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
+        return bnb["weight_params"], bnb["stored_bytes"] - bias_bytes
+    return tensor.numel(), nbytes
 
 
-def stored_bytes(tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _weights(model: nn.Module):
-    yield from model.named_parameters(remove_duplicate=False)
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        # Persistent buffers are stored with the weights (quantized codes and scales, for example).
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        if leaf not in module._non_persistent_buffers_set:
-            yield name, buffer
+def _own_tensors(module: nn.Module):
+    for leaf, param in module.named_parameters(recurse=False):
+        yield leaf, param, True
+    for leaf, buffer in module.named_buffers(recurse=False):
+        yield leaf, buffer, leaf not in module._non_persistent_buffers_set
 
 
 def count_parameters(recipe: Recipe) -> dict:
@@ -77,5 +82,5 @@ def count_parameters(recipe: Recipe) -> dict:
         vocab_size = len(load_tokenizer(recipe.model))
     model = build_meta_model(recipe, len(task_spec(recipe).label_words), vocab_size)
     counts = count_model(model)
-    counts["backbone"] = sum(logical_numel(p) for p in model.backbone.parameters())
+    counts["backbone"] = count_model(model.backbone)["total"]
     return counts

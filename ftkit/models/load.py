@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ftkit.errors import UserError
-from ftkit.recipe.schema import ModelSpec
+from ftkit.recipe.schema import ModelSpec, QuantSpec
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -77,11 +77,24 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None):
-    """The transformer without a task head (encoders) or with its LM head (causal LMs)."""
+def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, quant: QuantSpec | None = None):
+    """The transformer without a task head (encoders) or with its LM head (causal LMs).
+
+    With a low-bit `quant` format the model is built and quantized module by module (ftkit.quant.convert), so its
+    full-precision weights never all exist at once.
+    """
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     dtype = DTYPES[spec.dtype]
-    if spec.config is not None:
+    if quant is not None and quant.format != "none":
+        from ftkit.quant.convert import load_quantized_backbone
+
+        config = load_config(spec)
+        if spec.config is not None and vocab_size is not None and "vocab_size" not in spec.config:
+            config.vocab_size = vocab_size
+        weights = None if spec.config is not None else weights_directory(spec)
+        model = load_quantized_backbone(auto, config, quant, dtype, weights,
+                                        skip_prefix="encoder." if kind == "encoder" else "lm.")
+    elif spec.config is not None:
         config = load_config(spec)
         if vocab_size is not None and "vocab_size" not in spec.config:
             config.vocab_size = vocab_size
@@ -97,6 +110,19 @@ def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None):
     if kind == "causal_lm":
         model.config.use_cache = False  # no KV cache while training: it only costs memory
     return model
+
+
+def weights_directory(spec: ModelSpec) -> Path:
+    """The local directory holding a model's safetensors files: the path itself, or the hub cache's snapshot."""
+    source = Path(resolve_source(spec.name))
+    if source.is_dir():
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.name, revision=spec.revision, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as err:  # offline, unknown repository, no access: one clear line
+        raise UserError(f"model.name: cannot fetch '{spec.name}': {_first_line(err)}") from None
 
 
 def _first_line(err: Exception) -> str:

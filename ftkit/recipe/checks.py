@@ -11,7 +11,6 @@ from ftkit.recipe.schema import Recipe
 # Names the recipe contract reserves for formats and methods that later versions of ftkit provide. They are
 # refused with "not available yet" rather than "unknown", so a recipe written for a newer ftkit fails clearly.
 PLANNED = {
-    "quant.format": {"fp8_e4m3", "fp8_e5m2", "int8", "int4"},
     "method.adapter": {"loretta_adp", "loretta_rep", "lora"},
     "method.optimizer": {"mezo", "quzo"},
 }
@@ -21,7 +20,7 @@ def run_checks(recipe: Recipe, where: str) -> None:
     from ftkit.adapters import ADAPTERS
     from ftkit.data.tasks import BUILTIN_TASKS
     from ftkit.optim import OPTIMIZERS
-    from ftkit.quant import FORMATS
+    from ftkit.quant import BNB_FORMATS, FORMATS
 
     def fail(key: str, message: str):
         raise RecipeError(f"{where}: {key}: {message}")
@@ -59,6 +58,18 @@ def run_checks(recipe: Recipe, where: str) -> None:
             re.compile(pattern)
         except re.error as err:
             fail(f"method.freeze[{i}]", f"{pattern!r} is not a valid regular expression ({err})")
+
+    q = recipe.quant
+    if q.engine == "bitsandbytes" and q.format not in BNB_FORMATS:
+        fail("quant.format", f"the bitsandbytes engine provides {', '.join(BNB_FORMATS)} (int4 is nf4 or fp4 by "
+             f"quant.bnb_4bit_type), not '{q.format}'; use quant.engine: native for it")
+    if q.group_size and q.group_size % 2:
+        fail("quant.group_size", f"must be even (0 for one scale per output channel), got {q.group_size}")
+    for i, pattern in enumerate(q.skip):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            fail(f"quant.skip[{i}]", f"{pattern!r} is not a valid regular expression ({err})")
 
     m = recipe.model
     if m.config is not None and not isinstance(m.config.get("model_type"), str):

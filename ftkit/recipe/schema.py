@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+# Task heads, BERT's unused pooler and LM heads stay in full precision by default.
+DEFAULT_QUANT_SKIP = (r"(^|\.)head$", r"lm_head", r"pooler", r"classifier", r"(^|\.)score$")
+
 
 @dataclass
 class ModelSpec:
@@ -32,9 +35,23 @@ class ModelSpec:
 @dataclass
 class QuantSpec:
     format: str = "none"
+    # native: ftkit's own codes and scales (trainable by zeroth-order methods); bitsandbytes: a frozen base.
     engine: Literal["native", "bitsandbytes"] = "native"
     # 0 means one scale per output channel; otherwise one scale per group of this many input columns.
     group_size: int = 0
+    scale_method: Literal["absmax", "mse"] = "absmax"
+    scale_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # How weights are first rounded onto the grid; stochastic draws from a generator seeded with `seed`.
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+    seed: int = 0
+    # Linear layers whose names match one of these regular expressions stay in full precision.
+    skip: list[str] = field(default_factory=lambda: list(DEFAULT_QUANT_SKIP))
+    # Matmul path: auto picks the fastest measured one for the format and device (see BENCHMARKS.md).
+    kernel: Literal["auto", "dequantize", "int8pack", "int_mm", "int4pack", "scaled_mm"] = "auto"
+    # bitsandbytes engine: int4 is nf4 or fp4 (optionally double-quantized), int8 is LLM.int8.
+    bnb_4bit_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_double_quant: bool = False
+    bnb_int8_threshold: float = 6.0
 
 
 @dataclass
@@ -102,6 +119,8 @@ class DataSpec:
 class TrainSpec:
     max_steps: int = 1000
     batch_size: int = 16
+    # Batches of sentences of similar length (far less padding); see ftkit.data.batches.TrainStream.
+    group_by_length: bool = True
     eval_batch_size: int = 128
     lr: float = 2e-5
     schedule: Literal["constant", "linear", "cosine"] = "constant"

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from ftkit.quant.io import check_layout, quant_state
 
 WEIGHTS = "weights.safetensors"
 METHOD_STATE = "method.pt"
@@ -29,9 +32,12 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors training changes: every parameter that requires grad. The rest is rebuilt from the recipe."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def checkpoint_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What a checkpoint holds: every parameter that requires grad, and the codes and scales of quantized layers
+    (with their format as metadata). Everything else is rebuilt from the recipe."""
+    tensors, metadata = quant_state(model)
+    tensors.update({name: p.detach() for name, p in model.named_parameters() if p.requires_grad})
+    return {name: t.contiguous() for name, t in tensors.items()}, metadata
 
 
 def rng_state() -> dict:
@@ -60,7 +66,8 @@ def save_checkpoint(root: Path, step: int, model, method, trainer_state: dict, k
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
+    tensors, metadata = checkpoint_tensors(model)
+    save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or None)
     torch.save(method.state_dict(), tmp / METHOD_STATE)
     (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "rng": rng_state()}))
     for path in tmp.iterdir():
@@ -83,14 +90,16 @@ def save_checkpoint(root: Path, step: int, model, method, trainer_state: dict, k
 
 def load_checkpoint(step_dir: Path, model, method=None) -> dict:
     """Restore the trained tensors into `model` (and the method's state); return trainer_state."""
+    with safe_open(str(step_dir / WEIGHTS), framework="pt") as handle:
+        check_layout(model, handle.metadata(), str(step_dir))
     weights = load_file(str(step_dir / WEIGHTS))
-    params = dict(model.named_parameters())
-    missing = [name for name in weights if name not in params]
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    missing = [name for name in weights if name not in targets]
     if missing:
         raise ValueError(f"{step_dir}: checkpoint has tensors the model lacks, e.g. {missing[0]}")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
+            targets[name].copy_(tensor)
     if method is not None:
         method.load_state_dict(torch.load(step_dir / METHOD_STATE, weights_only=True))
     return json.loads((step_dir / TRAINER_STATE).read_text())

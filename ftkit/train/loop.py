@@ -65,7 +65,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     features = {split: encode(examples, tokenizer, kind, task, recipe.data.max_seq_len)
                 for split, examples in task.splits.items()}
     method = OPTIMIZERS[recipe.method.optimizer](model, recipe)
-    stream = TrainStream(features["train"], recipe.train.batch_size, recipe.train.seed, tokenizer.pad_token_id)
+    stream = TrainStream(features["train"], recipe.train.batch_size, recipe.train.seed, tokenizer.pad_token_id,
+                         recipe.train.group_by_length)
     num_classes = len(task.labels)
 
     def run_eval(split: str) -> dict:

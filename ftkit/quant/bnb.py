@@ -1,0 +1,52 @@
+"""The bitsandbytes engine: a frozen base in nf4 / fp4 (4-bit) or LLM.int8, by module replacement.
+
+bitsandbytes quantizes a layer when it is moved to its device (`.to("cpu")` runs its CPU kernels, from version
+0.48 on; `.to("cuda")` its GPU ones). Its 4-bit weights are stored two per byte as a flat uint8 tensor, so
+parameter counts use the layer's shape, not the tensor's numel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+# Bytes of quantization statistics: one fp32 absmax per block of 64 weights, or with double quantization one byte
+# per block plus one fp32 per 256 blocks.
+BLOCK = 64
+
+
+def to_bnb_linear(linear: nn.Linear, spec, compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    if spec.format == "int4":
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type=spec.bnb_4bit_type,
+                                  compress_statistics=spec.bnb_double_quant, device="meta" if device.type == "meta" else None)
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False, threshold=spec.bnb_int8_threshold,
+                                    device="meta" if device.type == "meta" else None)
+    if device.type != "meta":
+        layer.load_state_dict(linear.state_dict())
+        layer = layer.to(device)  # quantizes here
+    layer.requires_grad_(False)
+    return layer
+
+
+def bnb_counts(module: nn.Module) -> dict | None:
+    """(parameters, stored bytes) of a bitsandbytes linear layer, from its shape; None for other modules."""
+    kind = type(module).__name__
+    if kind not in ("Linear4bit", "Linear8bitLt"):
+        return None
+    weights = module.in_features * module.out_features
+    bias = module.out_features if module.bias is not None else 0
+    if kind == "Linear4bit":
+        blocks = -(-weights // BLOCK)
+        double = getattr(module.weight, "compress_statistics", False)
+        stats = blocks + 4 * -(-blocks // 256) + 4 if double else 4 * blocks
+        stored = weights // 2 + stats
+    else:
+        stored = weights + 4 * module.out_features  # int8 codes and one fp32 scale per row
+    bias_bytes = bias * (module.bias.element_size() if module.bias is not None else 0)
+    return {"params": weights + bias, "weight_params": weights, "stored_bytes": stored + bias_bytes}

@@ -1,0 +1,181 @@
+"""The quantized linear layer: codes and scales in real low-bit storage, no full-precision copy of the weight.
+
+Storage (buffers, saved in checkpoints): int8 codes as torch.int8 [N, K]; int4 codes packed two per byte in the
+CPU kernel's layout (ftkit.quant.packing); FP8 codes as torch.float8_e4m3fn / float8_e5m2 [N, K]; scales [N, groups]
+in bf16 or fp32. The bias stays in full precision.
+
+Forward runs one of the matmul kernels below, chosen per format by `scripts/bench_quant.py` (see BENCHMARKS.md);
+the dequantize path materialises only this layer's weight, and only for the duration of the matmul.
+
+For zeroth-order methods the layer exposes its codes, scales and codec (`code_values`, `set_code_values`,
+`scales`, `codec`) and a `perturbation` hook: a function of the layer returning an additive weight delta, applied
+while dequantizing so the stored codes never change during a perturbed forward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ftkit.quant.codecs import CODECS
+from ftkit.quant.packing import pack_int4, padded_rows, unpack_int4
+from ftkit.quant.scales import compute_scales, group_view
+
+# Group sizes PyTorch's CPU int4 kernel accepts.
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int = 0, bias: bool = True,
+                 scale_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", device=None):
+        super().__init__()
+        if fmt == "int4" and in_features % 2:
+            raise ValueError(f"int4 needs an even number of input features, got {in_features}")
+        if group_size and in_features % group_size:
+            raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.group_size, self.kernel = group_size, kernel
+        self.codec = CODECS[fmt]
+        groups = in_features // group_size if group_size else 1
+        if fmt == "int4":
+            codes = torch.zeros(padded_rows(out_features), in_features // 2, dtype=torch.uint8, device=device)
+        else:
+            codes = torch.zeros(out_features, in_features, dtype=self.codec.storage_dtype, device=device)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.perturbation: Optional[Callable[[QuantLinear], torch.Tensor]] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = 0, scale_method: str = "absmax",
+                    rounding: str = "nearest", scale_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto",
+                    generator: torch.Generator | None = None) -> "QuantLinear":
+        layer = cls(linear.in_features, linear.out_features, fmt, group_size, linear.bias is not None, scale_dtype,
+                    kernel, device=linear.weight.device)
+        with torch.no_grad():
+            weight = linear.weight.detach().to(torch.float32)
+            layer.scales.copy_(compute_scales(weight, layer.codec, group_size, scale_method, scale_dtype))
+            scaled = group_view(weight, group_size) / layer.scales.to(torch.float32).unsqueeze(-1)
+            layer.set_code_values(layer.codec.round(scaled, rounding, generator).reshape(weight.shape))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().to(torch.float32))
+        return layer
+
+    # --- codes ------------------------------------------------------------------------------------------------
+
+    def code_values(self) -> torch.Tensor:
+        """Grid values [N, K] as float32 (integers for int formats, FP8 values for FP8)."""
+        if self.fmt == "int4":
+            return unpack_int4(self.codes, self.out_features, self.in_features).to(torch.float32)
+        return self.codec.decode(self.codes)
+
+    def set_code_values(self, grid_values: torch.Tensor) -> None:
+        """Store grid values [N, K] (already on the codec's grid) into the codes buffer, in place."""
+        codes = self.codec.encode(grid_values)
+        self.codes.copy_(pack_int4(codes) if self.fmt == "int4" else codes)
+
+    def dequantize(self) -> torch.Tensor:
+        values = group_view(self.code_values(), self.group_size)
+        return (values * self.scales.to(torch.float32).unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    # --- forward ----------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perturbation is not None:
+            weight = self.dequantize() + self.perturbation(self)
+            return F.linear(x, weight.to(x.dtype), _cast(self.bias, x.dtype))
+        return KERNELS[self.kernel_for(x)](self, x)
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        if x.device.type == "cpu":
+            if self.fmt == "int4" and self._int4_group() is not None:
+                return "int4pack"
+            if self.fmt == "int8" and self.scales.shape[1] == 1:
+                return "int8pack"
+        if x.device.type == "cuda" and self.fmt.startswith("fp8") and self.scales.shape[1] == 1:
+            return "scaled_mm"
+        return "dequantize"
+
+    def _int4_group(self) -> int | None:
+        if self.group_size in INT4_KERNEL_GROUPS:
+            return self.group_size
+        if self.group_size == 0:  # per channel: repeat the row's scale over kernel-sized groups
+            return next((g for g in reversed(INT4_KERNEL_GROUPS) if self.in_features % g == 0), None)
+        return None
+
+    def extra_repr(self) -> str:
+        grouping = f"group {self.group_size}" if self.group_size else "per channel"
+        return f"{self.in_features}, {self.out_features}, {self.fmt}, {grouping}, bias={self.bias is not None}"
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales))
+
+
+def _cast(bias, dtype):
+    return None if bias is None else bias.to(dtype)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _dequantize_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.dequantize().to(x.dtype), _cast(layer.bias, x.dtype))
+
+
+def _int8pack_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    out = torch.ops.aten._weight_int8pack_mm(_flat(x), layer.codes, layer.scales[:, 0].to(x.dtype))
+    out = out.view(*x.shape[:-1], layer.out_features)
+    return out if layer.bias is None else out + layer.bias.to(x.dtype)
+
+
+def _int_mm_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """int8 x int8 -> int32 with activations quantized per row on the fly (W8A8 numerics)."""
+    flat = _flat(x).to(torch.float32)
+    x_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    x_codes = torch.round(flat / x_scale).to(torch.int8)
+    acc = torch._int_mm(x_codes, layer.codes.t())
+    out = acc.to(torch.float32) * x_scale * layer.scales[:, 0].to(torch.float32)
+    out = out.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+    return out if layer.bias is None else out + layer.bias.to(x.dtype)
+
+
+def _int4pack_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    group = layer._int4_group()
+    scales = layer.scales.to(torch.bfloat16)
+    if layer.group_size == 0:
+        scales = scales.expand(-1, layer.in_features // group)
+    rows = layer.codes.shape[0]
+    if rows != layer.out_features:  # padded rows get scale 0
+        scales = torch.cat([scales, scales.new_zeros(rows - layer.out_features, scales.shape[1])])
+    scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=2).transpose(0, 1).contiguous()
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(_flat(x).to(torch.bfloat16), layer.codes, group,
+                                                     scales_and_zeros)
+    out = out[:, : layer.out_features].to(x.dtype).view(*x.shape[:-1], layer.out_features)
+    return out if layer.bias is None else out + layer.bias.to(x.dtype)
+
+
+def _scaled_mm_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """FP8 on GPUs: activations quantized per row to the weight's format, one fused scaled matmul."""
+    flat = _flat(x).to(torch.float32)
+    x_scale = (flat.abs().amax(dim=1, keepdim=True) / layer.codec.max_value).clamp(min=1e-12)
+    x_fp8 = (flat / x_scale).to(layer.codec.storage_dtype)
+    out = torch._scaled_mm(x_fp8, layer.codes.t(), scale_a=x_scale, scale_b=layer.scales.to(torch.float32).t(),
+                           out_dtype=torch.bfloat16)
+    out = out.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+    return out if layer.bias is None else out + layer.bias.to(x.dtype)
+
+
+KERNELS = {
+    "dequantize": _dequantize_matmul,
+    "int8pack": _int8pack_matmul,
+    "int_mm": _int_mm_matmul,
+    "int4pack": _int4pack_matmul,
+    "scaled_mm": _scaled_mm_matmul,
+}

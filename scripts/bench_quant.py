@@ -1,0 +1,147 @@
+"""Forward speed and load memory of each weight format, measured side by side in one run.
+
+    python scripts/bench_quant.py                 # linear 4096x4096 (batch 64) + OPT-125m shape (16 x 128 tokens)
+    python scripts/bench_quant.py --llama-7b      # also: LLaMA-2-7B shape loaded straight into int4, one forward
+
+Times are medians of repeated forwards after a warm-up, as ratios to fp32 measured in the same process. Memory is
+peak RSS minus the RSS after imports, each configuration in its own process (raw peaks are printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import psutil
+import torch
+import torch.nn as nn
+
+from ftkit.models.load import load_backbone
+from ftkit.quant.linear import QuantLinear
+from ftkit.recipe.schema import ModelSpec, QuantSpec
+
+OPT_125M = {"model_type": "opt", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "ffn_dim": 3072, "word_embed_proj_dim": 768, "max_position_embeddings": 2048, "vocab_size": 50272}
+LLAMA_2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+
+# (label, format, group size, kernel); None format is the fp32 nn.Linear reference.
+LINEAR_CASES = [
+    ("fp32", None, 0, None),
+    ("int8 per-channel, dequantize", "int8", 0, "dequantize"),
+    ("int8 per-channel, _weight_int8pack_mm", "int8", 0, "int8pack"),
+    ("int8 per-channel, _int_mm (dynamic int8 activations)", "int8", 0, "int_mm"),
+    ("int4 per-channel, dequantize", "int4", 0, "dequantize"),
+    ("int4 per-channel, _weight_int4pack_mm_for_cpu", "int4", 0, "int4pack"),
+    ("int4 group 128, dequantize", "int4", 128, "dequantize"),
+    ("int4 group 128, _weight_int4pack_mm_for_cpu", "int4", 128, "int4pack"),
+    ("fp8_e4m3 per-channel, dequantize", "fp8_e4m3", 0, "dequantize"),
+    ("fp8_e5m2 per-channel, dequantize", "fp8_e5m2", 0, "dequantize"),
+]
+
+
+def median_time(fn, repeats: int, warmup: int = 3) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_linear(repeats: int) -> list[tuple[str, float]]:
+    torch.manual_seed(0)
+    reference = nn.Linear(4096, 4096)
+    x = torch.randn(64, 4096)
+    results = []
+    for label, fmt, group, kernel in LINEAR_CASES:
+        layer = reference if fmt is None else QuantLinear.from_linear(reference, fmt, group_size=group, kernel=kernel)
+        results.append((label, median_time(lambda: layer(x), repeats)))
+    return results
+
+
+def bench_model(repeats: int) -> list[tuple[str, float]]:
+    input_ids = torch.randint(0, 50272, (16, 128), generator=torch.Generator().manual_seed(0))
+    results = []
+    for label, quant in [("fp32", QuantSpec()), ("int8 (auto kernel)", QuantSpec(format="int8")),
+                         ("int8 (_int_mm)", QuantSpec(format="int8", kernel="int_mm")),
+                         ("int4 (auto kernel)", QuantSpec(format="int4")),
+                         ("int4 group 128 (auto kernel)", QuantSpec(format="int4", group_size=128)),
+                         ("fp8_e4m3", QuantSpec(format="fp8_e4m3")), ("fp8_e5m2", QuantSpec(format="fp8_e5m2"))]:
+        torch.manual_seed(0)
+        model = load_backbone(ModelSpec(config=dict(OPT_125M)), "causal_lm", quant=quant).eval()
+        results.append((label, median_time(lambda: model(input_ids=input_ids), repeats, warmup=1)))
+        del model
+    return results
+
+
+def memory_child(config_name: str, fmt: str, forward_tokens: int) -> dict:
+    """Runs in its own process: RSS after imports, then peak while loading (and one forward)."""
+    config = {"opt-125m": OPT_125M, "llama-2-7b": LLAMA_2_7B}[config_name]
+    baseline = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    model = load_backbone(ModelSpec(config=dict(config)), "causal_lm", quant=QuantSpec(format=fmt)).eval()
+    loaded = time.perf_counter() - start
+    result = {"model": config_name, "format": fmt, "baseline_mb": baseline / 2**20, "load_seconds": loaded,
+              "after_load_rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if forward_tokens:
+        ids = torch.randint(0, config["vocab_size"], (1, forward_tokens))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits
+        result["forward_seconds"] = time.perf_counter() - start
+        result["forward_finite"] = bool(torch.isfinite(logits).all())
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_above_imports_mb"] = result["peak_rss_mb"] - result["baseline_mb"]
+    return result
+
+
+def run_child(config_name: str, fmt: str, forward_tokens: int = 0) -> dict:
+    command = [sys.executable, __file__, "--child", config_name, fmt, str(forward_tokens)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def table(rows: list[tuple[str, float]], title: str) -> str:
+    base = rows[0][1]
+    lines = [f"| {title} | ms | ratio to fp32 |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {1000 * t:.1f} | {t / base:.2f} |" for label, t in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--llama-7b", action="store_true", help="also load a LLaMA-2-7B shape into int4 (minutes)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(memory_child(args.child[0], args.child[1], int(args.child[2]))))
+        return
+    print(f"_Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, `python scripts/bench_quant.py{' --llama-7b' if args.llama_7b else ''}`._\n")
+    print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
+    print(table(bench_model(max(3, args.repeats // 4)), "OPT-125m shape, 16 x 128 tokens") + "\n")
+    fp32, int4 = run_child("opt-125m", "none"), run_child("opt-125m", "int4")
+    print("| OPT-125m shape, load | peak RSS MB | above imports MB |\n| --- | --- | --- |")
+    for r in (fp32, int4):
+        print(f"| {r['format']} | {r['peak_rss_mb']:.0f} | {r['peak_above_imports_mb']:.0f} |")
+    print(f"\nint4 / fp32 load memory above imports: {int4['peak_above_imports_mb'] / fp32['peak_above_imports_mb']:.2f}\n")
+    if args.llama_7b:
+        r = run_child("llama-2-7b", "int4", forward_tokens=16)
+        print(f"LLaMA-2-7B shape straight into int4: load {r['load_seconds']:.0f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB "
+              f"({r['peak_above_imports_mb'] / 1024:.2f} GiB above imports), one forward of 16 tokens "
+              f"{r['forward_seconds']:.1f} s, logits finite: {r['forward_finite']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Weight formats: rounding (nearest within half a step; stochastic unbiased with bounded variance, independent
+streams), packing, kernels, real storage, streaming load, bit-exact save/load, and the bitsandbytes engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_LLAMA, tiny_recipe
+from ftkit.quant.codecs import CODECS
+from ftkit.quant.convert import quantize_model
+from ftkit.quant.linear import QuantLinear
+from ftkit.quant.packing import pack_int4, unpack_int4
+from ftkit.recipe import recipe_from_dict
+from ftkit.recipe.schema import QuantSpec
+
+FORMATS = list(CODECS)
+
+
+def probe_points(codec) -> torch.Tensor:
+    """Values across the grid: zero, tiny (FP8 subnormals), ordinary, and near or beyond saturation."""
+    top = codec.max_value
+    points = [0.0, 0.3, -0.7, 1.5, -2.5, 3.49, top * 0.51, -top * 0.77, top * 0.98, top]
+    if codec.name.startswith("fp8"):
+        tiny = 2.0 ** codec.min_normal_exponent
+        points += [tiny * 0.37, -tiny * 0.81, tiny * 1.3, tiny * 17.2]
+    return torch.tensor(points, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nearest_is_within_half_a_step(fmt):
+    codec = CODECS[fmt]
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.rand(20000, generator=generator) * 2 - 1) * codec.max_value
+    x = torch.cat([x, probe_points(codec), x / 1000])
+    error = (codec.round(x, "nearest") - x).abs()
+    assert torch.all(error <= codec.spacing(x) / 2 + 1e-6 * x.abs())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rounding_saturates_and_stays_on_the_grid(fmt):
+    codec = CODECS[fmt]
+    generator = torch.Generator().manual_seed(1)
+    beyond = torch.tensor([codec.max_value * 3, -codec.max_value * 5])
+    lowest = -codec.max_value if fmt.startswith("fp8") else codec.qmin
+    for mode in ("nearest", "stochastic"):
+        rounded = codec.round(beyond, mode, generator)
+        assert rounded.tolist() == [codec.max_value, lowest]
+        values = (torch.rand(5000, generator=generator) * 2 - 1) * codec.max_value
+        values = torch.cat([values, values / 1e4])
+        rounded = codec.round(values, mode, generator)
+        assert torch.all(torch.isfinite(rounded))
+        assert torch.equal(codec.decode(codec.encode(rounded)), rounded)  # exactly representable in storage
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stochastic_rounding_is_unbiased_with_bounded_variance(fmt):
+    codec = CODECS[fmt]
+    draws = 40000
+    points = probe_points(codec)
+    x = points.repeat(draws, 1)
+    rounded = codec.round(x, "stochastic", torch.Generator().manual_seed(2))
+    spacing = codec.spacing(points)
+    mean_error = (rounded.mean(0) - points).abs()
+    # Each draw errs by less than one spacing, so the mean of n draws has std <= spacing / (2 sqrt n); 5 sigma.
+    assert torch.all(mean_error <= 5 * spacing / (2 * draws**0.5) + 1e-7 * points.abs()), (points, mean_error)
+    variance = rounded.var(0)
+    assert torch.all(variance <= spacing**2 / 4 * 1.05 + 1e-12)
+    # Points on the grid never move.
+    on_grid = codec.round(points, "nearest")
+    assert torch.equal(codec.round(on_grid.repeat(100, 1), "stochastic", torch.Generator().manual_seed(3)),
+                       on_grid.repeat(100, 1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_generators_give_replayable_independent_roundings(fmt):
+    codec = CODECS[fmt]
+    x = (torch.rand(50000, generator=torch.Generator().manual_seed(4)) * 2 - 1) * codec.max_value / 3
+    first = codec.round(x, "stochastic", torch.Generator().manual_seed(10)) - x
+    replay = codec.round(x, "stochastic", torch.Generator().manual_seed(10)) - x
+    other = codec.round(x, "stochastic", torch.Generator().manual_seed(11)) - x
+    assert torch.equal(first, replay)
+    correlation = torch.corrcoef(torch.stack([first, other]))[0, 1].item()
+    assert abs(correlation) < 0.02  # independent: |r| ~ 1/sqrt(50000) = 0.0045
+
+
+@pytest.mark.parametrize("rows, cols", [(64, 8), (384, 1536), (100, 6), (1, 2)])
+def test_int4_packing_round_trip_and_layout(rows, cols):
+    codes = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-rows // 64) * 64 * cols // 2
+    assert torch.equal(unpack_int4(packed, rows, cols), codes)
+    if rows % 64 == 0:  # exactly the layout PyTorch's CPU kernel packs
+        expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
+        assert torch.equal(packed, expected)
+
+
+def linear(rows=96, cols=256, seed=6):
+    torch.manual_seed(seed)
+    layer = nn.Linear(cols, rows)
+    layer.weight.data[3] *= 20  # an outlier row
+    return layer
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group_size", [0, 32, 128])
+def test_quant_linear_storage_and_dequantization(fmt, group_size):
+    source = linear()
+    layer = QuantLinear.from_linear(source, fmt, group_size=group_size, scale_dtype=torch.float32)
+    expected_dtype = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn,
+                      "fp8_e5m2": torch.float8_e5m2}[fmt]
+    assert layer.codes.dtype == expected_dtype
+    assert not any(t.dtype == torch.float32 and t.numel() >= source.weight.numel() for t in layer.state_dict().values())
+    weight = source.weight.detach()
+    scales = layer.scales.repeat_interleave(group_size or weight.shape[1], dim=1)
+    error = (layer.dequantize() - weight).abs()
+    assert torch.all(error <= CODECS[fmt].spacing(weight / scales) * scales / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("fmt, group_size, kernel", [("int4", 0, "int4pack"), ("int4", 64, "int4pack"),
+                                                     ("int8", 0, "int8pack")])
+def test_fast_kernels_match_dequantize(fmt, group_size, kernel):
+    layer = QuantLinear.from_linear(linear(rows=100, cols=256), fmt, group_size=group_size)
+    x = torch.randn(3, 5, 256)
+    assert layer.kernel_for(x) == kernel
+    reference = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
+    out = layer(x)
+    assert out.shape == (3, 5, 100) and out.dtype == torch.float32
+    # bf16 activations in the int4 kernel: relative error about 2^-8 of the output scale.
+    tolerance = 0.03 * reference.abs().max().item() if fmt == "int4" else 1e-4
+    assert (out - reference).abs().max().item() <= tolerance
+
+
+def test_perturbation_hook_is_applied_while_dequantizing():
+    layer = QuantLinear.from_linear(linear(), "int4")
+    codes = layer.codes.clone()
+    delta = torch.randn(96, 256) * 1e-3
+    layer.perturbation = lambda _: delta
+    x = torch.randn(4, 256)
+    expected = torch.nn.functional.linear(x, layer.dequantize() + delta, layer.bias)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert torch.equal(layer.codes, codes)  # the stored codes did not change
+
+
+def test_save_load_is_bit_exact(tmp_path):
+    for fmt in FORMATS:
+        layer = QuantLinear.from_linear(linear(), fmt, group_size=32, rounding="stochastic",
+                                        generator=torch.Generator().manual_seed(7))
+        save_file(layer.state_dict(), str(tmp_path / f"{fmt}.safetensors"))
+        again = QuantLinear(256, 96, fmt, group_size=32)
+        again.load_state_dict(load_file(str(tmp_path / f"{fmt}.safetensors")))
+        for key, value in layer.state_dict().items():
+            assert torch.equal(again.state_dict()[key].view(torch.uint8), value.view(torch.uint8)), (fmt, key)
+
+
+def test_quantize_model_skips_heads_and_keeps_one_copy():
+    from ftkit.models.build import wrap_backbone
+    from ftkit.models.load import load_backbone, load_tokenizer
+
+    recipe = recipe_from_dict(tiny_recipe())
+    backbone = load_backbone(recipe.model, "encoder", vocab_size=len(load_tokenizer(recipe.model)))
+    model = quantize_model(wrap_backbone(backbone, "encoder", 2), QuantSpec(format="int4"))
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
+    assert type(model.head) is nn.Linear and type(model.encoder.pooler.dense) is nn.Linear
+
+
+def test_streaming_load_equals_quantizing_the_loaded_model():
+    """MiniLM read module by module into int4 gives the same codes as loading it in fp32 and converting."""
+    from ftkit.models.load import load_backbone
+    from ftkit.recipe.schema import ModelSpec
+
+    spec = QuantSpec(format="int4", group_size=128, skip=["pooler"])
+    streamed = load_backbone(ModelSpec(), "encoder", quant=spec)
+    converted = quantize_model(load_backbone(ModelSpec(), "encoder"), spec)
+    streamed_layers = {n: m for n, m in streamed.named_modules() if isinstance(m, QuantLinear)}
+    converted_layers = {n: m for n, m in converted.named_modules() if isinstance(m, QuantLinear)}
+    assert streamed_layers.keys() == converted_layers.keys() and len(streamed_layers) == 36
+    for name, layer in streamed_layers.items():
+        assert torch.equal(layer.codes, converted_layers[name].codes), name
+        assert torch.equal(layer.scales, converted_layers[name].scales), name
+    for (name, a), (_, b) in zip(streamed.named_parameters(), converted.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("fmt, limit", [("int4", 0.53), ("int8", 1.03), ("fp8_e4m3", 1.03), ("fp8_e5m2", 1.03)])
+@pytest.mark.parametrize("group_size", [0, 128])
+def test_minilm_encoder_linears_stored_bytes_per_weight(fmt, limit, group_size):
+    from ftkit.models.load import load_backbone
+    from ftkit.recipe.schema import ModelSpec
+
+    model = load_backbone(ModelSpec(), "encoder", quant=QuantSpec(format=fmt, group_size=group_size))
+    layers = [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and "encoder.layer" in n]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    stored = sum(m.codes.numel() * m.codes.element_size() + m.scales.numel() * m.scales.element_size() for m in layers)
+    assert len(layers) == 36 and stored / weights <= limit
+
+
+def test_causal_lm_from_config_streams_into_int4_and_runs():
+    from ftkit.models.load import load_backbone
+    from ftkit.recipe.schema import ModelSpec
+
+    config = dict(TINY_LLAMA, vocab_size=1000, hidden_size=64, intermediate_size=128)
+    model = load_backbone(ModelSpec(config=config), "causal_lm", quant=QuantSpec(format="int4"))
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert type(model.lm_head) is nn.Linear
+    logits = model(input_ids=torch.randint(0, 1000, (2, 7))).logits
+    assert logits.shape == (2, 7, 1000) and torch.isfinite(logits).all()
+
+
+def _bnb_real_bytes(module) -> int:
+    weight = module.weight
+    total = weight.numel() * weight.element_size()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        if state.nested:
+            total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4  # + the fp32 offset
+    else:  # LLM.int8: one fp32 scale per row, on the weight or (after a forward) on the layer's state
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        total += scales.numel() * scales.element_size()
+    return total
+
+
+@pytest.mark.parametrize("fmt, kind, double", [("int4", "nf4", False), ("int4", "fp4", False), ("int4", "nf4", True),
+                                               ("int8", "nf4", False)])
+def test_bitsandbytes_engine_runs_frozen_and_counts_its_bytes(fmt, kind, double):
+    import bitsandbytes as bnb
+
+    from ftkit.models.count import count_model
+    from ftkit.quant.bnb import bnb_counts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 64))
+    x = torch.randn(5, 256)
+    reference = model(x)
+    spec = QuantSpec(format=fmt, engine="bitsandbytes", bnb_4bit_type=kind, bnb_double_quant=double, skip=[])
+    quantize_model(model, spec)
+    expected_type = bnb.nn.Linear4bit if fmt == "int4" else bnb.nn.Linear8bitLt
+    assert all(isinstance(model[i], expected_type) for i in (0, 2))
+    assert not any(p.requires_grad for p in model[0].parameters())
+    out = model(x)
+    assert out.shape == reference.shape
+    relative_error = ((out - reference).norm() / reference.norm()).item()
+    assert relative_error < (0.25 if fmt == "int4" else 0.05)  # 4-bit codes: about 10% error per layer
+    for layer in (model[0], model[2]):
+        counted = bnb_counts(layer)
+        bias_bytes = layer.bias.numel() * layer.bias.element_size()
+        assert counted["stored_bytes"] - bias_bytes == _bnb_real_bytes(layer)
+        assert counted["weight_params"] == layer.in_features * layer.out_features
+    assert count_model(model)["total"] == 256 * 96 + 96 + 96 * 64 + 64
+
+
+def test_count_params_reports_int4_storage_with_logical_counts(write_recipe):
+    from ftkit.models.count import count_parameters
+    from ftkit.recipe import load_recipe
+
+    fp32 = count_parameters(load_recipe(write_recipe({"model": {"name": "minilm"}}, "fp32.yaml")))
+    int4 = count_parameters(load_recipe(write_recipe({"quant": {"format": "int4"}}, "int4.yaml")))
+    assert int4["total"] == fp32["total"] == 22_713_216 + 770
+    linear_weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    saved = fp32["stored_bytes"] - int4["stored_bytes"]
+    assert saved == linear_weights * 4 - (linear_weights // 2 + 2 * 6 * (4 * 384 + 1536 + 384))
+    # Quantized codes are not trained by first-order methods: only full-precision parameters remain trainable.
+    assert int4["trainable"] == fp32["trainable"] - linear_weights
+
+
+def test_quantized_run_checkpoints_codes_evaluates_and_exports(write_recipe, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModel
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+    from ftkit.recipe import load_recipe
+    from ftkit.train.loop import train
+
+    recipe = load_recipe(write_recipe(tiny_recipe(quant={"format": "int4", "group_size": 32},
+                                                  train={"max_steps": 4, "output_dir": str(tmp_path / "run")})))
+    train(recipe)
+    step = tmp_path / "run" / "checkpoints" / "last"
+    with safe_open(str(step / "weights.safetensors"), "pt") as handle:
+        assert "encoder.encoder.layer.0.attention.self.query.codes" in handle.keys()
+        assert '"format": "int4"' in handle.metadata()["ftkit.quant"]
+    runner = CliRunner()
+    evaluated = runner.invoke(app, ["eval", str(tmp_path / "run"), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    import json
+
+    from ftkit.train.metrics import read_events
+
+    logged = [e for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["split"] == "dev"][-1]
+    assert json.loads(evaluated.output)["accuracy"] == logged["accuracy"]
+    exported = runner.invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "hf")])
+    assert exported.exit_code == 0, exported.output
+    model = AutoModel.from_pretrained(tmp_path / "hf")
+    assert type(model.encoder.layer[0].attention.self.query) is nn.Linear
+    assert (tmp_path / "hf" / "ftkit_head.safetensors").is_file()
+
+
+def test_eval_applies_post_training_quantization_to_a_full_precision_run(write_recipe, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+    from ftkit.recipe import load_recipe
+    from ftkit.train.loop import train
+
+    recipe = load_recipe(write_recipe(tiny_recipe(train={"max_steps": 4, "output_dir": str(tmp_path / "run")})))
+    train(recipe)
+    runner = CliRunner()
+    full = json.loads(runner.invoke(app, ["eval", str(tmp_path / "run"), "--json"]).output)
+    ptq = runner.invoke(app, ["eval", str(tmp_path / "run"), "quant.format=int4", "--json"])
+    assert ptq.exit_code == 0, ptq.output
+    result = json.loads(ptq.output)
+    assert result["source"].endswith("int4 post-training quantization") and result["n"] == full["n"]
+    assert result["loss"] != full["loss"]
+    bad = runner.invoke(app, ["eval", str(tmp_path / "run"), "train.lr=1"])
+    assert bad.exit_code == 2 and "only be re-evaluated under quant.* overrides" in bad.output
