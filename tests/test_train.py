@@ -91,12 +91,12 @@ def test_interrupted_save_never_corrupts_last(write_recipe, tmp_path, monkeypatc
     calls = {"n": 0}
     real_save = ckpt.save_file
 
-    def crash_on_second_save(tensors, path):
+    def crash_on_second_save(tensors, path, **options):
         calls["n"] += 1
         if calls["n"] == 2:
             Path(path).write_bytes(b"half a file")
             raise OSError("disk full")
-        real_save(tensors, path)
+        real_save(tensors, path, **options)
 
     monkeypatch.setattr(ckpt, "save_file", crash_on_second_save)
     with pytest.raises(OSError, match="disk full"):

@@ -90,6 +90,8 @@ class QuantLinear(nn.Module):
         return KERNELS[self.kernel_for(x)](self, x)
 
     def kernel_for(self, x: torch.Tensor) -> str:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return "dequantize"  # backprop to the input: the packed kernels have no derivative
         if self.kernel != "auto":
             return self.kernel
         if x.device.type == "cpu":
