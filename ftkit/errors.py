@@ -2,7 +2,13 @@
 
 
 class UserError(Exception):
-    """A mistake the user can fix: bad recipe key, missing file, missing column, unknown label."""
+    """A mistake the user can fix: bad recipe key, missing file, missing column, unknown label.
+
+    The message is always one line: newlines that come from the user's own values are escaped.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class RecipeError(UserError):

@@ -84,6 +84,22 @@ def bench_model(repeats: int) -> list[tuple[str, float]]:
     return results
 
 
+def stored_bytes_minilm() -> list[tuple[str, float]]:
+    """Measured bytes per weight (codes + scales) over MiniLM's 36 encoder linear layers."""
+    rows = []
+    for fmt in ("int8", "int4", "fp8_e4m3", "fp8_e5m2"):
+        for group, scale_dtype in ((0, "bfloat16"), (0, "float32"), (128, "bfloat16"), (128, "float32")):
+            model = load_backbone(ModelSpec(), "encoder",
+                                  quant=QuantSpec(format=fmt, group_size=group, scale_dtype=scale_dtype))
+            layers = [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and "encoder.layer" in n]
+            weights = sum(m.in_features * m.out_features for m in layers)
+            stored = sum(m.codes.numel() * m.codes.element_size() + m.scales.numel() * m.scales.element_size()
+                         for m in layers)
+            rows.append((f"{fmt}, {'per-channel' if not group else f'group {group}'}, {scale_dtype} scales",
+                         stored / weights))
+    return rows
+
+
 def memory_child(config_name: str, fmt: str, forward_tokens: int) -> dict:
     """Runs in its own process: RSS after imports, then peak while loading (and one forward)."""
     config = {"opt-125m": OPT_125M, "llama-2-7b": LLAMA_2_7B}[config_name]
@@ -129,6 +145,10 @@ def main() -> None:
         return
     print(f"_Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, `python scripts/bench_quant.py{' --llama-7b' if args.llama_7b else ''}`._\n")
+    print("| MiniLM encoder linears | stored bytes per weight |\n| --- | --- |")
+    for label, value in stored_bytes_minilm():
+        print(f"| {label} | {value:.4f} |")
+    print()
     print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
     print(table(bench_model(max(3, args.repeats // 4)), "OPT-125m shape, 16 x 128 tokens") + "\n")
     fp32, int4 = run_child("opt-125m", "none"), run_child("opt-125m", "int4")

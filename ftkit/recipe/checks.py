@@ -118,10 +118,10 @@ def _check_choice(key, value, registry, fail):
         return
     available = ", ".join(sorted(registry))
     if value in PLANNED.get(key, ()):
-        fail(key, f"'{value}' is not available in this version of ftkit yet (available: {available})")
+        fail(key, f"{value!r} is not available in this version of ftkit yet (available: {available})")
     close = difflib.get_close_matches(value, sorted(set(registry) | PLANNED.get(key, set())), n=1)
     suggestion = f"; did you mean '{close[0]}'?" if close else ""
-    fail(key, f"unknown choice '{value}' (available: {available}{suggestion})")
+    fail(key, f"unknown choice {value!r} (available: {available}{suggestion})")
 
 
 def _at_least(fail, key, value, minimum):
