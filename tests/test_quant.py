@@ -120,16 +120,16 @@ def test_quant_linear_storage_and_dequantization(fmt, group_size):
 
 
 @pytest.mark.parametrize("fmt, group_size, kernel", [("int4", 0, "int4pack"), ("int4", 64, "int4pack"),
-                                                     ("int8", 0, "int8pack")])
+                                                     ("int8", 0, "int8pack"), ("int8", 0, "int_mm")])
 def test_fast_kernels_match_dequantize(fmt, group_size, kernel):
-    layer = QuantLinear.from_linear(linear(rows=100, cols=256), fmt, group_size=group_size)
+    layer = QuantLinear.from_linear(linear(rows=100, cols=256), fmt, group_size=group_size, kernel=kernel)
     x = torch.randn(3, 5, 256)
     assert layer.kernel_for(x) == kernel
     reference = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
     out = layer(x)
     assert out.shape == (3, 5, 100) and out.dtype == torch.float32
-    # bf16 activations in the int4 kernel: relative error about 2^-8 of the output scale.
-    tolerance = 0.03 * reference.abs().max().item() if fmt == "int4" else 1e-4
+    # bf16 activations (int4pack) or int8 activations (int_mm): error about 2^-8 of the output scale.
+    tolerance = 0.03 * reference.abs().max().item() if kernel in ("int4pack", "int_mm") else 1e-4
     assert (out - reference).abs().max().item() <= tolerance
 
 
@@ -319,3 +319,14 @@ def test_eval_applies_post_training_quantization_to_a_full_precision_run(write_r
     assert result["loss"] != full["loss"]
     bad = runner.invoke(app, ["eval", str(tmp_path / "run"), "train.lr=1"])
     assert bad.exit_code == 2 and "only be re-evaluated under quant.* overrides" in bad.output
+
+
+def test_auto_kernel_choice_on_cpu():
+    x32, x16 = torch.randn(2, 256), torch.randn(2, 256, dtype=torch.bfloat16)
+    int4 = QuantLinear.from_linear(linear(rows=64), "int4")
+    int8 = QuantLinear.from_linear(linear(rows=64), "int8")
+    fp8 = QuantLinear.from_linear(linear(rows=64), "fp8_e4m3")
+    assert int4.kernel_for(x32) == "int4pack"
+    assert int8.kernel_for(x32) == "dequantize" and int8.kernel_for(x16) == "int8pack"
+    assert fp8.kernel_for(x32) == "dequantize"  # no FP8 arithmetic on this CPU; _scaled_mm on CUDA
+    assert int4.kernel_for(x32.requires_grad_()) == "dequantize"  # backprop needs the input gradient

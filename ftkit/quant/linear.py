@@ -97,7 +97,9 @@ class QuantLinear(nn.Module):
         if x.device.type == "cpu":
             if self.fmt == "int4" and self._int4_group() is not None:
                 return "int4pack"
-            if self.fmt == "int8" and self.scales.shape[1] == 1:
+            # _weight_int8pack_mm is fast only with bf16 activations (with fp32 ones it is ~40x slower than
+            # dequantize + matmul; see BENCHMARKS.md).
+            if self.fmt == "int8" and self.scales.shape[1] == 1 and x.dtype == torch.bfloat16:
                 return "int8pack"
         if x.device.type == "cuda" and self.fmt.startswith("fp8") and self.scales.shape[1] == 1:
             return "scaled_mm"
