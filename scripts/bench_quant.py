@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import psutil
 import torch
 import torch.nn as nn
 
+from ftkit.memory import peak_rss_mb
 from ftkit.models.load import load_backbone
 from ftkit.quant.linear import QuantLinear
 from ftkit.recipe.schema import ModelSpec, QuantSpec
@@ -116,7 +116,7 @@ def memory_child(config_name: str, fmt: str, forward_tokens: int) -> dict:
             logits = model(input_ids=ids).logits
         result["forward_seconds"] = time.perf_counter() - start
         result["forward_finite"] = bool(torch.isfinite(logits).all())
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     result["peak_above_imports_mb"] = result["peak_rss_mb"] - result["baseline_mb"]
     return result
 
@@ -138,24 +138,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--llama-7b", action="store_true", help="also load a LLaMA-2-7B shape into int4 (minutes)")
+    parser.add_argument("--sections", default="bytes,linear,model,memory",
+                        help="comma-separated subset of bytes,linear,model,memory")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(memory_child(args.child[0], args.child[1], int(args.child[2]))))
         return
     print(f"_Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, `python scripts/bench_quant.py{' --llama-7b' if args.llama_7b else ''}`._\n")
-    print("| MiniLM encoder linears | stored bytes per weight |\n| --- | --- |")
-    for label, value in stored_bytes_minilm():
-        print(f"| {label} | {value:.4f} |")
-    print()
-    print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
-    print(table(bench_model(max(3, args.repeats // 4)), "OPT-125m shape, 16 x 128 tokens") + "\n")
-    fp32, int4 = run_child("opt-125m", "none"), run_child("opt-125m", "int4")
-    print("| OPT-125m shape, load | peak RSS MB | above imports MB |\n| --- | --- | --- |")
-    for r in (fp32, int4):
-        print(f"| {r['format']} | {r['peak_rss_mb']:.0f} | {r['peak_above_imports_mb']:.0f} |")
-    print(f"\nint4 / fp32 load memory above imports: {int4['peak_above_imports_mb'] / fp32['peak_above_imports_mb']:.2f}\n")
+          f"{torch.get_num_threads()} threads, `python scripts/bench_quant.py {' '.join(sys.argv[1:])}`._\n")
+    sections = set(args.sections.split(","))
+    if "bytes" in sections:
+        print("| MiniLM encoder linears | stored bytes per weight |\n| --- | --- |")
+        for label, value in stored_bytes_minilm():
+            print(f"| {label} | {value:.4f} |")
+        print()
+    if "linear" in sections:
+        print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
+    if "model" in sections:
+        print(table(bench_model(max(3, args.repeats // 4)), "OPT-125m shape, 16 x 128 tokens") + "\n")
+    if "memory" in sections:
+        fp32, int4 = run_child("opt-125m", "none"), run_child("opt-125m", "int4")
+        print("| OPT-125m shape, load | peak RSS MB | above imports MB |\n| --- | --- | --- |")
+        for r in (fp32, int4):
+            print(f"| {r['format']} | {r['peak_rss_mb']:.0f} | {r['peak_above_imports_mb']:.0f} |")
+        ratio = int4["peak_above_imports_mb"] / fp32["peak_above_imports_mb"]
+        print(f"\nint4 / fp32 load memory above imports: {ratio:.2f}\n")
     if args.llama_7b:
         r = run_child("llama-2-7b", "int4", forward_tokens=16)
         print(f"LLaMA-2-7B shape straight into int4: load {r['load_seconds']:.0f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB "

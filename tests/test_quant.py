@@ -330,3 +330,29 @@ def test_auto_kernel_choice_on_cpu():
     assert int8.kernel_for(x32) == "dequantize" and int8.kernel_for(x16) == "int8pack"
     assert fp8.kernel_for(x32) == "dequantize"  # no FP8 arithmetic on this CPU; _scaled_mm on CUDA
     assert int4.kernel_for(x32.requires_grad_()) == "dequantize"  # backprop needs the input gradient
+
+
+def test_streaming_load_frees_each_full_precision_layer(monkeypatch):
+    """Once a linear layer is quantized, nothing keeps its fp32 weight alive: peak memory stays near one layer."""
+    import gc
+    import weakref
+
+    from ftkit.models.load import load_backbone
+    from ftkit.quant import convert
+    from ftkit.recipe.schema import ModelSpec
+
+    converted, alive_before_each = [], []
+    real = convert.convert_linear
+
+    def tracking(linear, *args, **kwargs):
+        gc.collect()
+        alive_before_each.append(sum(ref() is not None for ref in converted))
+        converted.append(weakref.ref(linear.weight))
+        return real(linear, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "convert_linear", tracking)
+    model = load_backbone(ModelSpec(config=dict(TINY_LLAMA, vocab_size=1000)), "causal_lm",
+                          quant=QuantSpec(format="int4"))
+    gc.collect()
+    assert len(converted) == 2 * 7 and max(alive_before_each) == 0
+    assert all(ref() is None for ref in converted) and model is not None

@@ -55,10 +55,16 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
     """Replace every nn.Linear whose name matches no `quant.skip` pattern. Returns the same model."""
     patterns = skip_patterns(spec)
     generator = torch.Generator().manual_seed(spec.seed)
-    for name, module in list(model.named_modules()):
+    for name in _module_names(model):
+        module = model.get_submodule(name)
         if type(module) is nn.Linear and not is_skipped(name, patterns):
             _replace(model, name, convert_linear(module, name, spec, generator))
     return model
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    # Names, not modules: holding the modules would keep every replaced full-precision layer alive.
+    return [name for name, _ in model.named_modules()]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -84,7 +90,8 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
     reader = _CheckpointReader(weights_dir, getattr(model, "base_model_prefix", "")) if weights_dir else None
     patterns = skip_patterns(spec)
     generator = torch.Generator().manual_seed(spec.seed)
-    for name, module in list(model.named_modules()):
+    for name in _module_names(model):
+        module = model.get_submodule(name)
         own = list(module.named_parameters(recurse=False))
         if not own or not any(p.is_meta for _, p in own):
             continue

@@ -4,7 +4,6 @@ the schedule, evaluation, checkpoints, metrics, progress and signals. Read it to
 from __future__ import annotations
 
 import math
-import resource
 import signal
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from ftkit.data.batches import TrainStream, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import TrainingDiverged, UserError
 from ftkit.eval import evaluate
+from ftkit.memory import peak_rss_mb
 from ftkit.models.build import build_model
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
@@ -151,7 +151,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         "dev_at_start": state["dev_at_start"], "dev": _last_dev(run_dir), "metric": metric,
         "best_step": state["best_step"], "best_dev": state["best_metric"],
         "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": (time.perf_counter() - loop_started) / steps_run if steps_run else None,
     }
