@@ -43,6 +43,7 @@ LINEAR_CASES = [
     ("int4 group 128, _weight_int4pack_mm_for_cpu", "int4", 128, "int4pack"),
     ("fp8_e4m3 per-channel, dequantize", "fp8_e4m3", 0, "dequantize"),
     ("fp8_e5m2 per-channel, dequantize", "fp8_e5m2", 0, "dequantize"),
+    ("fp8_e4m3 per-channel, _scaled_mm (fp8 activations)", "fp8_e4m3", 0, "scaled_mm"),
 ]
 
 
