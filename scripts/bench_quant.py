@@ -47,32 +47,35 @@ LINEAR_CASES = [
 ]
 
 
-def median_time(fn, repeats: int, warmup: int = 3) -> float:
+def round_robin_medians(cases: list[tuple[str, object]], repeats: int, warmup: int = 2) -> list[tuple[str, float]]:
+    """Median time of each case's call, timing the cases in turn so machine noise falls on all of them alike."""
+    times = {label: [] for label, _ in cases}
     with torch.inference_mode():
         for _ in range(warmup):
-            fn()
-        times = []
+            for _, call in cases:
+                call()
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for label, call in cases:
+                start = time.perf_counter()
+                call()
+                times[label].append(time.perf_counter() - start)
+    return [(label, statistics.median(times[label])) for label, _ in cases]
 
 
 def bench_linear(repeats: int) -> list[tuple[str, float]]:
     torch.manual_seed(0)
     reference = nn.Linear(4096, 4096)
     x = torch.randn(64, 4096)
-    results = []
+    cases = []
     for label, fmt, group, kernel in LINEAR_CASES:
         layer = reference if fmt is None else QuantLinear.from_linear(reference, fmt, group_size=group, kernel=kernel)
-        results.append((label, median_time(lambda: layer(x), repeats)))
-    return results
+        cases.append((label, lambda layer=layer: layer(x)))
+    return round_robin_medians(cases, repeats)
 
 
 def bench_model(repeats: int) -> list[tuple[str, float]]:
     input_ids = torch.randint(0, 50272, (16, 128), generator=torch.Generator().manual_seed(0))
-    results = []
+    cases = []
     for label, quant in [("fp32", QuantSpec()), ("int8 (auto kernel)", QuantSpec(format="int8")),
                          ("int8 (_int_mm)", QuantSpec(format="int8", kernel="int_mm")),
                          ("int4 (auto kernel)", QuantSpec(format="int4")),
@@ -80,9 +83,8 @@ def bench_model(repeats: int) -> list[tuple[str, float]]:
                          ("fp8_e4m3", QuantSpec(format="fp8_e4m3")), ("fp8_e5m2", QuantSpec(format="fp8_e5m2"))]:
         torch.manual_seed(0)
         model = load_backbone(ModelSpec(config=dict(OPT_125M)), "causal_lm", quant=quant).eval()
-        results.append((label, median_time(lambda: model(input_ids=input_ids), repeats, warmup=1)))
-        del model
-    return results
+        cases.append((label, lambda model=model: model(input_ids=input_ids)))
+    return round_robin_medians(cases, repeats, warmup=1)
 
 
 def stored_bytes_minilm() -> list[tuple[str, float]]:

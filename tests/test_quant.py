@@ -241,7 +241,7 @@ def test_bitsandbytes_engine_runs_frozen_and_counts_its_bytes(fmt, kind, double)
     quantize_model(model, spec)
     expected_type = bnb.nn.Linear4bit if fmt == "int4" else bnb.nn.Linear8bitLt
     assert all(isinstance(model[i], expected_type) for i in (0, 2))
-    assert not any(p.requires_grad for p in model[0].parameters())
+    assert not model[0].weight.requires_grad and model[0].bias.requires_grad
     out = model(x)
     assert out.shape == reference.shape
     relative_error = ((out - reference).norm() / reference.norm()).item()
@@ -327,7 +327,7 @@ def test_auto_kernel_choice_on_cpu():
     int4 = QuantLinear.from_linear(linear(rows=64), "int4")
     int8 = QuantLinear.from_linear(linear(rows=64), "int8")
     fp8 = QuantLinear.from_linear(linear(rows=64), "fp8_e4m3")
-    assert int4.kernel_for(x32) == "int4pack"
+    assert int4.kernel_for(x32) == "int4pack" and int4.kernel_for(torch.randn(4, 128, 256)) == "dequantize"
     assert int8.kernel_for(x32) == "dequantize" and int8.kernel_for(x16) == "int8pack"
     assert fp8.kernel_for(x32) == "dequantize"  # no FP8 arithmetic on this CPU; _scaled_mm on CUDA
     assert int4.kernel_for(x32.requires_grad_()) == "dequantize"  # backprop needs the input gradient
@@ -357,3 +357,35 @@ def test_streaming_load_frees_each_full_precision_layer(monkeypatch):
     gc.collect()
     assert len(converted) == 2 * 7 and max(alive_before_each) == 0
     assert all(ref() is None for ref in converted) and model is not None
+
+
+def test_streaming_reads_sharded_checkpoints(tmp_path):
+    """A checkpoint saved in several safetensors shards streams into int8 exactly like the in-memory model."""
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.models.load import load_backbone, load_config
+    from ftkit.recipe.schema import ModelSpec
+
+    config = load_config(ModelSpec(config=dict(TINY_LLAMA, vocab_size=1000)))
+    torch.manual_seed(3)
+    original = AutoModelForCausalLM.from_config(config)
+    original.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    spec = QuantSpec(format="int8")
+    streamed = load_backbone(ModelSpec(name=str(tmp_path / "sharded")), "causal_lm", quant=spec)
+    expected = quantize_model(original, spec)
+    for (name, a), (_, b) in zip(streamed.state_dict().items(), expected.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_count_params_of_a_bitsandbytes_recipe_on_meta(write_recipe):
+    from ftkit.models.count import count_parameters
+    from ftkit.recipe import load_recipe
+
+    nf4 = count_parameters(load_recipe(write_recipe({"quant": {"format": "int4", "engine": "bitsandbytes"}})))
+    assert nf4["total"] == 22_713_216 + 770
+    linear_weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    assert nf4["trainable"] == 22_566_146 - linear_weights
+    fp32_linear_bytes = 4 * linear_weights
+    # 4 bits per weight plus one fp32 absmax per 64 weights, in place of 32 bits.
+    assert 90_855_944 - nf4["stored_bytes"] == fp32_linear_bytes - (linear_weights // 2 + 4 * linear_weights // 64)

@@ -30,7 +30,7 @@ def to_bnb_linear(linear: nn.Linear, spec, compute_dtype: torch.dtype) -> nn.Mod
     if device.type != "meta":
         layer.load_state_dict(linear.state_dict())
         layer = layer.to(device)  # quantizes here
-    layer.requires_grad_(False)
+    layer.weight.requires_grad_(False)  # the codes are frozen; the bias stays trainable, as in native layers
     return layer
 
 

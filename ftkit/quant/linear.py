@@ -24,6 +24,8 @@ from ftkit.quant.codecs import CODECS
 from ftkit.quant.packing import pack_int4, padded_rows, unpack_int4
 from ftkit.quant.scales import compute_scales, group_view
 
+# Below this many input rows (tokens) the packed int4 kernel beats dequantize + fp32 matmul on CPU.
+SMALL_BATCH_ROWS = 512
 # Group sizes PyTorch's CPU int4 kernel accepts.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -78,8 +80,9 @@ class QuantLinear(nn.Module):
         self.codes.copy_(pack_int4(codes) if self.fmt == "int4" else codes)
 
     def dequantize(self) -> torch.Tensor:
-        values = group_view(self.code_values(), self.group_size)
-        return (values * self.scales.to(torch.float32).unsqueeze(-1)).reshape(self.out_features, self.in_features)
+        weight = self.code_values()  # a fresh float32 tensor, scaled in place: one pass, one allocation
+        group_view(weight, self.group_size).mul_(self.scales.to(torch.float32).unsqueeze(-1))
+        return weight
 
     # --- forward ----------------------------------------------------------------------------------------------
 
@@ -90,12 +93,17 @@ class QuantLinear(nn.Module):
         return KERNELS[self.kernel_for(x)](self, x)
 
     def kernel_for(self, x: torch.Tensor) -> str:
+        """The matmul path for this input. `auto` follows scripts/bench_quant.py on this CPU (BENCHMARKS.md):
+        int4's packed kernel wins for few rows (64 tokens: 1.4x fp32 against 3.4x for dequantize) and loses for
+        many (2,048 tokens: 1.8x against 1.1x), so it is used below SMALL_BATCH_ROWS rows. int8 and FP8 dequantize
+        (weight-only numerics, whatever the batch); `_int_mm` (int8 activations) is opt-in: quant.kernel=int_mm."""
         if torch.is_grad_enabled() and x.requires_grad:
             return "dequantize"  # backprop to the input: the packed kernels have no derivative
         if self.kernel != "auto":
             return self.kernel
         if x.device.type == "cpu":
-            if self.fmt == "int4" and self._int4_group() is not None:
+            rows = x.numel() // x.shape[-1]
+            if self.fmt == "int4" and rows < SMALL_BATCH_ROWS and self._int4_group() is not None:
                 return "int4pack"
             # _weight_int8pack_mm is fast only with bf16 activations (with fp32 ones it is ~40x slower than
             # dequantize + matmul; see BENCHMARKS.md).
@@ -150,17 +158,28 @@ def _int_mm_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out if layer.bias is None else out + layer.bias.to(x.dtype)
 
 
-def _int4pack_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    group = layer._int4_group()
+def _int4_scales_and_zeros(layer: QuantLinear, group: int) -> torch.Tensor:
+    """The kernel's [groups, padded N, 2] bf16 table of scales and zero points (zero: codes are symmetric).
+
+    Cached on the layer until its scales change (tracked by the tensor's version counter)."""
+    cached = getattr(layer, "_int4_table", None)
+    if cached is not None and cached[0] == (layer.scales._version, layer.scales.data_ptr()):
+        return cached[1]
     scales = layer.scales.to(torch.bfloat16)
     if layer.group_size == 0:
         scales = scales.expand(-1, layer.in_features // group)
     rows = layer.codes.shape[0]
     if rows != layer.out_features:  # padded rows get scale 0
         scales = torch.cat([scales, scales.new_zeros(rows - layer.out_features, scales.shape[1])])
-    scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=2).transpose(0, 1).contiguous()
+    table = torch.stack([scales, torch.zeros_like(scales)], dim=2).transpose(0, 1).contiguous()
+    layer._int4_table = ((layer.scales._version, layer.scales.data_ptr()), table)
+    return table
+
+
+def _int4pack_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    group = layer._int4_group()
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(_flat(x).to(torch.bfloat16), layer.codes, group,
-                                                     scales_and_zeros)
+                                                     _int4_scales_and_zeros(layer, group))
     out = out[:, : layer.out_features].to(x.dtype).view(*x.shape[:-1], layer.out_features)
     return out if layer.bias is None else out + layer.bias.to(x.dtype)
 
