@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from ftkit.errors import UserError
-from ftkit.recipe import Recipe, load_recipe, recipe_from_dict
+from ftkit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from ftkit.recipe.checks import run_checks
 from ftkit.train import checkpoint as ckpt
 
 
@@ -73,8 +75,6 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
 
 def _ptq_spec(recipe: Recipe, overrides: list[str]):
     """The quant section after applying `overrides`, which may only touch quant.* for a finished run."""
-    from ftkit.recipe.load import recipe_from_dict, recipe_to_dict
-
     for item in overrides:
         if not item.startswith("quant."):
             raise UserError(f"override {item!r}: a finished run can only be re-evaluated under quant.* overrides "
@@ -82,13 +82,9 @@ def _ptq_spec(recipe: Recipe, overrides: list[str]):
     if recipe.quant.format != "none":
         raise UserError("post-training quantization applies to a run trained in full precision "
                         f"(this one used quant.format {recipe.quant.format})")
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.merge(OmegaConf.create(recipe_to_dict(recipe)), OmegaConf.from_dotlist(list(overrides)))
-    updated = recipe_from_dict(OmegaConf.to_container(data), "overrides",
+    merged = OmegaConf.merge(OmegaConf.create(recipe_to_dict(recipe)), OmegaConf.from_dotlist(list(overrides)))
+    updated = recipe_from_dict(OmegaConf.to_container(merged), "overrides",
                                {item.partition("=")[0]: item for item in overrides})
-    from ftkit.recipe.checks import run_checks
-
     run_checks(updated, "overrides")
     return updated.quant
 

@@ -3,6 +3,7 @@ the schedule, evaluation, checkpoints, metrics, progress and signals. Read it to
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -23,7 +24,7 @@ from ftkit.optim import OPTIMIZERS
 from ftkit.optim.schedules import learning_rate
 from ftkit.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from ftkit.train import checkpoint as ckpt
-from ftkit.train.metrics import MetricsLog, truncate_after
+from ftkit.train.metrics import MetricsLog, read_events, truncate_after
 from ftkit.train.progress import TrainProgress
 
 # Keys a resumed run may change: they decide how long and how often, not what is computed.
@@ -191,13 +192,9 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 
 def _last_dev(run_dir: Path) -> dict | None:
-    from ftkit.train.metrics import read_events
-
     devs = [e for e in read_events(run_dir / "metrics.jsonl") if e["split"] == "dev"]
     return devs[-1] if devs else None
 
 
 def _json(data: dict) -> str:
-    import json
-
     return json.dumps(data, indent=2) + "\n"
