@@ -26,6 +26,7 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, num_classes, dtype=encoder.dtype)
+        self.pre_head: nn.Module | None = None  # an adapter may put a hidden layer before the head
         # Mean pooling replaces BERT's pooler: it receives no gradient and does not change the loss.
         pooler = getattr(encoder, "pooler", None)
         if pooler is not None:
@@ -41,7 +42,10 @@ class EncoderClassifier(nn.Module):
         return mean_pool(hidden, batch["attention_mask"])
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.head(self.embed(batch)).float()
+        pooled = self.embed(batch)
+        if self.pre_head is not None:
+            pooled = self.pre_head(pooled)
+        return self.head(pooled).float()
 
 
 class CausalLMScorer(nn.Module):

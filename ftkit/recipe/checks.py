@@ -11,7 +11,6 @@ from ftkit.recipe.schema import Recipe
 # Names the recipe contract reserves for formats and methods that later versions of ftkit provide. They are
 # refused with "not available yet" rather than "unknown", so a recipe written for a newer ftkit fails clearly.
 PLANNED = {
-    "method.adapter": {"loretta_adp", "loretta_rep", "lora"},
     "method.optimizer": {"mezo", "quzo"},
 }
 
@@ -58,6 +57,23 @@ def run_checks(recipe: Recipe, where: str) -> None:
             re.compile(pattern)
         except re.error as err:
             fail(f"method.freeze[{i}]", f"{pattern!r} is not a valid regular expression ({err})")
+
+    lo = recipe.method.loretta
+    for key in ("tensor_rank", "bottleneck", "r"):
+        _at_least(fail, f"method.loretta.{key}", getattr(lo, key), 1)
+    if lo.modes is not None:
+        _at_least(fail, "method.loretta.modes", lo.modes, 1)
+    for key, spec in (("method.loretta", lo), ("method.lora", recipe.method.lora)):
+        if not 0 <= spec.dropout < 1:
+            fail(f"{key}.dropout", f"must be in [0, 1), got {spec.dropout}")
+    _at_least(fail, "method.lora.r", recipe.method.lora.r, 1)
+    roles = {"loretta_adp": ("down", "up", "head"), "loretta_rep": ("a", "b")}.get(recipe.method.adapter, ())
+    for role, shape in lo.shapes.items():
+        if role not in roles:
+            fail(f"method.loretta.shapes.{role}", f"not a TT role of method.adapter {recipe.method.adapter} "
+                 f"(roles: {', '.join(roles) or 'none'})")
+        if not shape or any(n < 1 for n in shape):
+            fail(f"method.loretta.shapes.{role}", f"needs positive modes, got {shape}")
 
     q = recipe.quant
     if q.engine == "bitsandbytes" and q.format not in BNB_FORMATS:

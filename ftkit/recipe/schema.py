@@ -67,11 +67,45 @@ class SGDSpec:
 
 
 @dataclass
+class LorettaSpec:
+    """Options of both LoRETTA methods (see ftkit/adapters/loretta_adp and loretta_rep)."""
+
+    tensor_rank: int = 5
+    # Modes per factorised dimension when shapes are automatic (unset: factors of about 8).
+    modes: Optional[int] = None
+    # Explicit TT shapes by role: down / up / head (adapters), a / b (LoRA factors).
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    # Module-name suffixes or regular expressions; unset means the architecture's defaults.
+    target_modules: Optional[list[str]] = None
+    init: Literal["identity", "paper"] = "identity"
+    # LoRETTA_adp
+    bottleneck: int = 64
+    nonlinearity: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    scaling: float = 1.0
+    train_norms: bool = True
+    tt_head: bool = False
+    # LoRETTA_rep
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
 class MethodSpec:
     adapter: str = "none"
     optimizer: str = "adamw"
     adamw: AdamWSpec = field(default_factory=AdamWSpec)
     sgd: SGDSpec = field(default_factory=SGDSpec)
+    loretta: LorettaSpec = field(default_factory=LorettaSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
     # Regular expressions over parameter names that stay frozen, on top of what the method freezes.
     freeze: list[str] = field(default_factory=list)
 
