@@ -60,11 +60,11 @@ def split_point(shape: list[int], in_features: int) -> int | None:
     return None
 
 
-def check_shape(shape: list[int], in_features: int, out_features: int, where: str) -> None:
+def check_shape(shape: list[int], in_features: int, out_features: int) -> None:
     if not shape or any(n < 1 for n in shape):
-        raise ValueError(f"{where}: TT shape {shape} needs positive modes")
+        raise ValueError(f"TT shape {shape} needs positive modes")
     if math.prod(shape) != in_features * out_features:
-        raise ValueError(f"{where}: TT shape {shape} multiplies to {math.prod(shape)}, but a {in_features} x "
+        raise ValueError(f"TT shape {shape} multiplies to {math.prod(shape)}, but a {in_features} x "
                          f"{out_features} matrix needs {in_features * out_features}")
 
 
@@ -75,7 +75,7 @@ class TTLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.shape = list(shape) if shape is not None else auto_shape(in_features, out_features, modes)
-        check_shape(self.shape, in_features, out_features, "TTLinear")
+        check_shape(self.shape, in_features, out_features)
         self.split = split_point(self.shape, in_features)
         self.ranks = [1] + [rank] * (len(self.shape) - 1) + [1]
         self.cores = nn.ParameterList(
