@@ -103,13 +103,14 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run directory"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="Directory to write (must be new or empty)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A step directory (default: best, else last)"),
+    merge: bool = typer.Option(False, "--merge", help="Merge LoRETTA_rep / LoRA updates into the weights"),
 ):
     """Write a run's model as a Hugging Face directory that from_pretrained loads (quantized weights dequantized)."""
     from ftkit.runs import export_run
 
     if not run_dir.is_dir():
         raise UserError(f"not a run directory: {run_dir}")
-    written = export_run(run_dir, out_dir, checkpoint)
+    written = export_run(run_dir, out_dir, checkpoint, merge)
     out.print(f"exported {run_dir} to {written} (load with transformers' from_pretrained)", markup=False)
 
 

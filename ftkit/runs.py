@@ -89,9 +89,11 @@ def _ptq_spec(recipe: Recipe, overrides: list[str]):
     return updated.quant
 
 
-def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None) -> Path:
+def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, merge: bool = False) -> Path:
     """Write the run's model as a plain Hugging Face directory: weights (dequantized when quantized), config,
-    tokenizer. The task head of an encoder goes beside it in `ftkit_head.safetensors` with `ftkit_task.json`."""
+    tokenizer. With `merge`, LoRETTA_rep / LoRA updates are merged into the weights; otherwise adapters are written
+    beside the model in `ftkit_adapter.safetensors`. An encoder's task head (and TT hidden layer) goes in
+    `ftkit_head.safetensors`, described by `ftkit_task.json`."""
     import json
 
     from safetensors.torch import save_file
@@ -99,6 +101,7 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None) -> 
     from ftkit.data.dataset import load_task_data
     from ftkit.models.build import build_model
     from ftkit.models.load import load_tokenizer
+    from ftkit.adapters.export import unwrap_adapters
     from ftkit.quant.io import export_hf
 
     recipe = load_run_recipe(run_dir)
@@ -112,11 +115,18 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None) -> 
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
     ckpt.load_checkpoint(Path(step_dir), model)
+    adapters = unwrap_adapters(model.backbone, merge)
     out_dir.mkdir(parents=True, exist_ok=True)
     export_hf(model.backbone, tokenizer, out_dir)
+    if adapters:
+        save_file(adapters, str(out_dir / "ftkit_adapter.safetensors"))
     if kind == "encoder":
-        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out_dir / "ftkit_head.safetensors"))
+        head = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+        if model.pre_head is not None:
+            head.update({f"pre_head.{k}": v for k, v in model.pre_head.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in head.items()}, str(out_dir / "ftkit_head.safetensors"))
     (out_dir / "ftkit_task.json").write_text(json.dumps(
         {"task": task.name, "kind": kind, "labels": task.labels, "label_words": task.label_words,
-         "pooling": "mean" if kind == "encoder" else None, "checkpoint": str(Path(step_dir).resolve())}, indent=2))
+         "pooling": "mean" if kind == "encoder" else None, "checkpoint": str(Path(step_dir).resolve()),
+         "adapter": recipe.method.adapter, "merged": merge, "recipe": recipe_to_dict(recipe)}, indent=2))
     return out_dir

@@ -68,9 +68,10 @@ def test_paper_init_matches_glorot_scale():
     assert sum(stds) / len(stds) == pytest.approx(math.sqrt(1 / (768 + 64)), rel=0.15)
 
 
-def built(adapter: str, config: dict | None = None, **loretta):
+def built(adapter: str, config: dict | None = None, quant: str = "none", **loretta):
     model_options = {"config": dict(config)} if config else {}
-    recipe = recipe_from_dict(tiny_recipe(model=model_options, method={"adapter": adapter, "loretta": loretta}))
+    recipe = recipe_from_dict(tiny_recipe(model=model_options, method={"adapter": adapter, "loretta": loretta},
+                                          quant={"format": quant}))
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
@@ -170,3 +171,51 @@ def test_minilm_counts_of_the_comparison_recipes():
               for name in ("lora", "loretta_rep")}
     assert counts["lora"] == 6 * 2 * 2 * 384 * 8 + 770
     assert counts["lora"] >= 10 * counts["loretta_rep"]
+
+
+@pytest.mark.parametrize("adapter, quant", [("loretta_rep", "none"), ("lora", "none"), ("loretta_rep", "int8")])
+def test_export_merge_gives_a_plain_model_with_the_same_outputs(write_recipe, tmp_path, adapter, quant):
+    from transformers import AutoModel
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+    from ftkit.models.heads import mean_pool
+    from ftkit.train.loop import train
+
+    recipe = load_recipe(write_recipe(tiny_recipe(
+        method={"adapter": adapter}, quant={"format": quant},
+        train={"max_steps": 4, "lr": 5e-2, "output_dir": str(tmp_path / "run")})))
+    train(recipe)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "hf"), "--merge"])
+    assert result.exit_code == 0, result.output
+    _, model, batch = built(adapter, quant=quant)
+    from ftkit.train import checkpoint as ckpt
+
+    ckpt.load_checkpoint(ckpt.resolve(tmp_path / "run" / "checkpoints", "best"), model)
+    model.eval()
+    expected = model.embed(batch)
+    plain = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    hidden = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"]).last_hidden_state
+    assert torch.allclose(mean_pool(hidden, batch["attention_mask"]), expected, atol=1e-4)
+
+
+def test_loretta_adp_refuses_to_merge_and_exports_its_tensors(write_recipe, tmp_path):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+    from ftkit.train.loop import train
+
+    recipe = load_recipe(write_recipe(tiny_recipe(method={"adapter": "loretta_adp"},
+                                                  train={"max_steps": 2, "output_dir": str(tmp_path / "run")})))
+    train(recipe)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "a"), "--merge"])
+    assert refused.exit_code == 2 and "cannot be merged" in refused.output
+    kept = runner.invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "b")])
+    assert kept.exit_code == 0, kept.output
+    tensors = load_file(str(tmp_path / "b" / "ftkit_adapter.safetensors"))
+    _, model, _ = built("loretta_adp")
+    adapter_tensors = {n.removeprefix("encoder.") for n, _ in model.named_parameters() if "loretta_" in n}
+    assert set(tensors) == adapter_tensors and len(tensors) == 4 * 10  # 4 adapters x (2 x 4 cores + 2 biases)
