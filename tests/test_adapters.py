@@ -219,3 +219,23 @@ def test_loretta_adp_refuses_to_merge_and_exports_its_tensors(write_recipe, tmp_
     _, model, _ = built("loretta_adp")
     adapter_tensors = {n.removeprefix("encoder.") for n, _ in model.named_parameters() if "loretta_" in n}
     assert set(tensors) == adapter_tensors and len(tensors) == 4 * 10  # 4 adapters x (2 x 4 cores + 2 biases)
+
+
+@pytest.mark.parametrize("adapter", ["loretta_adp", "loretta_rep", "lora"])
+@pytest.mark.parametrize("quant", [{"format": "int4"}, {"format": "int4", "engine": "bitsandbytes"}],
+                         ids=["native-int4", "bnb-nf4"])
+def test_adapters_over_quantized_frozen_bases(adapter, quant):
+    recipe = recipe_from_dict(tiny_recipe(method={"adapter": adapter}, quant=quant))
+    task = load_task_data(recipe, splits=("train",))
+    tokenizer = load_tokenizer(recipe.model)
+    if adapter == "lora" and quant.get("engine") != "bitsandbytes":
+        with pytest.raises(UserError, match="method.adapter lora"):
+            build_model(recipe, task, tokenizer)
+        return
+    model, kind, _ = build_model(recipe, task, tokenizer)
+    batch = collate(encode(task.splits["train"][:6], tokenizer, kind, task, 32), tokenizer.pad_token_id)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any("codes" in n or ".base." in n and "weight" in n for n in trainable)
+    loss = model(batch).logsumexp(-1).sum()
+    loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "loretta_" in n or "lora_" in n)
