@@ -179,3 +179,9 @@ def test_mutated_recipes_fail_only_cleanly(tmp_path, data):
 
 def test_non_finite_numbers_are_refused(write_recipe):
     assert "train.lr: must be a finite number" in error_of(write_recipe(tiny_recipe(train={"lr": float("nan")})))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
