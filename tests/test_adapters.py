@@ -239,3 +239,20 @@ def test_adapters_over_quantized_frozen_bases(adapter, quant):
     loss = model(batch).logsumexp(-1).sum()
     loss.backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if "loretta_" in n or "lora_" in n)
+
+
+def test_built_matrix_is_cached_without_autograd_and_refreshed_when_a_core_changes():
+    torch.manual_seed(0)
+    layer = TTLinear(384, 64, 5, bias=True)
+    x = torch.randn(10, 384)
+    with torch.inference_mode():
+        first = layer(x, mode="materialise")
+        cached = layer._matrix_cache[1]
+        assert torch.equal(layer(x, mode="materialise"), first) and layer._matrix_cache[1] is cached
+        layer.cores[1].add_(0.5)  # as a zeroth-order perturbation does, in place
+        moved = layer(x, mode="materialise")
+    assert torch.allclose(moved, x @ layer.to_matrix().detach() + layer.bias.detach(), atol=1e-5)
+    assert not torch.allclose(moved, first)
+    trained = layer(x)  # with autograd the matrix is rebuilt in the graph, never taken from the cache
+    trained.sum().backward()
+    assert layer.cores[0].grad is not None
