@@ -142,10 +142,11 @@ class TTLinear(nn.Module):
         flat = x.reshape(rows, self.in_features)
         if mode == "contract":
             out = self._contract(flat)
+            if self.bias is not None:
+                out = out + self.bias
         else:
-            out = flat @ (cached if cached is not None else self._matrix_for_forward())
-        if self.bias is not None:
-            out = out + self.bias
+            matrix = cached if cached is not None else self._matrix_for_forward()
+            out = flat @ matrix if self.bias is None else torch.addmm(self.bias, flat, matrix)  # bias fused
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _cached_matrix(self) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from ftkit.adapters.targets import ADP_TARGETS, default_targets, find_linears, f
 from ftkit.adapters.tt import TTLinear
 from ftkit.errors import UserError
 
-NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+NONLINEARITIES = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 class TTAdapter(nn.Module):
@@ -34,7 +34,8 @@ class TTAdapter(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = z.to(self.down.cores[0].dtype)
-        return z + (self.scaling * self.up(self.act(self.down(self.dropout(h))))).to(z.dtype)
+        update = self.up(self.act(self.down(self.dropout(h)))).to(z.dtype)
+        return torch.add(z, update, alpha=self.scaling)  # residual and scaling in one pass
 
 
 class OutputAdapter(nn.Module):
