@@ -145,6 +145,11 @@ def test_adapter_checkpoint_round_trip_restores_outputs_with_norms_and_head(writ
 
     saved = load_file(str(step / ckpt.WEIGHTS))
     assert any("LayerNorm" in k for k in saved) and "head.weight" in saved
+    import json
+
+    description = json.loads((step / "adapter_config.json").read_text())
+    assert description["adapter"] == "loretta_adp" and description["options"]["tt_head"] is True
+    assert description["base_model"] == "minilm"
     assert any(k.startswith("pre_head.") for k in saved) and all(".base." not in k for k in saved)
     _, fresh, batch = built("loretta_adp", tt_head=True)
     before = fresh.eval()(batch)

@@ -59,7 +59,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, method, trainer_state: dict, keep_last: int,
-                    is_best: bool = False) -> Path:
+                    is_best: bool = False, descriptions: dict[str, dict] | None = None) -> Path:
+    """`descriptions` are extra JSON files written into the checkpoint (e.g. adapter_config.json)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
@@ -70,6 +71,8 @@ def save_checkpoint(root: Path, step: int, model, method, trainer_state: dict, k
     save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or None)
     torch.save(method.state_dict(), tmp / METHOD_STATE)
     (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "rng": rng_state()}))
+    for filename, content in (descriptions or {}).items():
+        (tmp / filename).write_text(json.dumps(content, indent=2))
     for path in tmp.iterdir():
         _fsync(path)
     _fsync(tmp)

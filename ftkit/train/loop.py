@@ -105,9 +105,12 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signum=signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
 
+    descriptions = {"adapter_config.json": adapter_description(recipe)} if recipe.method.adapter != "none" else {}
+
     def save(step: int, is_best: bool = False) -> Path:
         trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source}
-        return ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best)
+        return ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
+                                    descriptions)
 
     progress = TrainProgress(console, recipe.train.max_steps, state["step"], recipe.train.log_every)
     loop_started, first_step = time.perf_counter(), state["step"]
@@ -166,6 +169,15 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         test_log.close()
     (run_dir / "summary.json").write_text(_json(summary))
     return summary
+
+
+def adapter_description(recipe: Recipe) -> dict:
+    """What an adapter checkpoint needs to be read without the recipe: method, options, base model, format."""
+    method = recipe_to_dict(recipe)["method"]
+    options = method["lora"] if recipe.method.adapter == "lora" else method["loretta"]
+    return {"adapter": recipe.method.adapter, "options": options, "base_model": recipe.model.name,
+            "base_config": recipe.model.config, "quant": recipe_to_dict(recipe)["quant"],
+            "weights": ckpt.WEIGHTS, "contents": "adapter tensors, trained norms and task head"}
 
 
 def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
