@@ -96,8 +96,7 @@ def stored_bytes_minilm() -> list[tuple[str, float]]:
                                   quant=QuantSpec(format=fmt, group_size=group, scale_dtype=scale_dtype))
             layers = [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and "encoder.layer" in n]
             weights = sum(m.in_features * m.out_features for m in layers)
-            stored = sum(m.codes.numel() * m.codes.element_size() + m.scales.numel() * m.scales.element_size()
-                         for m in layers)
+            stored = sum(m.stored_bytes for m in layers)
             rows.append((f"{fmt}, {'per-channel' if not group else f'group {group}'}, {scale_dtype} scales",
                          stored / weights))
     return rows

@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, TINY_LLAMA, TINY_OPT, tiny_recipe
 from ftkit.adapters.loretta_rep import LorettaRepLinear
-from ftkit.adapters.tt import TTLinear, auto_shape, balanced_factors, default_modes
+from ftkit.adapters.tt import TTLinear, balanced_factors, default_modes
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import UserError

@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn as nn
 
-INITS = ("identity", "paper")
 # Core-by-core contraction runs as small einsums far below matmul throughput on CPU (measured: about 2 GMAC/s
 # against 30 for one matmul at adapter sizes), so its multiply-adds are weighted by this factor when choosing.
 CONTRACTION_COST = 10

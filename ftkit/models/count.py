@@ -61,8 +61,7 @@ def tensor_figures(module: nn.Module, leaf: str, tensor: torch.Tensor) -> tuple[
         return (module.in_features * module.out_features if leaf == "codes" else 0), nbytes
     bnb = bnb_counts(module)
     if bnb is not None and leaf == "weight":
-        bias_bytes = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
-        return bnb["weight_params"], bnb["stored_bytes"] - bias_bytes
+        return bnb["weight_params"], bnb["stored_bytes"]
     return tensor.numel(), nbytes
 
 

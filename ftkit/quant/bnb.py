@@ -35,12 +35,12 @@ def to_bnb_linear(linear: nn.Linear, spec, compute_dtype: torch.dtype) -> nn.Mod
 
 
 def bnb_counts(module: nn.Module) -> dict | None:
-    """(parameters, stored bytes) of a bitsandbytes linear layer, from its shape; None for other modules."""
+    """Logical weight count and stored bytes (codes + statistics, bias excluded) of a bitsandbytes linear layer's
+    weight, from its shape; None for other modules."""
     kind = type(module).__name__
     if kind not in ("Linear4bit", "Linear8bitLt"):
         return None
     weights = module.in_features * module.out_features
-    bias = module.out_features if module.bias is not None else 0
     if kind == "Linear4bit":
         blocks = -(-weights // BLOCK)
         double = getattr(module.weight, "compress_statistics", False)
@@ -48,5 +48,4 @@ def bnb_counts(module: nn.Module) -> dict | None:
         stored = weights // 2 + stats
     else:
         stored = weights + 4 * module.out_features  # int8 codes and one fp32 scale per row
-    bias_bytes = bias * (module.bias.element_size() if module.bias is not None else 0)
-    return {"params": weights + bias, "weight_params": weights, "stored_bytes": stored + bias_bytes}
+    return {"weight_params": weights, "stored_bytes": stored}

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-ROUNDINGS = ("nearest", "stochastic")
-
-
 @dataclass(frozen=True)
 class IntCodec:
     """Signed integers qmin..qmax; the scale maps a group's absolute maximum to qmax (symmetric)."""

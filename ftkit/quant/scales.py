@@ -6,7 +6,6 @@ import torch
 
 # Clipping ratios tried by the MSE search (fractions of the group's absolute maximum).
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.00, 0.95, ..., 0.50
-SCALE_METHODS = ("absmax", "mse")
 
 
 def group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -142,9 +142,6 @@ def _convert(hint: Any, value: Any, key: str, ctx: _Context):
             raise ctx.error(key, f"must be a finite number, got {value}")
         return float(value)
     if hint is str:
-        # Label words like 0/1 arrive from YAML as ints; names and paths must really be text.
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and ".label_" in key:
-            return str(value)
         if not isinstance(value, str):
             raise ctx.error(key, f"must be a string, got {_describe(value)}")
         return value
