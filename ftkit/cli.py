@@ -114,6 +114,32 @@ def export(
     out.print(f"exported {run_dir} to {written} (load with transformers' from_pretrained)", markup=False)
 
 
+@app.command()
+@friendly
+def replay(
+    recipe: Path = typer.Argument(..., help="The run's recipe YAML file"),
+    trace: Path = typer.Argument(..., help="The run's trace (runs/<name>/trace.ftz)"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="Run directory to write the rebuilt checkpoint into"),
+    overrides: Optional[list[str]] = OVERRIDES,
+):
+    """Rebuild a zeroth-order run's weights from the base model and its trace, without a forward pass."""
+    from ftkit.recipe import load_recipe
+    from ftkit.recipe.schema import ZEROTH_ORDER
+    from ftkit.replay import replay as run_replay
+
+    spec = load_recipe(recipe, overrides or [])
+    if spec.method.optimizer not in ZEROTH_ORDER:
+        raise UserError(f"{recipe}: method.optimizer is {spec.method.optimizer}; only zeroth-order runs "
+                        f"({', '.join(ZEROTH_ORDER)}) have traces")
+    if not trace.is_file():
+        raise UserError(f"trace not found: {trace}")
+    if (out_dir / "checkpoints").exists():
+        raise UserError(f"{out_dir} already holds checkpoints; choose a new directory")
+    result = run_replay(spec, trace, out_dir)
+    out.print(f"replayed {result['steps']} steps from {trace} ({result['trace_bytes']:,} bytes) in "
+              f"{result['seconds']:.1f} s: {result['checkpoint']}", markup=False)
+
+
 @app.command("count-params")
 @friendly
 def count_params(

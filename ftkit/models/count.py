@@ -39,7 +39,8 @@ def count_model(model: nn.Module) -> dict:
                 continue
             seen.add(id(tensor))
             numel, nbytes = tensor_figures(module, leaf, tensor)
-            is_trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
+            is_trainable = (isinstance(tensor, nn.Parameter) and tensor.requires_grad) or (
+                leaf == "codes" and getattr(module, "trainable_codes", False))
             name = f"{module_name}.{leaf}" if module_name else leaf
             entry = groups.setdefault(group_of(name), {"total": 0, "trainable": 0, "stored_bytes": 0})
             entry["total"] += numel
@@ -49,6 +50,11 @@ def count_model(model: nn.Module) -> dict:
             trainable += numel if is_trainable else 0
             stored += nbytes
     return {"total": total, "trainable": trainable, "stored_bytes": stored, "groups": groups}
+
+
+def trainable_numel(model: nn.Module) -> int:
+    """Trainable parameters, counting the codes of quantized layers a zeroth-order method trains."""
+    return count_model(model)["trainable"]
 
 
 def tensor_figures(module: nn.Module, leaf: str, tensor: torch.Tensor) -> tuple[int, int]:

@@ -30,6 +30,12 @@ class FirstOrder:
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
+    def begin(self, run_dir, resume_step) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
 

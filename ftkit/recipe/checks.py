@@ -6,13 +6,11 @@ import difflib
 import re
 
 from ftkit.errors import RecipeError
-from ftkit.recipe.schema import Recipe
+from ftkit.recipe.schema import ZEROTH_ORDER, Recipe
 
 # Names the recipe contract reserves for formats and methods that later versions of ftkit provide. They are
 # refused with "not available yet" rather than "unknown", so a recipe written for a newer ftkit fails clearly.
-PLANNED = {
-    "method.optimizer": {"mezo", "quzo"},
-}
+PLANNED: dict[str, set[str]] = {}
 
 
 def run_checks(recipe: Recipe, where: str) -> None:
@@ -75,7 +73,23 @@ def run_checks(recipe: Recipe, where: str) -> None:
         if not shape or any(n < 1 for n in shape):
             fail(f"method.loretta.shapes.{role}", f"needs positive modes, got {shape}")
 
-    q = recipe.quant
+    zo = recipe.method.zo
+    if zo.eps <= 0:
+        fail("method.zo.eps", f"must be positive, got {zo.eps}")
+    _at_least(fail, "method.zo.n_queries", zo.n_queries, 1)
+    _at_least(fail, "method.zo.weight_decay", zo.weight_decay, 0)
+    if zo.perturb_bits != 0 and not 2 <= zo.perturb_bits <= 16:
+        fail("method.zo.perturb_bits", f"must be 0 (unrounded directions) or 2..16, got {zo.perturb_bits}")
+    optimizer, adapter, q = recipe.method.optimizer, recipe.method.adapter, recipe.quant
+    if optimizer in ZEROTH_ORDER and t.weight_decay:
+        fail("train.weight_decay", f"applies to first-order optimizers; set method.zo.weight_decay for {optimizer}")
+    if optimizer == "mezo" and adapter == "none" and q.format != "none":
+        fail("method.optimizer", f"mezo trains full-precision weights, and quant.format is {q.format}: use quzo for "
+             f"the quantized weights themselves, or set method.adapter to train an adapter over the quantized base")
+    if optimizer in ZEROTH_ORDER and adapter == "none" and q.engine == "bitsandbytes":
+        fail("method.adapter", "bitsandbytes weights are frozen; zeroth-order training over them needs an adapter "
+             "(lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
+
     if q.engine == "bitsandbytes" and q.format not in BNB_FORMATS:
         fail("quant.format", f"the bitsandbytes engine provides {', '.join(BNB_FORMATS)} (int4 is nf4 or fp4 by "
              f"quant.bnb_4bit_type), not '{q.format}'; use quant.engine: native for it")

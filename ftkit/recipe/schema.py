@@ -98,6 +98,31 @@ class LoraSpec:
     target_modules: Optional[list[str]] = None
 
 
+# Optimizers that estimate gradients from forward passes only.
+ZEROTH_ORDER = ("mezo", "quzo")
+
+
+@dataclass
+class ZOSpec:
+    """Zeroth-order options (MeZO, QuZO); see ftkit/optim/zo.py."""
+
+    eps: float = 1e-3
+    n_queries: int = 1
+    # QuZO: directions are stochastically rounded onto a per-tensor grid of 2^bits - 1 levels (0: unrounded).
+    perturb_bits: int = 4
+    # QuZO: the perturbation and the update round the same Gaussian with independent random bits (unbiased);
+    # false reuses the perturbation's rounding for the update (the authors' public code).
+    independent_roundings: bool = True
+    # QuZO: how an update lands on a low-precision weight grid.
+    update_rounding: Literal["stochastic", "nearest"] = "stochastic"
+    # Decoupled weight decay, not applied to biases and norms.
+    weight_decay: float = 0.0
+    # Word embeddings stay frozen by default: a batch touches few rows, so random directions only add noise.
+    train_embeddings: bool = False
+    # Write the trajectory (seeds, projected gradients, learning rates) to <run>/trace.ftz for `ftkit replay`.
+    trace: bool = True
+
+
 @dataclass
 class MethodSpec:
     adapter: str = "none"
@@ -106,6 +131,7 @@ class MethodSpec:
     sgd: SGDSpec = field(default_factory=SGDSpec)
     loretta: LorettaSpec = field(default_factory=LorettaSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
+    zo: ZOSpec = field(default_factory=ZOSpec)
     # Regular expressions over parameter names that stay frozen, on top of what the method freezes.
     freeze: list[str] = field(default_factory=list)
 

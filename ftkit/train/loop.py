@@ -19,6 +19,7 @@ from ftkit.errors import TrainingDiverged, UserError
 from ftkit.eval import evaluate
 from ftkit.memory import peak_rss_mb
 from ftkit.models.build import build_model
+from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
 from ftkit.optim.schedules import learning_rate
@@ -74,7 +75,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
         return evaluate(model, features[split], recipe.train.eval_batch_size, tokenizer.pad_token_id, num_classes)
 
     metric = task.spec.metric
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = trainable_numel(model)
     state = {"step": 0, "best_metric": None, "best_step": None, "dev_at_start": None}
 
     # Fresh start or resume.
@@ -114,6 +115,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     progress = TrainProgress(console, recipe.train.max_steps, state["step"], recipe.train.log_every)
     loop_started, first_step = time.perf_counter(), state["step"]
+    method.begin(run_dir, state["step"] if resume_from is not None else None)
     try:
         for step in range(state["step"], recipe.train.max_steps):
             lr = learning_rate(step, recipe.train)
@@ -143,6 +145,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
                 raise Interrupted(stop["signum"], f"interrupted at step {done}; checkpoint saved in {ckpt_root}; "
                                   f"continue with: ftkit train {recipe.source} --resume")
     finally:
+        method.end()
         progress.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)

@@ -1,0 +1,97 @@
+"""Trajectory files of zeroth-order runs (`<run>/trace.ftz`): with the recipe, enough to rebuild the fine-tuned
+weights from the base model without a forward pass (`ftkit replay`).
+
+Layout: the magic b"FTKZOTR1", a little-endian uint32 header length, a UTF-8 JSON header, then one fixed-size
+record per step: step (uint32), step seed (uint64), learning rate (float64), the n projected gradients (float64)
+and the rounding stream ids of Q1, Q2 and the update (3 x uint8). The header holds the method's settings and the
+step-0 values of tensors a forward pass computed (the prototype head), base64-encoded, so replay needs none.
+
+Records are appended as steps finish and flushed with every checkpoint; a resumed run truncates the file to its
+checkpoint's step, so the trace always describes exactly the weights of the run's latest step.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+MAGIC = b"FTKZOTR1"
+
+
+def record_format(n_queries: int) -> struct.Struct:
+    return struct.Struct(f"<IQd{n_queries}d3B")
+
+
+def encode_tensor(t: torch.Tensor) -> dict:
+    t = t.detach().to("cpu").contiguous()
+    raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": base64.b64encode(raw).decode()}
+
+
+def decode_tensor(entry: dict) -> torch.Tensor:
+    dtype = getattr(torch, entry["dtype"])
+    raw = bytearray(base64.b64decode(entry["data"]))
+    flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(entry["shape"]).clone()
+
+
+class TraceWriter:
+    def __init__(self, path: Path, header: dict, resume_step: int | None = None):
+        self.path, self.header = Path(path), header
+        self.record = record_format(header["n_queries"])
+        if resume_step is None:
+            blob = json.dumps(header).encode()
+            with open(self.path, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+            self.file = open(self.path, "ab")
+        else:
+            self.file = open(self.path, "r+b")
+            offset = _header_size(self.file)
+            self.file.truncate(offset + resume_step * self.record.size)
+            self.file.seek(0, os.SEEK_END)
+
+    def write(self, step: int, seed: int, lr: float, gradients: list[float], streams: tuple[int, int, int]) -> None:
+        self.file.write(self.record.pack(step, seed, lr, *gradients, *streams))
+
+    def flush(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.flush()
+            self.file.close()
+
+
+def _header_size(f) -> int:
+    f.seek(0)
+    if f.read(len(MAGIC)) != MAGIC:
+        raise ValueError("not an ftkit trace (bad magic)")
+    (length,) = struct.unpack("<I", f.read(4))
+    return len(MAGIC) + 4 + length
+
+
+def read_trace(path: Path) -> tuple[dict, list[dict]]:
+    """(header, records). Raises ValueError naming the problem for a damaged or foreign file."""
+    data = Path(path).read_bytes()
+    if data[: len(MAGIC)] != MAGIC:
+        raise ValueError(f"{path} is not an ftkit trace")
+    (length,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    header = json.loads(data[start : start + length])
+    record = record_format(header["n_queries"])
+    body = data[start + length :]
+    if len(body) % record.size:
+        raise ValueError(f"{path}: truncated record at the end ({len(body) % record.size} stray bytes)")
+    n = header["n_queries"]
+    records = []
+    for values in record.iter_unpack(body):
+        records.append({"step": values[0], "seed": values[1], "lr": values[2], "gradients": list(values[3 : 3 + n]),
+                        "streams": tuple(values[3 + n :])})
+    return header, records

@@ -1,0 +1,154 @@
+"""Zeroth-order training: MeZO (SPSA on full-precision tensors) and QuZO (low-precision weights, quantized
+directions, stochastically rounded updates). Two forward passes per query, no backpropagation.
+
+One step, with step seed s, query seeds s_i and projected gradients g_i:
+
+    for each query i:  w <- w + eps u1_i;  L+ = L(w);  w <- w - 2 eps u1_i;  L- = L(w);  g_i = (L+ - L-) / (2 eps)
+    w <- R(w - lr * (sum_i g_i u2_i / n + wd * w))        (the last restore is folded into the update)
+
+MeZO: u1 = u2 = u ~ N(0, I), R the identity. QuZO: u1 = Q1(u), u2 = Q2(u) with independent rounding bits, and R
+stochastic rounding onto the weight grid for quantized layers (whose perturbation lives in the dequantize hook,
+so their codes change only at the update). All random tensors are regenerated from seeds (ftkit.optim.zo_streams),
+one tensor at a time: memory is inference plus one tensor's direction.
+
+`replay_step` runs the same arithmetic from a trace record without any forward pass (ftkit.replay).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ftkit.errors import UserError
+from ftkit.models.heads import classification_loss
+from ftkit.optim.trace import TraceWriter, encode_tensor
+from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive
+from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget, zo_targets
+from ftkit.recipe.schema import Recipe
+
+TRACE_FILE = "trace.ftz"
+STEP_DOMAIN = 0x5A0  # separates step seeds from any other use of the run seed
+
+
+class ZerothOrder:
+    def __init__(self, model: nn.Module, recipe: Recipe, name: str):
+        spec = recipe.method.zo
+        self.model, self.recipe, self.name = model, recipe, name
+        self.eps, self.n_queries, self.weight_decay = spec.eps, spec.n_queries, spec.weight_decay
+        self.directions = Directions(bits=spec.perturb_bits if name == "quzo" else 0,
+                                     independent=spec.independent_roundings, update_rounding=spec.update_rounding)
+        self.targets = zo_targets(model)
+        if not self.targets:
+            raise UserError(f"method.optimizer {name}: the model has nothing to train (every tensor is frozen)")
+        if name == "mezo" and any(isinstance(t, QuantTarget) for t in self.targets):
+            raise UserError("method.optimizer mezo trains full-precision tensors; for a quantized model's own "
+                            "weights use quzo, or train an adapter over the quantized base")
+        self.seed = recipe.train.seed
+        self.steps_done = 0
+        self.trace: TraceWriter | None = None
+
+    @property
+    def streams(self) -> tuple[int, int, int]:
+        return Q1, Q2 if self.directions.independent else Q1, UPDATE
+
+    # --- the step -----------------------------------------------------------------------------------------------
+
+    def step(self, batch: dict, lr: float) -> dict:
+        self.model.eval()  # dropout off: both passes of a query must see the same function
+
+        def loss() -> float:
+            with torch.inference_mode():
+                return classification_loss(self.model(batch), batch["labels"]).item()
+
+        step_seed = self.step_seed(self.steps_done)
+        gradients, losses = self._run(step_seed, lr, loss_fn=loss)
+        self.steps_done += 1
+        if self.trace is not None:
+            self.trace.write(self.steps_done, step_seed, lr, gradients, self.streams)
+        return {"loss": sum(losses) / len(losses), "projected_grad": gradients[0]}
+
+    def replay_step(self, seed: int, lr: float, gradients: list[float]) -> None:
+        self._run(seed, lr, gradients=gradients)
+        self.steps_done += 1
+
+    def step_seed(self, step: int) -> int:
+        return derive(self.seed, STEP_DOMAIN, step)
+
+    @torch.no_grad()
+    def _run(self, step_seed: int, lr: float, loss_fn=None, gradients: list[float] | None = None):
+        eps, d = self.eps, self.directions
+        query_seeds = [derive(step_seed, i) for i in range(self.n_queries)]
+        found, losses = [], []
+        for i, seed in enumerate(query_seeds):
+            self._move(seed, 0.0, eps)
+            plus = loss_fn() if loss_fn else None
+            self._move(seed, eps, -eps)
+            minus = loss_fn() if loss_fn else None
+            if i < self.n_queries - 1:
+                self._move(seed, -eps, 0.0)
+            if loss_fn:
+                found.append((plus - minus) / (2 * eps))
+                losses.append((plus + minus) / 2)
+        gradients = found if gradients is None else gradients
+        if not all(math.isfinite(g) for g in gradients):
+            self._move(query_seeds[-1], -eps, 0.0)  # leave the weights as they were; the loop stops the run
+            return gradients, [math.nan]
+        coefs = [-lr * g / self.n_queries for g in gradients]
+        for target in self.targets:
+            target.update(d, step_seed, query_seeds, coefs, restore=eps, decay=lr * self.weight_decay)
+        return gradients, losses
+
+    def _move(self, query_seed: int, current: float, to: float) -> None:
+        for target in self.targets:
+            if isinstance(target, FloatTarget):
+                target.perturb(self.directions, query_seed, to - current)
+            elif to == 0.0:
+                target.unperturb(self.directions, query_seed, 0.0)
+            else:
+                target.perturb(self.directions, query_seed, to)
+
+    # --- run integration: trace and state -----------------------------------------------------------------------
+
+    def begin(self, run_dir: Path, resume_step: int | None) -> None:
+        if not self.recipe.method.zo.trace:
+            return
+        self.trace = TraceWriter(Path(run_dir) / TRACE_FILE, self.trace_header(), resume_step)
+
+    def trace_header(self) -> dict:
+        from ftkit.recipe import recipe_to_dict
+
+        head = {n: encode_tensor(p) for n, p in self.model.named_parameters() if n.startswith("head.")}
+        return {"version": 1, "method": self.name, "n_queries": self.n_queries, "eps": self.eps,
+                "perturb_bits": self.directions.bits, "independent_roundings": self.directions.independent,
+                "update_rounding": self.directions.update_rounding, "weight_decay": self.weight_decay,
+                "seed": self.seed, "num_classes": _num_classes(self.model),
+                "trained_elements": sum(t.numel for t in self.targets),
+                "recipe": recipe_to_dict(self.recipe), "initial_tensors": head}
+
+    def end(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
+
+    def state_dict(self) -> dict:
+        if self.trace is not None:
+            self.trace.flush()  # the checkpoint never gets ahead of its trace
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state["steps_done"])
+
+
+def _num_classes(model: nn.Module) -> int:
+    head = getattr(model, "head", None)
+    return head.out_features if head is not None else model.num_classes
+
+
+def build_mezo(model: nn.Module, recipe: Recipe) -> ZerothOrder:
+    return ZerothOrder(model, recipe, "mezo")
+
+
+def build_quzo(model: nn.Module, recipe: Recipe) -> ZerothOrder:
+    return ZerothOrder(model, recipe, "quzo")

@@ -1,0 +1,53 @@
+"""Random streams of the zeroth-order methods: every random tensor is a pure function of
+(run seed, step, query, tensor index, stream), so nothing random is ever stored, a resumed run draws exactly what
+an uninterrupted one would, and `ftkit replay` regenerates a whole run from its trace.
+
+Streams: the Gaussian direction u, the perturbation's rounding Q1, the update direction's rounding Q2 (the same
+stream as Q1 when `independent_roundings` is off, which is what the authors' public code does) and the rounding
+of the update onto the weight grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+U, Q1, Q2, UPDATE = 0, 1, 2, 3
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def derive(*parts: int) -> int:
+    """A 63-bit seed from a tuple of integers (each part mixed in turn, so (1, 2) and (2, 1) differ)."""
+    x = 0
+    for part in parts:
+        x = splitmix64(x ^ (part & MASK64))
+    return x >> 1
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def gaussian(shape, seed: int, device="cpu") -> torch.Tensor:
+    return torch.randn(shape, generator=generator(seed, device), device=device, dtype=torch.float32)
+
+
+def uniform(shape, seed: int, device="cpu") -> torch.Tensor:
+    return torch.rand(shape, generator=generator(seed, device), device=device, dtype=torch.float32)
+
+
+def quantize_direction(u: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    """Q(u): u stochastically rounded onto a symmetric per-tensor grid of 2^bits - 1 levels (int4: -7..7 times
+    max|u| / 7). Unbiased, E[Q(u) | u] = u, and never clipped, since the grid spans max|u|. bits = 0: u itself."""
+    if bits == 0:
+        return u
+    levels = 2 ** (bits - 1) - 1
+    step = u.abs().max().clamp(min=1e-30) / levels
+    scaled = u / step
+    return torch.floor_(scaled.add_(uniform(u.shape, seed, u.device))).mul_(step)

@@ -1,0 +1,65 @@
+"""`ftkit replay RECIPE TRACE -o DIR`: rebuild a zeroth-order run's weights from the base model and its trace,
+without a forward pass, bit-identical to the trained ones. DIR becomes a run directory with one checkpoint, so
+`ftkit eval DIR` and `ftkit export DIR` work on it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ftkit.errors import UserError
+from ftkit.optim import OPTIMIZERS
+from ftkit.optim.trace import decode_tensor, read_trace
+from ftkit.recipe import Recipe, recipe_to_dict
+from ftkit.train import checkpoint as ckpt
+
+# Recipe keys that do not change what a step computes (a replay may differ in them).
+IRRELEVANT = ("description", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
+              "train.log_every", "train.tensorboard", "train.eval_batch_size", "train.output_dir", "train.threads",
+              "train.eval_at_start")
+
+
+def replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
+    from ftkit.models.build import assemble_model
+    from ftkit.models.load import load_tokenizer
+
+    started = time.perf_counter()
+    try:
+        header, records = read_trace(trace_path)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read trace {trace_path}: {err}") from None
+    _check_recipe(recipe, header["recipe"], trace_path)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    initial = {name: decode_tensor(entry) for name, entry in header["initial_tensors"].items()}
+    tokenizer = load_tokenizer(recipe.model)
+    model, _ = assemble_model(recipe, tokenizer, header["num_classes"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in initial.items():
+            params[name].copy_(tensor)
+    method = OPTIMIZERS[recipe.method.optimizer](model, recipe)
+    for record in records:
+        method.replay_step(record["seed"], record["lr"], record["gradients"])
+    steps = records[-1]["step"] if records else 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    state = {"loop": {"step": steps, "best_metric": None, "best_step": None, "dev_at_start": None},
+             "replayed_from": str(trace_path), "recipe_source": recipe.source}
+    step_dir = ckpt.save_checkpoint(out_dir / "checkpoints", steps, model, method, state, keep_last=1)
+    return {"steps": steps, "checkpoint": str(step_dir), "trace_bytes": Path(trace_path).stat().st_size,
+            "seconds": time.perf_counter() - started}
+
+
+def _check_recipe(recipe: Recipe, traced: dict, trace_path: Path) -> None:
+    from ftkit.train.loop import _flatten
+
+    current, saved = _flatten(recipe_to_dict(recipe)), _flatten(traced)
+    for key in sorted(set(current) | set(saved)):
+        if key not in IRRELEVANT and current.get(key) != saved.get(key):
+            raise UserError(f"the trace {trace_path} was written by a different recipe: {key} was "
+                            f"{saved.get(key)!r} and is now {current.get(key)!r}")
