@@ -1,0 +1,302 @@
+"""MeZO and QuZO: the estimator's statistics (fixed seeds, stated tolerances), the update's rounding, replay from the
+trace bit for bit, bit-exact resume, and the trainable sets over every weight format."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from conftest import TINY_BERT, tiny_recipe
+from ftkit.errors import RecipeError
+from ftkit.optim.trace import read_trace, record_format
+from ftkit.optim.zo import TRACE_FILE, ZerothOrder
+from ftkit.optim.zo_streams import derive, gaussian, quantize_direction
+from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget
+from ftkit.quant.linear import QuantLinear
+from ftkit.recipe import load_recipe
+from ftkit.replay import replay
+from ftkit.train import checkpoint as ckpt
+from ftkit.train.loop import train
+
+QUZO = Directions(bits=4, independent=True, update_rounding="stochastic")
+SHARED = Directions(bits=4, independent=False, update_rounding="stochastic")
+
+
+def quant_layer(fmt="int8", out_features=4, in_features=8, seed=0) -> QuantLinear:
+    torch.manual_seed(seed)
+    return QuantLinear.from_linear(nn.Linear(in_features, out_features), fmt)
+
+
+# --- directions -----------------------------------------------------------------------------------------------
+
+
+def test_quantized_direction_is_unbiased_on_a_17_level_grid_and_never_clipped():
+    u = gaussian((4096,), seed=1)
+    draws = torch.stack([quantize_direction(u.clone(), 4, seed=s) for s in range(400)])
+    step = u.abs().max() / 7
+    levels = torch.unique(torch.round(draws / step))
+    assert levels.min() >= -7 and levels.max() <= 7
+    # E[Q(u)] = u: per-element error of the mean of 400 draws is at most step / 2 / sqrt(400) * 4 sigma
+    assert (draws.mean(0) - u).abs().max() < 4 * step / 2 / math.sqrt(400)
+
+
+def test_shared_rounding_inflates_the_diagonal_as_predicted_and_independent_ones_do_not():
+    shape, n = (64, 64), 300
+    indep, shared, predicted = [], [], []
+    for s in range(n):
+        u = gaussian(shape, derive(s, 0, 0))
+        step = u.abs().max() / 7
+        frac = u / step - torch.floor(u / step)
+        predicted.append((step**2 * frac * (1 - frac)).mean())  # variance of one stochastic rounding
+        u1, u2 = QUZO.both(s, 0, shape, "cpu")
+        indep.append((u1 * u2).mean() - (u * u).mean())
+        v1, v2 = SHARED.both(s, 0, shape, "cpu")
+        assert v1 is v2
+        shared.append((v1 * v2).mean() - (u * u).mean())
+    indep, shared, predicted = (torch.stack(x).mean().item() for x in (indep, shared, predicted))
+    # E[q1 q2 | u] = u u^T; E[q q | u] = u^2 + Var(SR): the diagonal grows by the rounding variance (~4% here)
+    assert abs(indep) < 2e-3
+    assert predicted > 0.02 and shared == pytest.approx(predicted, rel=0.1)
+
+
+def test_mean_quzo_estimate_matches_the_true_gradient():
+    layer = quant_layer("int8", 4, 8)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    target_out = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+
+    def loss() -> float:
+        with torch.inference_mode():
+            return 0.5 * ((layer(x) - target_out) ** 2).sum().item()
+
+    weight = layer.dequantize().requires_grad_(True)
+    (0.5 * ((x @ weight.T + layer.bias.detach() - target_out) ** 2).sum()).backward()
+    truth = weight.grad
+    results = {}
+    for name, d in (("independent", QUZO), ("shared", SHARED)):
+        target, eps, total = QuantTarget("w", layer, 0), 1e-3, torch.zeros_like(truth)
+        for s in range(4000):
+            target.perturb(d, s, eps)
+            plus = loss()
+            target.perturb(d, s, -eps)
+            minus = loss()
+            target.unperturb(d, s, 0.0)
+            total += (plus - minus) / (2 * eps) * d.update_direction(s, 0, truth.shape, "cpu")
+        estimate = total / 4000
+        results[name] = torch.nn.functional.cosine_similarity(estimate.flatten(), truth.flatten(), dim=0).item()
+    assert results["independent"] >= 0.98, results
+
+
+# --- the update onto the weight grid ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8_e4m3"])
+def test_lr_zero_leaves_stored_codes_bit_identical(fmt):
+    layer = quant_layer(fmt, 16, 32)
+    before = layer.codes.clone()
+    target = QuantTarget("w", layer, 0)
+    target.perturb(QUZO, 5, 1e-3)
+    target.update(QUZO, step_seed=9, query_seeds=[5], coefs=[-0.0], restore=1e-3, decay=0.0)
+    assert torch.equal(layer.codes.view(torch.uint8), before.view(torch.uint8))
+    assert layer.perturbation is None
+
+
+def test_nearest_updates_vanish_at_small_lr_while_stochastic_ones_move_the_right_amount():
+    torch.manual_seed(0)
+    base = QuantLinear.from_linear(nn.Linear(256, 128), "int8")
+    codes = base.code_values()
+    u2 = QUZO.update_direction(7, 0, codes.shape, "cpu")
+    coef = -0.4 * base.scales.float().min().item() / u2.abs().max().item()  # lr * g: under half a grid step
+    expected = coef * u2 / base.scales.float()  # per-channel scales [N, 1]
+    assert expected.abs().max() < 0.5
+
+    moved = {}
+    for rounding in ("nearest", "stochastic"):
+        layer = QuantLinear.from_linear(nn.Linear(256, 128), "int8")
+        layer.load_state_dict(base.state_dict())
+        d = Directions(bits=4, independent=True, update_rounding=rounding)
+        QuantTarget("w", layer, 0).update(d, step_seed=11, query_seeds=[7], coefs=[coef], restore=0.0, decay=0.0)
+        moved[rounding] = layer.code_values() - codes
+    assert not moved["nearest"].any()  # every |change| < half a step rounds back
+    inside = codes.abs() < 126  # away from the clamp at +-127
+    actual, wanted = moved["stochastic"][inside], expected[inside]
+    assert set(actual.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    # unbiased: the mean error is within 4 standard errors of zero, and the regression slope is 1 within 5%
+    se = math.sqrt((wanted.abs() * (1 - wanted.abs())).sum().item()) / actual.numel()
+    assert abs((actual - wanted).mean().item()) < 4 * se
+    assert (actual * wanted).sum() / (wanted * wanted).sum() == pytest.approx(1.0, abs=0.05)
+
+
+# --- MeZO on full-precision tensors -------------------------------------------------------------------------------
+
+
+def test_mezo_projected_gradient_is_the_directional_derivative_and_the_update_is_sgd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    x = torch.randn(12, 6)
+    targets = [FloatTarget(n, p, i, decay=p.ndim >= 2) for i, (n, p) in enumerate(model.named_parameters())]
+    d = Directions(bits=0, independent=True, update_rounding="stochastic")
+
+    def loss():
+        return model(x).pow(2).mean()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(loss(), list(model.parameters()))
+    z = [gaussian(p.shape, derive(3, i, 0)) for i, p in enumerate(model.parameters())]
+    directional = sum((g * zi).sum() for g, zi in zip(grads, z)).item()
+    eps = 1e-3
+    with torch.no_grad():
+        for t in targets:
+            t.perturb(d, 3, eps)
+        plus = loss().item()
+        for t in targets:
+            t.perturb(d, 3, -2 * eps)
+        minus = loss().item()
+        g = (plus - minus) / (2 * eps)
+        assert g == pytest.approx(directional, rel=1e-2)
+        lr, wd = 0.1, 0.01
+        for t in targets:
+            t.update(d, 0, [3], [-lr * g], restore=eps, decay=lr * wd)
+    for p, p0, zi in zip(model.parameters(), before, z):
+        decay = lr * wd if p.ndim >= 2 else 0.0  # no weight decay on biases
+        torch.testing.assert_close(p.detach(), p0 * (1 - decay) - lr * g * zi, atol=1e-6, rtol=0)
+
+
+# --- runs: training, replay, resume, trainable sets ---------------------------------------------------------------
+
+
+def zo_recipe(write_recipe, tmp_path, name, optimizer="quzo", **sections):
+    sections.setdefault("train", {}).update(output_dir=str(tmp_path / name))
+    sections["train"].setdefault("lr", 2e-3)
+    sections["train"].setdefault("eval_every", 0)
+    sections.setdefault("method", {})["optimizer"] = optimizer
+    return load_recipe(write_recipe(tiny_recipe(**sections), f"{name}.yaml"))
+
+
+def weights(run_dir: Path, which: str = "last") -> dict:
+    return load_file(str(ckpt.resolve(run_dir / "checkpoints", which) / ckpt.WEIGHTS))
+
+
+def same_bits(a: dict, b: dict) -> bool:
+    as_bytes = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731  (compares FP8 and NaN payloads too)
+    return a.keys() == b.keys() and all(torch.equal(as_bytes(a[k]), as_bytes(b[k])) for k in a)
+
+
+def test_replay_of_a_200_step_quzo_int4_run_is_bit_identical(write_recipe, tmp_path):
+    recipe = zo_recipe(write_recipe, tmp_path, "quzo", quant={"format": "int4"},
+                       train={"max_steps": 200, "save_every": 0, "lr": 1e-3, "schedule": "linear"})
+    train(recipe)
+    run_dir = tmp_path / "quzo"
+    header, records = read_trace(run_dir / TRACE_FILE)
+    assert [r["step"] for r in records] == list(range(1, 201)) and header["method"] == "quzo"
+    size = (run_dir / TRACE_FILE).stat().st_size
+    assert size - 200 * record_format(1).size < 20_000  # the header (recipe, step-0 head); 31 bytes per step
+
+    initial = load_recipe(run_dir / "recipe.yaml")
+    replay(initial, run_dir / TRACE_FILE, tmp_path / "replayed")
+    trained, rebuilt = weights(run_dir), weights(tmp_path / "replayed")
+    assert same_bits(trained, rebuilt)
+    # The header alone replays to the step-0 model: the int4 codes themselves were trained.
+    header_only = tmp_path / "header.ftz"
+    header_only.write_bytes((run_dir / TRACE_FILE).read_bytes()[: size - 200 * record_format(1).size])
+    replay(initial, header_only, tmp_path / "step0")
+    start = weights(tmp_path / "step0")
+    codes = [k for k in trained if k.endswith(".codes")]
+    assert codes and sum(not torch.equal(trained[k], start[k]) for k in codes) == len(codes)
+
+
+def test_replay_refuses_a_different_recipe(write_recipe, tmp_path):
+    recipe = zo_recipe(write_recipe, tmp_path, "mezo", "mezo", train={"max_steps": 3})
+    train(recipe)
+    changed = zo_recipe(write_recipe, tmp_path, "mezo", "mezo", train={"max_steps": 3, "lr": 5e-3})
+    with pytest.raises(Exception, match="train.lr was 0.002 and is now 0.005"):
+        replay(changed, tmp_path / "mezo" / TRACE_FILE, tmp_path / "other")
+
+
+@pytest.mark.parametrize("optimizer, quant", [("quzo", {"format": "int4"}), ("mezo", {})])
+def test_resume_is_bit_exact_and_the_trace_continues(write_recipe, tmp_path, optimizer, quant):
+    full = zo_recipe(write_recipe, tmp_path, "full", optimizer, quant=quant, train={"max_steps": 12, "save_every": 6})
+    train(full)
+    first = zo_recipe(write_recipe, tmp_path, "parts", optimizer, quant=quant, train={"max_steps": 6, "save_every": 6})
+    train(first)
+    # Pretend the process died after step 8: the trace holds records the checkpoint (step 6) does not.
+    rest = zo_recipe(write_recipe, tmp_path, "parts", optimizer, quant=quant, train={"max_steps": 12, "save_every": 6})
+    with open(tmp_path / "parts" / TRACE_FILE, "ab") as f:
+        f.write(b"\0" * record_format(1).size * 2)
+    train(rest, resume=True)
+    assert same_bits(weights(tmp_path / "full"), weights(tmp_path / "parts"))
+    (full_header, full_records), (header, records) = (read_trace(tmp_path / d / TRACE_FILE) for d in ("full", "parts"))
+    assert records == full_records and len(records) == 12  # the stray records were cut before resuming
+    assert header["initial_tensors"] == full_header["initial_tensors"]
+
+
+@pytest.mark.parametrize("adapter, quant", [("loretta_rep", {"format": "int4"}), ("loretta_adp", {"format": "fp8_e4m3"}),
+                                            ("lora", {"format": "int4", "engine": "bitsandbytes"}),
+                                            ("none", {"format": "int8"})])
+def test_quzo_trains_adapters_over_any_frozen_base_and_full_weights(write_recipe, tmp_path, adapter, quant):
+    # bitsandbytes' CPU 4-bit inference needs rows of at least one 64-element block
+    model = {"config": {**TINY_BERT, "hidden_size": 64, "intermediate_size": 128}} if "engine" in quant else {}
+    recipe = zo_recipe(write_recipe, tmp_path, "run", quant=quant, method={"adapter": adapter}, model=model,
+                       train={"max_steps": 4, "lr": 1e-2})
+    train(recipe)
+    before_dir = tmp_path / "zero"
+    zero = zo_recipe(write_recipe, tmp_path, "zero", quant=quant, method={"adapter": adapter}, model=model,
+                     train={"max_steps": 1, "lr": 0.0})
+    train(zero)
+    after, start = weights(tmp_path / "run"), weights(before_dir)
+    changed = {k for k in after if not torch.equal(after[k].view(torch.uint8), start[k].view(torch.uint8))}
+    if adapter == "none":
+        assert any(k.endswith(".codes") for k in changed)  # the int8 codes themselves
+    else:
+        assert changed and all(("lora_" in k or "loretta_" in k or k.startswith("head.") or "norm" in k.lower())
+                               for k in changed)
+        assert not any(k.endswith(".codes") for k in changed)  # the quantized base stays frozen
+
+
+def test_word_embeddings_are_frozen_for_zeroth_order_by_default(write_recipe, tmp_path):
+    from ftkit.models.count import count_parameters
+
+    full = count_parameters(zo_recipe(write_recipe, tmp_path, "a", "mezo"))
+    with_embeddings = count_parameters(zo_recipe(write_recipe, tmp_path, "b", "mezo",
+                                                 method={"zo": {"train_embeddings": True}}))
+    vocab_rows = with_embeddings["trainable"] - full["trainable"]
+    assert vocab_rows == with_embeddings["groups"]["embeddings"]["trainable"] - full["groups"]["embeddings"]["trainable"]
+    assert vocab_rows > 0 and vocab_rows % 32 == 0  # vocab x hidden
+    quzo = count_parameters(zo_recipe(write_recipe, tmp_path, "c", "quzo", quant={"format": "int4"}))
+    assert quzo["trainable"] == full["trainable"]  # the int4 codes count as trained weights
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"method": {"optimizer": "mezo"}, "quant": {"format": "int4"}}, "mezo trains full-precision weights"),
+    ({"method": {"optimizer": "quzo"}, "train": {"weight_decay": 0.1}}, "set method.zo.weight_decay"),
+    ({"method": {"optimizer": "quzo", "zo": {"eps": 0}}}, "method.zo.eps: must be positive"),
+    ({"method": {"optimizer": "quzo", "zo": {"perturb_bits": 1}}}, "method.zo.perturb_bits"),
+    ({"method": {"optimizer": "quzo"}, "quant": {"format": "int4", "engine": "bitsandbytes"}},
+     "bitsandbytes weights are frozen"),
+    ({"method": {"optimizer": "quzo", "zo": {"update_round": "nearest"}}}, "did you mean 'method.zo.update_rounding'"),
+])
+def test_zeroth_order_recipe_mistakes_are_named(write_recipe, sections, message):
+    with pytest.raises(RecipeError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_recipe(write_recipe(tiny_recipe(**sections)))
+
+
+def test_non_finite_loss_restores_the_weights_and_stops(write_recipe, tmp_path):
+    recipe = zo_recipe(write_recipe, tmp_path, "nan", "mezo", train={"max_steps": 3})
+    from ftkit.data.dataset import load_task_data
+    from ftkit.models.build import build_model
+    from ftkit.models.load import load_tokenizer
+
+    task, tokenizer = load_task_data(recipe), load_tokenizer(recipe.model)
+    model, _, _ = build_model(recipe, task, tokenizer)
+    method = ZerothOrder(model, recipe, "mezo")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    calls = iter([1.0, math.nan])
+    gradients, losses = method._run(method.step_seed(0), 1e-3, loss_fn=lambda: next(calls))
+    assert math.isnan(gradients[0]) and math.isnan(losses[0])
+    for n, p in model.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p.detach(), before[n], atol=1e-6, rtol=0)
