@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ftkit.optim.zo_streams import Q1, Q2, U, UPDATE, derive, gaussian, generator, quantize_direction
+from ftkit.optim.zo_streams import Q1, Q2, U, UPDATE, derive, gaussian, quantize_direction, uniform
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import group_view
 
@@ -112,9 +112,9 @@ class QuantTarget:
         target = step.add_(codes)
         if decay:
             target.add_(codes, alpha=-decay)
-        rounding = generator(derive(step_seed, self.index, UPDATE), device) if d.update_rounding == "stochastic" \
+        noise = uniform(shape, derive(step_seed, self.index, UPDATE), device) if d.update_rounding == "stochastic" \
             else None
-        layer.set_code_values(layer.codec.round(target, d.update_rounding, rounding))
+        layer.set_code_values(layer.codec.round(target, d.update_rounding, noise=noise))
 
 
 def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget]:

@@ -5,7 +5,8 @@ grid (nearest, or stochastically with P(up) = distance to the lower grid point /
 rounding unbiased), `encode` turns grid values into the storage dtype and `decode` back into float32.
 
 Stochastic rounding draws from an explicit `torch.Generator`, one uniform float32 per element: its 24 random bits
-decide the direction, so two generators give independent roundings and a seed replays one exactly.
+decide the direction, so two generators give independent roundings and a seed replays one exactly. Callers with
+their own noise (the zeroth-order update, ftkit.optim.zo_streams) pass it as `noise`: uniform in [0, 1).
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ class IntCodec:
     def storage_dtype(self) -> torch.dtype:
         return torch.int8  # int4 codes are packed two per byte by ftkit.quant.packing
 
-    def round(self, x: torch.Tensor, mode: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor:
+    def round(self, x: torch.Tensor, mode: str = "nearest", generator: torch.Generator | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
         if mode == "nearest":
             out = torch.round(x)
         else:
-            out = torch.floor(x + uniform_like(x, generator))
+            out = torch.floor(x + (uniform_like(x, generator) if noise is None else noise))
         return out.clamp_(self.qmin, self.qmax)
 
     def encode(self, grid_values: torch.Tensor) -> torch.Tensor:
@@ -83,11 +85,12 @@ class FP8Codec:
     def storage_dtype(self) -> torch.dtype:
         return self.dtype
 
-    def round(self, x: torch.Tensor, mode: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor:
+    def round(self, x: torch.Tensor, mode: str = "nearest", generator: torch.Generator | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(torch.float32).clamp(-self.max_value, self.max_value)
         if mode == "nearest":
             return x.to(self.dtype).to(torch.float32)  # the cast rounds to nearest, ties to even
-        u = uniform_like(x, generator)
+        u = uniform_like(x, generator) if noise is None else noise
         # Normal range: add random bits below the kept mantissa and truncate them. On the sign-magnitude float32
         # pattern this rounds the magnitude up with probability equal to the dropped fraction; a carry moves into
         # the next binade, which is the correct upper neighbour.

@@ -1,0 +1,141 @@
+"""Cost of a zeroth-order step against what it cannot avoid (two forward passes), and its memory against
+first-order training. MiniLM on SST-2 batches; every figure is measured side by side in one run.
+
+    python scripts/bench_zo.py [--batch 32] [--repeats 15] [--sections time,memory]
+
+time:   for each case, the median of a full ZO step and of two plain forward passes of the same model on the same
+        batch, timed in turn (round robin) so machine noise falls on both alike; the ratio is what the
+        perturbation, regeneration of directions and update cost on top of the forwards.
+memory: each case in a fresh process: peak RSS above the process's RSS after imports, for three training steps
+        (model loading included), against first-order AdamW on fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import psutil
+import torch
+
+from ftkit.data.batches import collate, encode
+from ftkit.data.dataset import load_task_data
+from ftkit.memory import peak_rss_mb
+from ftkit.models.build import build_model
+from ftkit.models.count import trainable_numel
+from ftkit.models.load import load_tokenizer
+from ftkit.optim import OPTIMIZERS
+from ftkit.recipe import recipe_from_dict
+
+CASES = {
+    "MeZO fp32, all weights but word embeddings": ({"optimizer": "mezo"}, {}, 1e-6),
+    "MeZO fp32, all weights incl. word embeddings": ({"optimizer": "mezo", "zo": {"train_embeddings": True}}, {}, 1e-6),
+    "QuZO int8, all weights (codes)": ({"optimizer": "quzo"}, {"format": "int8"}, 1e-6),
+    "QuZO int4, all weights (codes)": ({"optimizer": "quzo"}, {"format": "int4"}, 1e-6),
+    "QuZO fp8_e4m3, all weights (codes)": ({"optimizer": "quzo"}, {"format": "fp8_e4m3"}, 1e-6),
+    "QuZO int4 base + LoRETTA_rep": ({"optimizer": "quzo", "adapter": "loretta_rep",
+                                      "loretta": {"tensor_rank": 3, "init": "paper"}}, {"format": "int4"}, 1e-3),
+}
+MEMORY_CASES = {"AdamW fp32, all weights (first-order)": ({"optimizer": "adamw"}, {}, 5e-5), **CASES}
+
+
+def build(case: str, table: dict, batch_size: int):
+    method, quant, lr = table[case]
+    recipe = recipe_from_dict({"method": method, "quant": quant, "model": {"head_init": "prototype"},
+                               "data": {"n_train": 512, "n_dev": None, "calibration_examples": 64},
+                               "train": {"batch_size": batch_size}})
+    task = load_task_data(recipe, splits=("train",))
+    tokenizer = load_tokenizer(recipe.model)
+    model, kind, _ = build_model(recipe, task, tokenizer)
+    examples = task.splits["train"][:batch_size]
+    batch = collate(encode(examples, tokenizer, kind, task, 64), tokenizer.pad_token_id)
+    return model, OPTIMIZERS[recipe.method.optimizer](model, recipe), batch, lr
+
+
+def bench_time(batch_size: int, repeats: int) -> list[dict]:
+    rows = []
+    for case in CASES:
+        model, method, batch, lr = build(case, CASES, batch_size)
+
+        def forwards():
+            model.eval()
+            with torch.inference_mode():
+                model(batch)
+                model(batch)
+
+        calls = {"step": lambda: method.step(batch, lr), "forwards": forwards}
+        times = {name: [] for name in calls}
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+        step, fwd = statistics.median(times["step"]), statistics.median(times["forwards"])
+        elements = sum(t.numel for t in method.targets)
+        rows.append({"case": case, "trained": elements, "step_ms": 1000 * step, "two_forwards_ms": 1000 * fwd,
+                     "ratio": step / fwd, "extra_ns_per_element": 1e9 * (step - fwd) / elements})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+        del model, method
+    return rows
+
+
+def memory_child(case: str, batch_size: int) -> dict:
+    baseline = psutil.Process().memory_info().rss
+    model, method, batch, lr = build(case, MEMORY_CASES, batch_size)
+    for _ in range(3):
+        method.step(batch, lr)
+    return {"case": case, "trainable": trainable_numel(model),
+            "peak_above_imports_mb": peak_rss_mb() - baseline / 2**20}
+
+
+def bench_memory(batch_size: int) -> list[dict]:
+    rows = []
+    for case in MEMORY_CASES:
+        out = subprocess.run([sys.executable, __file__, "--child", case, "--batch", str(batch_size)], check=True,
+                             capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--sections", default="time,memory")
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(memory_child(args.child, args.batch)))
+        return
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["python scripts/bench_zo.py", *sys.argv[1:]])
+    print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}` (batch of {args.batch} SST-2 "
+          f"sentences, at most 64 tokens)._\n")
+    sections = args.sections.split(",")
+    if "time" in sections:
+        print("| case | trained elements | ZO step ms | 2 forwards ms | ratio | extra ns per element |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in bench_time(args.batch, args.repeats):
+            print(f"| {r['case']} | {r['trained']:,} | {r['step_ms']:.0f} | {r['two_forwards_ms']:.0f} | "
+                  f"{r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} |")
+        print()
+    if "memory" in sections:
+        rows = bench_memory(args.batch)
+        base = rows[0]["peak_above_imports_mb"]
+        print("| case | trainable | peak MB above imports | ratio to AdamW fp32 |")
+        print("| --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['case']} | {r['trainable']:,} | {r['peak_above_imports_mb']:.0f} | "
+                  f"{r['peak_above_imports_mb'] / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
