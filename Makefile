@@ -21,9 +21,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
+# QuZO on MiniLM with its encoder in int4; prints dev accuracy at step 0 and at the end (a few minutes on 2 cores).
 demo: install
 	rm -rf runs/demo
-	$(BIN)/ftkit train recipes/full_ft_sst2.yaml train.max_steps=150 train.eval_every=0 train.output_dir=runs/demo
+	$(BIN)/ftkit train recipes/quzo_int4_sst2.yaml train.output_dir=runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -82,7 +82,7 @@ def bench_time(batch_size: int, repeats: int) -> list[dict]:
         rows.append({"case": case, "trained": elements, "step_ms": 1000 * step, "two_forwards_ms": 1000 * fwd,
                      "ratio": step / fwd, "extra_ns_per_element": 1e9 * (step - fwd) / elements})
         print(json.dumps(rows[-1]), file=sys.stderr)
-        del model, method
+
     return rows
 
 

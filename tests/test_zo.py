@@ -209,6 +209,22 @@ def test_replay_of_a_200_step_quzo_int4_run_is_bit_identical(write_recipe, tmp_p
     assert codes and sum(not torch.equal(trained[k], start[k]) for k in codes) == len(codes)
 
 
+@pytest.mark.parametrize("optimizer, quant, zo", [
+    ("mezo", {}, {"n_queries": 2, "weight_decay": 0.1}),
+    ("quzo", {"format": "fp8_e4m3"}, {"n_queries": 3, "independent_roundings": False}),
+    ("quzo", {"format": "int8", "group_size": 16}, {"update_rounding": "nearest", "weight_decay": 0.01}),
+])
+def test_replay_is_bit_identical_for_every_variant(write_recipe, tmp_path, optimizer, quant, zo):
+    model = {"dtype": "bfloat16"} if optimizer == "mezo" else {}  # MeZO on bf16 weights
+    recipe = zo_recipe(write_recipe, tmp_path, "run", optimizer, quant=quant, method={"zo": zo}, model=model,
+                       train={"max_steps": 15, "lr": 1e-3})
+    train(recipe)
+    replay(load_recipe(tmp_path / "run" / "recipe.yaml"), tmp_path / "run" / TRACE_FILE, tmp_path / "replayed")
+    assert same_bits(weights(tmp_path / "run"), weights(tmp_path / "replayed"))
+    _, records = read_trace(tmp_path / "run" / TRACE_FILE)
+    assert all(len(r["gradients"]) == zo.get("n_queries", 1) for r in records)
+
+
 def test_replay_refuses_a_different_recipe(write_recipe, tmp_path):
     recipe = zo_recipe(write_recipe, tmp_path, "mezo", "mezo", train={"max_steps": 3})
     train(recipe)

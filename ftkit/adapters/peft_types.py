@@ -7,6 +7,10 @@ Adding a name twice is harmless.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
 from peft.utils import PeftType
 
 
@@ -19,3 +23,20 @@ def add_peft_type(name: str) -> PeftType:
         PeftType._value2member_map_[name] = member
         PeftType._member_names_.append(name)
     return PeftType[name]
+
+
+@dataclass
+class LorettaPeftConfig(PeftConfig):
+    """Options both LoRETTA methods share in PEFT."""
+
+    tensor_rank: int = field(default=5, metadata={"help": "TT rank"})
+    modes: Optional[int] = field(default=None, metadata={"help": "modes per dimension for automatic shapes"})
+    init: str = field(default="identity", metadata={"help": "identity (the model is unchanged at first) or paper"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "module names or regex"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra trained and saved modules"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init not in ("identity", "paper"):
+            raise ValueError(f"init must be 'identity' or 'paper', got {self.init!r}")

@@ -88,7 +88,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perturbation is not None:
-            weight = self.dequantize() + self.perturbation(self)
+            weight = self.dequantize().add_(self.perturbation(self))
             return F.linear(x, weight.to(x.dtype), _cast(self.bias, x.dtype))
         return KERNELS[self.kernel_for(x)](self, x)
 

@@ -13,16 +13,15 @@ The adapters are nonlinear (bottleneck, activation, residual), so they cannot be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ftkit.adapters.loretta_adp import NONLINEARITIES, TTAdapter
 from ftkit.adapters.targets import ADP_TARGETS, is_norm, matches
-from ftkit.adapters.peft_types import add_peft_type
+from ftkit.adapters.peft_types import LorettaPeftConfig, add_peft_type
 
 PEFT_TYPE = add_peft_type("LORETTA_ADP")
 
@@ -31,28 +30,20 @@ NOT_MERGEABLE = ("LoRETTA_adp adapters are nonlinear (TT bottleneck, activation,
 
 
 @dataclass
-class LorettaAdpConfig(PeftConfig):
+class LorettaAdpConfig(LorettaPeftConfig):
     """Bottleneck adapters h -> bottleneck -> h whose projections are tensor trains of rank `tensor_rank`."""
 
     bottleneck: int = field(default=64, metadata={"help": "adapter width"})
-    tensor_rank: int = field(default=5, metadata={"help": "TT rank of both projections"})
     shapes: dict[str, list[int]] = field(default_factory=dict, metadata={"help": "TT modes: 'down' and/or 'up'"})
-    modes: Optional[int] = field(default=None, metadata={"help": "modes per dimension for automatic shapes"})
-    init: str = field(default="identity", metadata={"help": "identity (adapter starts as the identity) or paper"})
     nonlinearity: str = field(default="relu", metadata={"help": "relu, gelu, tanh or silu"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
     scaling: float = field(default=1.0, metadata={"help": "multiplies the adapter's update"})
     train_norms: bool = field(default=True, metadata={"help": "train and save the model's normalisation layers"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "linear layers to adapt"})
     input_modules: Optional[list[str]] = field(default=None, metadata={"help": "targets adapted on their input"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra trained and saved modules"})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if self.init not in ("identity", "paper"):
-            raise ValueError(f"init must be 'identity' or 'paper', got {self.init!r}")
         if self.nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {self.nonlinearity!r}")
 

@@ -7,41 +7,32 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 
 from ftkit.adapters.targets import REP_TARGETS
 from ftkit.adapters.tt import TTLinear
-from ftkit.adapters.peft_types import add_peft_type
+from ftkit.adapters.peft_types import LorettaPeftConfig, add_peft_type
 
 PEFT_TYPE = add_peft_type("LORETTA_REP")
 
 
 @dataclass
-class LorettaRepConfig(PeftConfig):
+class LorettaRepConfig(LorettaPeftConfig):
     """LoRA whose A (in -> r) and B (r -> out) are tensor trains of rank `tensor_rank`."""
 
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is (alpha / r) B A x"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
-    tensor_rank: int = field(default=5, metadata={"help": "TT rank of both factors"})
     shape_a: Optional[list[int]] = field(default=None, metadata={"help": "TT modes of A (default: automatic)"})
     shape_b: Optional[list[int]] = field(default=None, metadata={"help": "TT modes of B (default: automatic)"})
-    modes: Optional[int] = field(default=None, metadata={"help": "modes per dimension for automatic shapes"})
-    init: str = field(default="identity", metadata={"help": "identity (update starts at zero) or paper"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "module names or regex"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra trained and saved modules"})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if self.init not in ("identity", "paper"):
-            raise ValueError(f"init must be 'identity' or 'paper', got {self.init!r}")
 
 
 class LorettaRepLayer(BaseTunerLayer):
