@@ -69,8 +69,10 @@ def test_key_in_wrong_section_points_to_the_right_one(write_recipe):
         ("quant", {"format": "fp8_e4m3", "engine": "bitsandbytes"}, "the bitsandbytes engine provides int8, int4"),
         ("quant", {"group_size": 33}, "quant.group_size: must be even"),
         ("quant", {"skip": ["[bad"]}, "quant.skip[0]: '[bad' is not a valid regular expression"),
-        ("method", {"optimizer": "quzo"}, "method.optimizer: 'quzo' is not available"),
-        ("method", {"optimizer": "adam"}, "unknown choice 'adam' (available: adamw, sgd; did you mean 'adamw'?)"),
+        ("method", {"optimizer": "quzzo"}, "method.optimizer: unknown choice 'quzzo' (available: adamw, mezo, quzo, "
+                                           "sgd; did you mean 'quzo'?)"),
+        ("method", {"optimizer": "adam"}, "unknown choice 'adam' (available: adamw, mezo, quzo, sgd; did you mean "
+                                          "'adamw'?)"),
         ("method", {"adapter": "loretta_rep", "loretta": {"shapes": {"down": [8, 8]}}},
          "method.loretta.shapes.down: not a TT role of method.adapter loretta_rep (roles: a, b)"),
         ("method", {"adapter": "loretta_adp", "loretta": {"dropout": 1.5}}, "method.loretta.dropout: must be in [0, 1)"),

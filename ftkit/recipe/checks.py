@@ -8,11 +8,6 @@ import re
 from ftkit.errors import RecipeError
 from ftkit.recipe.schema import ZEROTH_ORDER, Recipe
 
-# Names the recipe contract reserves for formats and methods that later versions of ftkit provide. They are
-# refused with "not available yet" rather than "unknown", so a recipe written for a newer ftkit fails clearly.
-PLANNED: dict[str, set[str]] = {}
-
-
 def run_checks(recipe: Recipe, where: str) -> None:
     from ftkit.adapters import ADAPTERS
     from ftkit.data.tasks import BUILTIN_TASKS
@@ -147,9 +142,7 @@ def _check_choice(key, value, registry, fail):
     if value in registry:
         return
     available = ", ".join(sorted(registry))
-    if value in PLANNED.get(key, ()):
-        fail(key, f"{value!r} is not available in this version of ftkit yet (available: {available})")
-    close = difflib.get_close_matches(value, sorted(set(registry) | PLANNED.get(key, set())), n=1)
+    close = difflib.get_close_matches(value, sorted(registry), n=1)
     suggestion = f"; did you mean '{close[0]}'?" if close else ""
     fail(key, f"unknown choice {value!r} (available: {available}{suggestion})")
 
