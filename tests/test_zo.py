@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from conftest import TINY_BERT, tiny_recipe
-from ftkit.errors import RecipeError
+from ftkit.errors import RecipeError, UserError
 from ftkit.optim.trace import read_trace, record_format
 from ftkit.optim.zo import TRACE_FILE, ZerothOrder
 from ftkit.optim.zo_streams import derive, gaussian, quantize_direction
@@ -248,6 +248,17 @@ def test_resume_is_bit_exact_and_the_trace_continues(write_recipe, tmp_path, opt
     (full_header, full_records), (header, records) = (read_trace(tmp_path / d / TRACE_FILE) for d in ("full", "parts"))
     assert records == full_records and len(records) == 12  # the stray records were cut before resuming
     assert header["initial_tensors"] == full_header["initial_tensors"]
+
+
+def test_resume_without_its_trace_is_refused_with_a_way_out(write_recipe, tmp_path):
+    train(zo_recipe(write_recipe, tmp_path, "run", "mezo", train={"max_steps": 4, "save_every": 2}))
+    (tmp_path / "run" / TRACE_FILE).unlink()
+    longer = zo_recipe(write_recipe, tmp_path, "run", "mezo", train={"max_steps": 6, "save_every": 2})
+    with pytest.raises(UserError, match="trace.ftz is missing; restore it, or resume with method.zo.trace=false"):
+        train(longer, resume=True)
+    untraced = zo_recipe(write_recipe, tmp_path, "run", "mezo", method={"zo": {"trace": False}},
+                         train={"max_steps": 6, "save_every": 2})
+    assert train(untraced, resume=True)["steps"] == 6
 
 
 @pytest.mark.parametrize("adapter, quant", [("loretta_rep", {"format": "int4"}), ("loretta_adp", {"format": "fp8_e4m3"}),

@@ -51,9 +51,14 @@ class TraceWriter:
                 f.write(MAGIC + struct.pack("<I", len(blob)) + blob)
             self.file = open(self.path, "ab")
         else:
+            if not self.path.is_file():
+                raise ValueError(f"{self.path} is missing")
             self.file = open(self.path, "r+b")
-            offset = _header_size(self.file)
-            self.file.truncate(offset + resume_step * self.record.size)
+            keep = _header_size(self.file) + resume_step * self.record.size
+            if os.path.getsize(self.path) < keep:
+                self.file.close()
+                raise ValueError(f"{self.path} holds fewer than the checkpoint's {resume_step} steps")
+            self.file.truncate(keep)
             self.file.seek(0, os.SEEK_END)
 
     def write(self, step: int, seed: int, lr: float, gradients: list[float], streams: tuple[int, int, int]) -> None:

@@ -115,7 +115,11 @@ class ZerothOrder:
     def begin(self, run_dir: Path, resume_step: int | None) -> None:
         if not self.recipe.method.zo.trace:
             return
-        self.trace = TraceWriter(Path(run_dir) / TRACE_FILE, self.trace_header(), resume_step)
+        try:
+            self.trace = TraceWriter(Path(run_dir) / TRACE_FILE, self.trace_header(), resume_step)
+        except ValueError as err:
+            raise UserError(f"cannot resume the trace: {err}; restore it, or resume with method.zo.trace=false "
+                            f"to continue without one") from None
 
     def trace_header(self) -> dict:
         from ftkit.recipe import recipe_to_dict

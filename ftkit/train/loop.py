@@ -30,7 +30,7 @@ from ftkit.train.progress import TrainProgress
 
 # Keys a resumed run may change: they decide how long and how often, not what is computed.
 RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
-                     "train.tensorboard", "train.eval_batch_size", "description"}
+                     "train.tensorboard", "train.eval_batch_size", "description", "method.zo.trace"}
 
 
 class Interrupted(Exception):
