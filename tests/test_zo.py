@@ -76,19 +76,17 @@ def test_mean_quzo_estimate_matches_the_true_gradient():
     weight = layer.dequantize().requires_grad_(True)
     (0.5 * ((x @ weight.T + layer.bias.detach() - target_out) ** 2).sum()).backward()
     truth = weight.grad
-    results = {}
-    for name, d in (("independent", QUZO), ("shared", SHARED)):
-        target, eps, total = QuantTarget("w", layer, 0), 1e-3, torch.zeros_like(truth)
-        for s in range(4000):
-            target.perturb(d, s, eps)
-            plus = loss()
-            target.perturb(d, s, -eps)
-            minus = loss()
-            target.unperturb(d, s, 0.0)
-            total += (plus - minus) / (2 * eps) * d.update_direction(s, 0, truth.shape, "cpu")
-        estimate = total / 4000
-        results[name] = torch.nn.functional.cosine_similarity(estimate.flatten(), truth.flatten(), dim=0).item()
-    assert results["independent"] >= 0.98, results
+    target, eps, total, n = QuantTarget("w", layer, 0), 1e-3, torch.zeros_like(truth), 4000
+    for s in range(n):
+        target.perturb(QUZO, s, eps)
+        plus = loss()
+        target.perturb(QUZO, s, -eps)
+        minus = loss()
+        target.unperturb(QUZO, s, 0.0)
+        total += (plus - minus) / (2 * eps) * QUZO.update_direction(s, 0, truth.shape, "cpu")
+    # 32 weights, 4000 directions: the sampling error of the mean is about sqrt(32 / 4000) of the gradient's norm
+    cosine = torch.nn.functional.cosine_similarity((total / n).flatten(), truth.flatten(), dim=0).item()
+    assert cosine >= 0.98
 
 
 # --- the update onto the weight grid ------------------------------------------------------------------------------
