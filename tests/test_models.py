@@ -114,3 +114,34 @@ def test_local_directory_loads_through_transformers(tmp_path, write_recipe):
     model, kind, _ = build_model(recipe, task, load_tokenizer(recipe.model))
     assert kind == "encoder" and minilm_path() != tmp_path / "tiny"
     assert torch.equal(model.encoder.embeddings.word_embeddings.weight, saved.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("quant", [{}, {"format": "int8"}])
+def test_inline_config_with_pretrained_weights_loads_the_weights(tmp_path, write_recipe, quant):
+    """Paper-scale recipes state their architecture inline (offline validate / count-params) and train the
+    pretrained weights of `model.name` (`weights: pretrained`); `weights: auto` with a config is a random model."""
+    from conftest import TINY_LLAMA
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.models.load import load_config
+
+    config = load_config(recipe_from_dict({"model": {"config": dict(TINY_LLAMA)}}).model)
+    config.vocab_size = 30522  # MiniLM's tokenizer, saved beside the weights
+    torch.manual_seed(7)
+    saved = AutoModelForCausalLM.from_config(config)
+    saved.save_pretrained(tmp_path / "llama")
+    load_tokenizer(recipe_from_dict({}).model).save_pretrained(tmp_path / "llama")
+    built = {}
+    for weights in ("pretrained", "auto"):
+        model_spec = {"name": str(tmp_path / "llama"), "config": dict(TINY_LLAMA), "weights": weights,
+                      "head_init": "random"}
+        recipe = load_recipe(write_recipe(tiny_recipe(model=model_spec, quant=quant), f"{weights}.yaml"))
+        task = load_task_data(recipe, splits=("train",))
+        model, kind, _ = build_model(recipe, task, load_tokenizer(recipe.model))
+        built[weights] = model.backbone
+    reference = saved.model.layers[0].self_attn.q_proj
+    for weights, expect_equal in (("pretrained", True), ("auto", False)):
+        layer = built[weights].model.layers[0].self_attn.q_proj
+        weight = layer.dequantize() if hasattr(layer, "dequantize") else layer.weight.detach()
+        close = torch.allclose(weight, reference.weight.detach(), atol=0.02 * reference.weight.abs().max().item())
+        assert close is expect_equal, weights

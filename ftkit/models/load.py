@@ -6,6 +6,8 @@ unless the recipe turns it on.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 from pathlib import Path
 
@@ -85,18 +87,21 @@ def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, qua
     """
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     dtype = DTYPES[spec.dtype]
+    random_init = random_weights(spec)
+    if not random_init and spec.config is not None:
+        spec = replace(spec, config=None)  # pretrained weights come with their own config
     if quant is not None and quant.format != "none":
         from ftkit.quant.convert import load_quantized_backbone
 
         config = load_config(spec)
         if spec.config is not None and vocab_size is not None and "vocab_size" not in spec.config:
             config.vocab_size = vocab_size
-        weights = None if spec.config is not None else weights_directory(spec)
+        weights = None if random_init else weights_directory(spec)
         model = load_quantized_backbone(auto, config, quant, dtype, weights,
                                         skip_prefix="encoder." if kind == "encoder" else "lm.")
-    elif spec.config is not None:
+    elif random_init:
         config = load_config(spec)
-        if vocab_size is not None and "vocab_size" not in spec.config:
+        if vocab_size is not None and (spec.config is None or "vocab_size" not in spec.config):
             config.vocab_size = vocab_size
         model = auto.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     else:
@@ -110,6 +115,10 @@ def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, qua
     if kind == "causal_lm":
         model.config.use_cache = False  # no KV cache while training: it only costs memory
     return model
+
+
+def random_weights(spec: ModelSpec) -> bool:
+    return spec.weights == "random" or (spec.weights == "auto" and spec.config is not None)
 
 
 def weights_directory(spec: ModelSpec) -> Path:

@@ -19,8 +19,12 @@ class ModelSpec:
     # `minilm` (the packaged MiniLM-L6 encoder), a hub id, or a local directory. Gives the tokenizer and,
     # unless `config` is set, the weights.
     name: str = "minilm"
-    # Architecture for a randomly initialised model, e.g. {model_type: llama, hidden_size: 64, ...}.
+    # Architecture inline, e.g. {model_type: llama, hidden_size: 64, ...}: `validate` and `count-params` then need
+    # nothing from the hub. Training builds it with random weights unless `weights: pretrained`.
     config: Optional[dict[str, Any]] = None
+    # auto: random when `config` is given, else the pretrained weights of `name`; pretrained: always load `name`'s
+    # weights (paper-scale recipes state their architecture inline for offline counting); random: never.
+    weights: Literal["auto", "pretrained", "random"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Where the tokenizer comes from when it differs from `name` (config-only models default to minilm's).
     tokenizer: Optional[str] = None
