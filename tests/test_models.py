@@ -120,7 +120,6 @@ def test_local_directory_loads_through_transformers(tmp_path, write_recipe):
 def test_inline_config_with_pretrained_weights_loads_the_weights(tmp_path, write_recipe, quant):
     """Paper-scale recipes state their architecture inline (offline validate / count-params) and train the
     pretrained weights of `model.name` (`weights: pretrained`); `weights: auto` with a config is a random model."""
-    from conftest import TINY_LLAMA
     from transformers import AutoModelForCausalLM
 
     from ftkit.models.load import load_config
@@ -145,3 +144,15 @@ def test_inline_config_with_pretrained_weights_loads_the_weights(tmp_path, write
         weight = layer.dequantize() if hasattr(layer, "dequantize") else layer.weight.detach()
         close = torch.allclose(weight, reference.weight.detach(), atol=0.02 * reference.weight.abs().max().item())
         assert close is expect_equal, weights
+
+
+def test_paper_scale_recipes_count_offline():
+    """The OPT-1.3B and LLaMA-2-7B recipes carry their architecture inline: counts need no download."""
+    paper = REPO / "recipes" / "paper"
+    full = count_parameters(load_recipe(paper / "opt1.3b_full_ft.yaml"))
+    assert full["total"] == full["trainable"] == 1_315_758_080
+    quzo = count_parameters(load_recipe(paper / "opt1.3b_quzo_int4.yaml"))
+    word_embeddings = 50272 * 2048  # frozen by default for zeroth-order methods
+    assert quzo["total"] == 1_315_758_080 and quzo["trainable"] == 1_315_758_080 - word_embeddings
+    assert quzo["stored_bytes"] < full["stored_bytes"] / 5  # int4 codes and bf16 scales against fp32
+    assert count_parameters(load_recipe(paper / "llama2_7b_mezo.yaml"))["total"] == 6_738_415_616
