@@ -66,7 +66,8 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
 
         model = FORMATS[ptq.format](model, ptq)
     features = encode(task.splits[split], tokenizer, kind, task, recipe.data.max_seq_len)
-    metrics = evaluate(model, features, recipe.train.eval_batch_size, tokenizer.pad_token_id, len(task.labels))
+    metrics = evaluate(model, features, recipe.train.eval_batch_size, tokenizer.pad_token_id, len(task.labels),
+                       tokenizer)
     source = str(Path(step_dir).resolve()) if step_dir is not None else f"{target} (untrained)"
     if ptq is not None:
         source += f" + {ptq.format} post-training quantization"

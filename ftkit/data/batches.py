@@ -28,25 +28,48 @@ def _encode_for_encoder(examples, tokenizer, max_seq_len):
 
 
 def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len):
-    """Each example becomes one sequence per candidate label: prompt tokens, then the label word's tokens."""
+    """Each example becomes one sequence per candidate: prompt tokens, then the candidate's tokens (marked in
+    `option_masks`). Candidates: the label words (classification), the row's own (multiple choice), or the first
+    reference answer followed by end-of-sequence (generation, which also keeps the prompt for decoding)."""
     template = task.spec.template or " ".join("{" + c + "}" for c in task.spec.text_columns)
-    candidates = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in task.label_words]
+    kind = task.spec.kind
+    label_candidates = [_ids(tokenizer, " " + word) for word in task.label_words]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     features = []
     for example in examples:
         prompt = template.format(**dict(zip(task.spec.text_columns, example.texts)))
         prompt_ids = tokenizer(prompt)["input_ids"]
+        if kind == "classification":
+            candidates = label_candidates
+        elif kind == "multiple_choice":
+            candidates = [_ids(tokenizer, " " + c) for c in example.candidates]
+        else:
+            candidates = [_ids(tokenizer, " " + example.answers[0]) + eos]
         rows, masks = [], []
         for candidate in candidates:
-            # Truncate the prompt from the left so the candidate (the answer) is never cut.
-            has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
-            head, body = (prompt_ids[:1], prompt_ids[1:]) if has_bos else ([], prompt_ids)
-            room = max(0, max_seq_len - len(candidate) - len(head))
-            body = body[len(body) - room :] if room < len(body) else body
-            ids = head + body + candidate
+            ids = _left_truncated(prompt_ids, len(candidate), max_seq_len, tokenizer.bos_token_id) + candidate
             rows.append(ids)
             masks.append([0] * (len(ids) - len(candidate)) + [1] * len(candidate))
-        features.append({"rows": rows, "option_masks": masks, "labels": example.label})
+        feature = {"rows": rows, "option_masks": masks, "labels": example.label}
+        if kind == "generation":
+            feature["prompt"] = _left_truncated(prompt_ids, task.spec.max_new_tokens, max_seq_len,
+                                                tokenizer.bos_token_id)
+            feature["answers"] = list(example.answers)
+        features.append(feature)
     return features
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_truncated(prompt_ids: list[int], reserved: int, max_seq_len: int, bos_id) -> list[int]:
+    """The prompt cut from the left (keeping a leading BOS) so that `reserved` tokens still fit after it: the
+    answer or candidate is never the part that is cut."""
+    has_bos = bool(prompt_ids) and prompt_ids[0] == bos_id
+    head, body = (prompt_ids[:1], prompt_ids[1:]) if has_bos else ([], prompt_ids)
+    room = max(0, max_seq_len - reserved - len(head))
+    return head + (body[len(body) - room :] if room < len(body) else body)
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
@@ -54,7 +77,11 @@ def collate(features: list[dict], pad_id: int) -> dict:
         rows = [r for f in features for r in f["rows"]]
         masks = [m for f in features for m in f["option_masks"]]
         batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0),
-                 "option_mask": _pad(masks, 0)}
+                 "option_mask": _pad(masks, 0),
+                 "num_candidates": torch.tensor([len(f["rows"]) for f in features], dtype=torch.long)}
+        if "answers" in features[0]:  # generation: prompts to decode from, answers to score against
+            batch["prompts"] = [f["prompt"] for f in features]
+            batch["answers"] = [f["answers"] for f in features]
     else:
         batch = {key: _pad([f[key] for f in features], pad_id if key == "input_ids" else 0)
                  for key in features[0] if key != "labels"}

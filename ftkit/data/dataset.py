@@ -22,7 +22,9 @@ SPLITS = ("train", "dev", "test")
 @dataclass
 class Example:
     texts: tuple[str, ...]
-    label: int
+    label: int  # classification: the class; multiple choice: the correct candidate; generation: 0
+    candidates: tuple[str, ...] = ()  # multiple choice
+    answers: tuple[str, ...] = ()  # generation: every acceptable answer, the first one trained on
 
 
 @dataclass
@@ -113,7 +115,9 @@ def _read_file(path: Path, spec: TaskSpec, key: str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{key}: data file not found: {path}")
     columns, rows = read_rows(path, spec.format)
-    for column in [*spec.text_columns, spec.label_column]:
+    needed = {"classification": [spec.label_column], "multiple_choice": [spec.candidates_column, spec.label_column],
+              "generation": [spec.answer_column]}[spec.kind]
+    for column in [*spec.text_columns, *needed]:
         if column not in columns:
             raise DataError(f"{path}: column '{column}' not found (columns: {', '.join(map(str, columns))})")
     return rows
@@ -152,16 +156,51 @@ def _sample_mezo_style(recipe: Recipe, raw: dict, sources: dict):
 
 
 def _examples(rows: list[dict], spec: TaskSpec, labels: list[str], source: str, task: str) -> list[Example]:
-    index = {value: i for i, value in enumerate(labels)}
-    examples = []
-    for row in rows:
-        value = _label_text(row[spec.label_column])
-        if value not in index:
-            raise DataError(f"{source}: line {row[LINE]}: label {value!r} is not one of {', '.join(labels)} "
-                            f"(the labels of task {task}; add it to label_words)")
-        texts = tuple(str(row[c]).strip() for c in spec.text_columns)
-        examples.append(Example(texts=texts, label=index[value]))
-    return examples
+    return [EXAMPLE_BUILDERS[spec.kind](row, spec, labels, source, task) for row in rows]
+
+
+def _classification_example(row: dict, spec: TaskSpec, labels: list[str], source: str, task: str) -> Example:
+    value = _label_text(row[spec.label_column])
+    if value not in labels:
+        raise DataError(f"{source}: line {row[LINE]}: label {value!r} is not one of {', '.join(labels)} "
+                        f"(the labels of task {task}; add it to label_words)")
+    return Example(texts=_texts(row, spec), label=labels.index(value))
+
+
+def _multiple_choice_example(row: dict, spec: TaskSpec, labels: list[str], source: str, task: str) -> Example:
+    candidates = _text_list(row[spec.candidates_column], spec.candidates_separator)
+    value = _label_text(row[spec.label_column])
+    if len(candidates) < 2:
+        raise DataError(f"{source}: line {row[LINE]}: column '{spec.candidates_column}' holds "
+                        f"{len(candidates)} candidate(s); a multiple-choice row needs at least two")
+    if not value.isdigit() or int(value) >= len(candidates):
+        raise DataError(f"{source}: line {row[LINE]}: label {value!r} is not the index of one of its "
+                        f"{len(candidates)} candidates (0 to {len(candidates) - 1})")
+    return Example(texts=_texts(row, spec), label=int(value), candidates=candidates)
+
+
+def _generation_example(row: dict, spec: TaskSpec, labels: list[str], source: str, task: str) -> Example:
+    answers = _text_list(row[spec.answer_column], None)
+    if not answers or not answers[0]:
+        raise DataError(f"{source}: line {row[LINE]}: column '{spec.answer_column}' has no answer")
+    return Example(texts=_texts(row, spec), label=0, answers=answers)
+
+
+EXAMPLE_BUILDERS = {"classification": _classification_example, "multiple_choice": _multiple_choice_example,
+                    "generation": _generation_example}
+
+
+def _texts(row: dict, spec: TaskSpec) -> tuple[str, ...]:
+    return tuple(str(row[c]).strip() for c in spec.text_columns)
+
+
+def _text_list(value, separator: str | None) -> tuple[str, ...]:
+    """A list column (jsonl, parquet) as it is; a string cut at `separator` (or kept whole without one)."""
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        items = value.tolist() if hasattr(value, "tolist") else value
+    else:
+        items = str(value).split(separator) if separator else [value]
+    return tuple(str(item).strip() for item in items)
 
 
 def _label_text(value) -> str:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ftkit.adapters import ADAPTERS
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import Example, TaskData
+from ftkit.errors import UserError
 from ftkit.models.heads import CausalLMScorer, EncoderClassifier, init_prototype_head
 from ftkit.models.load import DTYPES, load_backbone, load_config, model_kind
 from ftkit.quant import FORMATS
@@ -53,6 +54,11 @@ def finish_model(model: nn.Module, recipe: Recipe) -> nn.Module:
 def build_model(recipe: Recipe, task: TaskData, tokenizer) -> tuple[nn.Module, str, dict]:
     """The trainable model with real weights. Returns (model, kind, facts worth logging)."""
     model, kind = assemble_model(recipe, tokenizer, len(task.labels), finish=False)
+    if kind == "encoder" and task.spec.kind != "classification":
+        raise UserError(f"data.task {task.name}: {task.spec.kind} tasks need a causal language model; "
+                        f"{recipe.model.name} is an encoder (it classifies with a head over label phrases)")
+    if kind == "causal_lm":
+        model.max_new_tokens = task.spec.max_new_tokens
     facts = {"kind": kind}
     if kind == "encoder" and recipe.model.head_init == "prototype":
         facts["prototype_scale"] = _init_prototypes(model, recipe, task, tokenizer)

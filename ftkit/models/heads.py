@@ -53,6 +53,7 @@ class CausalLMScorer(nn.Module):
         super().__init__()
         self.lm = lm
         self.num_classes = num_classes
+        self.max_new_tokens = 50  # generation tasks: the decoding budget at evaluation
 
     @property
     def backbone(self) -> nn.Module:
@@ -70,11 +71,36 @@ class CausalLMScorer(nn.Module):
         rows = torch.arange(scored.shape[0], device=scored.device).unsqueeze(1).expand_as(scored)[scored]
         total = torch.zeros(scored.shape[0], device=logits.device).index_add_(0, rows, token_logprob)
         mean = total / scored.sum(1).clamp(min=1)
-        return mean.view(-1, self.num_classes)
+        counts = batch["num_candidates"]
+        if bool((counts == counts[0]).all()):
+            return mean.view(len(counts), int(counts[0]))
+        # Rows of examples with fewer candidates are padded with -inf: never predicted, no probability mass.
+        width = int(counts.max())
+        slots = torch.arange(width, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        scores = torch.full((len(counts), width), float("-inf"), device=mean.device)
+        scores[slots] = mean
+        return scores
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)
+def candidates_loss(scores: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Classification and multiple choice: cross-entropy over the candidates' scores."""
+    return F.cross_entropy(scores, batch["labels"])
+
+
+def answer_loss(scores: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Generation: the language-model loss of the answer tokens (negative mean log-probability per example)."""
+    return -scores[:, 0].mean()
+
+
+# task kind -> loss(model output, batch)
+LOSSES = {"classification": candidates_loss, "multiple_choice": candidates_loss, "generation": answer_loss}
+
+
+def task_loss(recipe):
+    """The loss of the recipe's task kind (encoders only classify)."""
+    from ftkit.data.dataset import task_spec
+
+    return LOSSES[task_spec(recipe).kind]
 
 
 @torch.no_grad()

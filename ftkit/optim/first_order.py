@@ -5,22 +5,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ftkit.models.heads import classification_loss
+from ftkit.models.heads import task_loss
 from ftkit.recipe.schema import Recipe
 
 
 class FirstOrder:
     """One optimizer step per batch. The loop owns the schedule and passes the rate in."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None):
-        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, loss):
+        self.model, self.optimizer, self.grad_clip, self.loss = model, optimizer, grad_clip, loss
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(self, batch: dict, lr: float) -> dict:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = classification_loss(self.model(batch), batch["labels"])
+        loss = self.loss(self.model(batch), batch)
         loss.backward()
         metrics = {"loss": loss.item()}
         if self.grad_clip is not None:
@@ -59,7 +59,7 @@ def build_adamw(model: nn.Module, recipe: Recipe) -> FirstOrder:
     optimizer = torch.optim.AdamW(
         decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, betas=tuple(spec.betas), eps=spec.eps
     )
-    return FirstOrder(model, optimizer, recipe.train.grad_clip)
+    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe))
 
 
 def build_sgd(model: nn.Module, recipe: Recipe) -> FirstOrder:
@@ -68,4 +68,4 @@ def build_sgd(model: nn.Module, recipe: Recipe) -> FirstOrder:
         decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, momentum=spec.momentum,
         nesterov=spec.nesterov,
     )
-    return FirstOrder(model, optimizer, recipe.train.grad_clip)
+    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe))

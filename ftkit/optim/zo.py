@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ftkit.errors import UserError
-from ftkit.models.heads import classification_loss
+from ftkit.models.heads import task_loss
 from ftkit.optim.trace import TraceWriter, encode_tensor
 from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive
 from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget, zo_targets
@@ -46,6 +46,7 @@ class ZerothOrder:
         if name == "mezo" and any(isinstance(t, QuantTarget) for t in self.targets):
             raise UserError("method.optimizer mezo trains full-precision tensors; for a quantized model's own "
                             "weights use quzo, or train an adapter over the quantized base")
+        self.loss = task_loss(recipe)
         self.seed = recipe.train.seed
         self.steps_done = 0
         self.trace: TraceWriter | None = None
@@ -61,7 +62,7 @@ class ZerothOrder:
 
         def loss() -> float:
             with torch.inference_mode():
-                return classification_loss(self.model(batch), batch["labels"]).item()
+                return self.loss(self.model(batch), batch).item()
 
         step_seed = self.step_seed(self.steps_done)
         gradients, losses = self._run(step_seed, lr, loss_fn=loss)

@@ -126,8 +126,16 @@ def run_checks(recipe: Recipe, where: str) -> None:
         prefix = f"data.tasks.{name}"
         if not task.train:
             fail(f"{prefix}.train", "a recipe-defined task needs its train file")
-        if len(task.label_words) < 2:
+        if task.kind == "classification" and len(task.label_words) < 2:
             fail(f"{prefix}.label_words", "needs at least two labels, e.g. {0: terrible, 1: great}")
+        if task.kind == "multiple_choice" and not task.candidates_column:
+            fail(f"{prefix}.candidates_column", "a multiple_choice task needs the column holding its candidates")
+        if task.kind == "generation" and not task.answer_column:
+            fail(f"{prefix}.answer_column", "a generation task needs the column holding its reference answers")
+        metrics = ("exact_match", "f1") if task.kind == "generation" else ("accuracy", "macro_f1")
+        if task.metric not in metrics:
+            fail(f"{prefix}.metric", f"a {task.kind} task is scored by {' or '.join(metrics)}, not {task.metric}")
+        _at_least(fail, f"{prefix}.max_new_tokens", task.max_new_tokens, 1)
         if not 1 <= len(task.text_columns) <= 2:
             fail(f"{prefix}.text_columns", "one column (a sentence) or two (a sentence pair)")
         if task.label_phrases is not None and set(task.label_phrases) != set(task.label_words):

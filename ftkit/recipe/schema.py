@@ -142,22 +142,31 @@ class MethodSpec:
 
 @dataclass
 class TaskSpec:
-    """A classification task defined entirely in the recipe, over local files."""
+    """A task defined entirely in the recipe, over local files: classification (label words), multiple choice
+    (candidates per row) or generation (a reference answer per row)."""
 
+    kind: Literal["classification", "multiple_choice", "generation"] = "classification"
     train: Optional[str] = None
     dev: Optional[str] = None
     test: Optional[str] = None
     format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = "auto"
     # One column is a single sentence; two are a sentence pair (encoders read them as a pair).
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])
+    # classification: the label value; multiple_choice: the 0-based index of the correct candidate.
     label_column: str = "label"
     # Label value as it appears in the file -> the word that names it (scored by causal LMs).
     label_words: dict[str, str] = field(default_factory=dict)
     # Label value -> the phrase whose embedding initialises an encoder's head (defaults to the label word).
     label_phrases: Optional[dict[str, str]] = None
-    # Prompt for causal LMs; the label word follows it after a space.
+    # multiple_choice: the column holding each row's candidates (a list, or one string cut at the separator).
+    candidates_column: Optional[str] = None
+    candidates_separator: str = "|"
+    # generation: the column holding the reference answer (a string, or a list of acceptable answers).
+    answer_column: Optional[str] = None
+    max_new_tokens: int = 50
+    # Prompt for causal LMs; the label word, candidate or answer follows it after a space.
     template: Optional[str] = None
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    metric: Literal["accuracy", "macro_f1", "exact_match", "f1"] = "accuracy"
 
 
 @dataclass

@@ -72,7 +72,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     num_classes = len(task.labels)
 
     def run_eval(split: str) -> dict:
-        return evaluate(model, features[split], recipe.train.eval_batch_size, tokenizer.pad_token_id, num_classes)
+        return evaluate(model, features[split], recipe.train.eval_batch_size, tokenizer.pad_token_id, num_classes,
+                        tokenizer)
 
     metric = task.spec.metric
     trainable = trainable_numel(model)

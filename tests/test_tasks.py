@@ -1,0 +1,121 @@
+"""Task kinds for causal LMs, defined in a recipe over local files: multiple choice (candidates per row, scored by
+mean log-probability, padded with -inf when rows differ in count) and generation (LM loss on the answer, greedy
+decoding scored by exact match and token F1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_LLAMA, tiny_recipe
+from ftkit.data.batches import collate, encode
+from ftkit.data.dataset import load_task_data
+from ftkit.errors import DataError, RecipeError, UserError
+from ftkit.eval import evaluate
+from ftkit.models.build import build_model
+from ftkit.models.load import load_tokenizer
+from ftkit.recipe import load_recipe
+from ftkit.textmetrics import exact_match, normalize_answer, token_f1
+from ftkit.train.loop import train
+from ftkit.train.metrics import read_events
+
+FIXTURES = REPO / "tests" / "fixtures"
+CHOICE = {"kind": "multiple_choice", "train": str(FIXTURES / "choice.jsonl"), "dev": str(FIXTURES / "choice.jsonl"),
+          "text_columns": ["premise"], "candidates_column": "choices", "label_column": "label",
+          "template": "{premise}"}
+QA = {"kind": "generation", "train": str(FIXTURES / "qa.jsonl"), "dev": str(FIXTURES / "qa.jsonl"),
+      "text_columns": ["question"], "answer_column": "answers", "template": "{question}", "metric": "f1",
+      "max_new_tokens": 3}
+LLAMA = {"name": "minilm", "config": dict(TINY_LLAMA), "head_init": "random"}
+
+
+def task_recipe(write_recipe, tmp_path, task: dict, name="run", **sections):
+    sections.setdefault("train", {}).update(output_dir=str(tmp_path / name))
+    data = {"task": "mine", "tasks": {"mine": task}, "max_seq_len": 32, "n_train": None, "n_dev": None}
+    return load_recipe(write_recipe(tiny_recipe(model=dict(LLAMA), data=data, **sections), f"{name}.yaml"))
+
+
+def test_text_metrics_on_known_strings():
+    assert normalize_answer("  The Cat,  sat!") == "cat sat"
+    assert exact_match("the Cat", ["a dog", "cat"]) == 1.0 and exact_match("cats", ["cat"]) == 0.0
+    assert token_f1("big red dog", ["red dog"]) == pytest.approx(0.8)  # precision 2/3, recall 1
+    assert token_f1("blue", ["red", "dark blue"]) == pytest.approx(2 / 3)  # the best reference counts
+    assert token_f1("", ["red"]) == 0.0 and token_f1("the", ["a"]) == 1.0  # both empty after normalising
+
+
+def test_multiple_choice_prompts_and_candidate_scores_match_a_hand_computation(write_recipe, tmp_path):
+    recipe = task_recipe(write_recipe, tmp_path, CHOICE)
+    task, tokenizer = load_task_data(recipe), load_tokenizer(recipe.model)
+    examples = task.splits["train"][:3]
+    assert [e.candidates for e in examples] == [("barks", "quacks"), ("barks", "meows", "bleats"), ("quacks", "moos")]
+    features = encode(examples, tokenizer, "causal_lm", task, 32)
+    for example, feature in zip(examples, features):
+        for candidate, row, mask in zip(example.candidates, feature["rows"], feature["option_masks"]):
+            # the prompt as the tokenizer encodes it (with its special tokens), then " candidate"
+            prompt = tokenizer(example.texts[0])["input_ids"]
+            assert row == prompt + tokenizer(" " + candidate, add_special_tokens=False)["input_ids"]
+            assert tokenizer.decode([t for t, m in zip(row, mask) if m]) == candidate
+    model, kind, _ = build_model(recipe, task, tokenizer)
+    batch = collate(features, tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch)
+        logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert scores.shape == (3, 3) and torch.isinf(scores[0, 2]) and torch.isinf(scores[2, 2])
+    logprobs = logits.log_softmax(-1)
+    row = 0
+    for i, example in enumerate(examples):
+        for j in range(len(example.candidates)):
+            ids, mask = batch["input_ids"][row], batch["option_mask"][row]
+            positions = [t for t in range(1, len(ids)) if mask[t]]
+            expected = sum(logprobs[row, t - 1, ids[t]].item() for t in positions) / len(positions)
+            assert scores[i, j].item() == pytest.approx(expected, abs=1e-5)
+            row += 1
+    metrics = evaluate(model, features, 8, tokenizer.pad_token_id, 0)
+    assert set(metrics) == {"accuracy", "loss", "n"} and metrics["n"] == 3
+
+
+def test_generation_trains_on_the_answer_and_decodes(write_recipe, tmp_path):
+    recipe = task_recipe(write_recipe, tmp_path, QA)
+    task, tokenizer = load_task_data(recipe), load_tokenizer(recipe.model)
+    example = task.splits["train"][1]
+    assert example.answers == ("blue", "dark blue")
+    feature = encode([example], tokenizer, "causal_lm", task, 32)[0]
+    (row,), (mask,) = feature["rows"], feature["option_masks"]
+    assert tokenizer.decode([t for t, m in zip(row, mask) if m]) == "blue"  # the first answer (no EOS in BERT's)
+    assert row[: len(feature["prompt"])] == feature["prompt"] and feature["answers"] == ["blue", "dark blue"]
+
+    summary = train(task_recipe(write_recipe, tmp_path, QA, "fo", train={"max_steps": 40, "lr": 3e-3,
+                                                                          "eval_every": 40}))
+    events = read_events(tmp_path / "fo" / "metrics.jsonl")
+    dev = [e for e in events if e["split"] == "dev"]
+    assert {"exact_match", "f1", "loss", "n"} <= set(dev[0]) and dev[-1]["loss"] < 0.5 * dev[0]["loss"]
+    assert dev[-1]["f1"] > dev[0]["f1"] and summary["metric"] == "f1"  # the tiny model learns the colours
+
+
+@pytest.mark.parametrize("optimizer, quant", [("adamw", {}), ("quzo", {"format": "int4"})])
+def test_multiple_choice_training_lowers_the_loss(write_recipe, tmp_path, optimizer, quant):
+    lr = 3e-3
+    recipe = task_recipe(write_recipe, tmp_path, CHOICE, method={"optimizer": optimizer}, quant=quant,
+                         train={"max_steps": 60, "lr": lr, "eval_every": 60, "batch_size": 16})
+    train(recipe)
+    dev = [e["loss"] for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["split"] == "dev"]
+    assert dev[-1] < dev[0] - 0.005
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"label_column": "premise"}, DataError, "choice.jsonl: line 1: label 'the dog' is not the index of one of"),
+    ({"candidates_column": "options"}, DataError, "column 'options' not found"),
+    ({"candidates_column": None}, RecipeError, "a multiple_choice task needs the column holding its candidates"),
+    ({"metric": "f1"}, RecipeError, "a multiple_choice task is scored by accuracy or macro_f1, not f1"),
+])
+def test_task_mistakes_are_named(write_recipe, tmp_path, change, error, message):
+    with pytest.raises(error, match=message):
+        load_task_data(task_recipe(write_recipe, tmp_path, {**CHOICE, **change}))
+
+
+def test_encoders_refuse_generation_tasks(write_recipe, tmp_path):
+    recipe = task_recipe(write_recipe, tmp_path, QA)
+    recipe.model.config = None  # MiniLM: an encoder
+    with pytest.raises(UserError, match="generation tasks need a causal language model"):
+        build_model(recipe, load_task_data(recipe), load_tokenizer(recipe.model))
