@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO, TINY_LLAMA, tiny_recipe
+from conftest import REPO, TINY_LLAMA, TINY_OPT, tiny_recipe
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import DataError, RecipeError, UserError
@@ -29,10 +29,10 @@ QA = {"kind": "generation", "train": str(FIXTURES / "qa.jsonl"), "dev": str(FIXT
 LLAMA = {"name": "minilm", "config": dict(TINY_LLAMA), "head_init": "random"}
 
 
-def task_recipe(write_recipe, tmp_path, task: dict, name="run", **sections):
+def task_recipe(write_recipe, tmp_path, task: dict, name="run", model=None, **sections):
     sections.setdefault("train", {}).update(output_dir=str(tmp_path / name))
     data = {"task": "mine", "tasks": {"mine": task}, "max_seq_len": 32, "n_train": None, "n_dev": None}
-    return load_recipe(write_recipe(tiny_recipe(model=dict(LLAMA), data=data, **sections), f"{name}.yaml"))
+    return load_recipe(write_recipe(tiny_recipe(model=model or dict(LLAMA), data=data, **sections), f"{name}.yaml"))
 
 
 def test_text_metrics_on_known_strings():
@@ -93,11 +93,14 @@ def test_generation_trains_on_the_answer_and_decodes(write_recipe, tmp_path):
     assert dev[-1]["f1"] > dev[0]["f1"] and summary["metric"] == "f1"  # the tiny model learns the colours
 
 
-@pytest.mark.parametrize("optimizer, quant", [("adamw", {}), ("quzo", {"format": "int4"})])
-def test_multiple_choice_training_lowers_the_loss(write_recipe, tmp_path, optimizer, quant):
-    lr = 3e-3
-    recipe = task_recipe(write_recipe, tmp_path, CHOICE, method={"optimizer": optimizer}, quant=quant,
-                         train={"max_steps": 60, "lr": lr, "eval_every": 60, "batch_size": 16})
+@pytest.mark.parametrize("optimizer, quant, architecture", [
+    ("adamw", {}, "llama"), ("adamw", {}, "opt"),
+    ("quzo", {"format": "int4"}, "llama"),  # zeroth-order on both architectures: tests/test_zo.py (SST-2)
+])
+def test_multiple_choice_training_lowers_the_loss(write_recipe, tmp_path, optimizer, quant, architecture):
+    model = {**LLAMA, "config": dict(TINY_LLAMA if architecture == "llama" else TINY_OPT)}
+    recipe = task_recipe(write_recipe, tmp_path, CHOICE, method={"optimizer": optimizer}, quant=quant, model=model,
+                         train={"max_steps": 60, "lr": 3e-3, "eval_every": 60, "batch_size": 16})
     train(recipe)
     dev = [e["loss"] for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["split"] == "dev"]
     assert dev[-1] < dev[0] - 0.005
@@ -119,3 +122,55 @@ def test_encoders_refuse_generation_tasks(write_recipe, tmp_path):
     recipe.model.config = None  # MiniLM: an encoder
     with pytest.raises(UserError, match="generation tasks need a causal language model"):
         build_model(recipe, load_task_data(recipe), load_tokenizer(recipe.model))
+
+
+# Built-in tasks: the first fixture row of each (raw hub format, tests/fixtures/tasks/) and what it must become.
+BUILTIN_FIRST_ROWS = {
+    "rte": ('Dana Reeve died of lung cancer.\nDoes this mean that "Dana Reeve is dead." is true? Yes or No?\n',
+            "Yes", None),
+    "cb": ('Suppose It was raining all day. Can we infer that "the ground is wet"? Yes, No, or Maybe?\n', "Yes", None),
+    "boolq": ("Water boils at 100 degrees at sea level. Does water boil at 100 degrees?", "Yes", None),
+    "wic": ('Does the word "bank" have the same meaning in these two sentences? Yes, No?\nHe sat on the river bank.\n'
+            'She went to the bank to deposit money.\n', "No", None),
+    "wsc": ("Mark told Pete many lies about himself, which Pete included in his book. He should have been more "
+            'skeptical.\nIn the previous sentence, does the pronoun "he" refer to Pete? Yes or No?\n', "Yes", None),
+    "copa": ("My body cast a shadow over the grass because", "the sun was rising.",
+             ("the sun was rising.", "the grass was cut.")),
+    "multirc": ('Sara bought three apples and ate one.\nQuestion: How many apples are left?\nI found this answer "Two". '
+                "Is that correct? Yes or No?\n", "Yes", None),
+    "record": ('Paris hosted the games. @highlight\\nLondon watched.\n@placeholder hosted the games\nQuestion: what is '
+               'the "@placeholder"\nAnswer:', "Paris", ("Paris", "London")),
+    "squad": ("Title: Cats\nContext: Cats sleep sixteen hours a day.\nQuestion: How long do cats sleep?\nAnswer:",
+              "sixteen hours", ("sixteen hours", "sixteen hours a day")),
+    "drop": ("Passage: The Bears scored 7 points, then 3 more.\nQuestion: How many points in all?\nAnswer:", "10",
+             ("10",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_FIRST_ROWS))
+def test_every_builtin_task_builds_its_prompts_from_its_fixture_rows(write_recipe, name):
+    from ftkit.data.batches import prompt_text
+
+    recipe = load_recipe(write_recipe({"model": dict(LLAMA), "data": {
+        "task": name, "train_file": str(FIXTURES / "tasks" / f"{name}.jsonl")}}))
+    task = load_task_data(recipe, splits=("train",))
+    first, second = task.splits["train"]
+    prompt, target, options = BUILTIN_FIRST_ROWS[name]
+    assert prompt_text(task, first) == prompt
+    if task.spec.kind == "classification":
+        assert task.label_words[first.label] == target and second.label != first.label
+    elif task.spec.kind == "multiple_choice":
+        assert first.candidates == options and first.candidates[first.label] == target
+    else:
+        assert first.answers == options and first.answers[0] == target
+    features = encode([first], load_tokenizer(recipe.model), "causal_lm", task, 512)
+    assert len(features[0]["rows"]) == {"classification": len(task.labels), "multiple_choice": len(options or ()),
+                                        "generation": 1}[task.spec.kind]
+
+
+def test_record_rows_whose_answer_is_no_entity_are_reported(write_recipe, tmp_path):
+    bad = tmp_path / "record.jsonl"
+    bad.write_text('{"passage": "p", "query": "q @placeholder", "entities": ["A", "B"], "answers": ["C"]}\n')
+    recipe = load_recipe(write_recipe({"model": dict(LLAMA), "data": {"task": "record", "train_file": str(bad)}}))
+    with pytest.raises(DataError, match="record.jsonl: line 1: label '-1' is not the index of one of its 2"):
+        load_task_data(recipe, splits=("train",))

@@ -31,14 +31,12 @@ def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len):
     """Each example becomes one sequence per candidate: prompt tokens, then the candidate's tokens (marked in
     `option_masks`). Candidates: the label words (classification), the row's own (multiple choice), or the first
     reference answer followed by end-of-sequence (generation, which also keeps the prompt for decoding)."""
-    template = task.spec.template or " ".join("{" + c + "}" for c in task.spec.text_columns)
     kind = task.spec.kind
     label_candidates = [_ids(tokenizer, " " + word) for word in task.label_words]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     features = []
     for example in examples:
-        prompt = template.format(**dict(zip(task.spec.text_columns, example.texts)))
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        prompt_ids = tokenizer(prompt_text(task, example))["input_ids"]
         if kind == "classification":
             candidates = label_candidates
         elif kind == "multiple_choice":
@@ -57,6 +55,12 @@ def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len):
             feature["answers"] = list(example.answers)
         features.append(feature)
     return features
+
+
+def prompt_text(task: TaskData, example: Example) -> str:
+    """The prompt a causal LM reads; the label word, candidate or answer follows it after one space."""
+    template = task.spec.template or " ".join("{" + c + "}" for c in task.spec.text_columns)
+    return template.format(**dict(zip(task.spec.text_columns, example.texts)))
 
 
 def _ids(tokenizer, text: str) -> list[int]:

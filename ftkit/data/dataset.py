@@ -81,20 +81,21 @@ def _read_split(recipe: Recipe, name: str, spec: TaskSpec, split: str, required:
     builtin = BUILTIN_TASKS[name]
     explicit = getattr(recipe.data, f"{split}_file")
     if explicit:
-        return _read_file(_locate(explicit, recipe), spec, f"data.{split}_file"), explicit
+        return _read_file(_locate(explicit, recipe), spec, f"data.{split}_file", builtin.prepare), explicit
     looked = []
     data_dir = os.environ.get("FTKIT_DATA_DIR")
     if data_dir and split in builtin.files:
         candidate = Path(data_dir) / name / builtin.files[split]
         if candidate.is_file():
-            return _read_file(candidate, spec, f"data.{split}_file"), str(candidate)
+            return _read_file(candidate, spec, f"data.{split}_file", builtin.prepare), str(candidate)
         looked.append(str(candidate))
     elif split in builtin.files:
         looked.append(f"$FTKIT_DATA_DIR/{name}/{builtin.files[split]} (FTKIT_DATA_DIR is not set)")
     if split in builtin.hub_splits:
         rows, error = _read_hub(builtin, split)
         if rows is not None:
-            return rows, f"hub {builtin.hub_path}/{builtin.hub_name}:{builtin.hub_splits[split]}"
+            source = f"hub {builtin.hub_path}/{builtin.hub_name}:{builtin.hub_splits[split]}"
+            return _prepared(rows, builtin.prepare, spec, source, list(rows[0]) if rows else []), source
         looked.append(f"the hub ({error})")
     if required:
         raise DataError(f"{name} {split} data not found: looked in {'; '.join(looked)}. "
@@ -111,15 +112,26 @@ def _locate(path: str, recipe: Recipe) -> Path:
     return candidate
 
 
-def _read_file(path: Path, spec: TaskSpec, key: str) -> list[dict]:
+def _read_file(path: Path, spec: TaskSpec, key: str, prepare=None) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{key}: data file not found: {path}")
     columns, rows = read_rows(path, spec.format)
+    return _prepared(rows, prepare, spec, str(path), columns)
+
+
+def _prepared(rows: list[dict], prepare, spec: TaskSpec, source: str, columns: list) -> list[dict]:
+    """Rows in the columns the task reads: a built-in task's `prepare` maps its raw rows (file or hub) first."""
+    if prepare is not None:
+        for column in prepare.reads:
+            if column not in columns:
+                raise DataError(f"{source}: column '{column}' not found (columns: {', '.join(map(str, columns))})")
+        rows = [{LINE: row.get(LINE), **prepare(row)} for row in rows]
+        columns = list(rows[0]) if rows else []
     needed = {"classification": [spec.label_column], "multiple_choice": [spec.candidates_column, spec.label_column],
               "generation": [spec.answer_column]}[spec.kind]
     for column in [*spec.text_columns, *needed]:
         if column not in columns:
-            raise DataError(f"{path}: column '{column}' not found (columns: {', '.join(map(str, columns))})")
+            raise DataError(f"{source}: column '{column}' not found (columns: {', '.join(map(str, columns))})")
     return rows
 
 

@@ -57,6 +57,9 @@ def build_model(recipe: Recipe, task: TaskData, tokenizer) -> tuple[nn.Module, s
     if kind == "encoder" and task.spec.kind != "classification":
         raise UserError(f"data.task {task.name}: {task.spec.kind} tasks need a causal language model; "
                         f"{recipe.model.name} is an encoder (it classifies with a head over label phrases)")
+    if kind == "encoder" and len(task.spec.text_columns) > 2:
+        raise UserError(f"data.task {task.name}: an encoder reads one sentence or a pair, and the task has "
+                        f"{len(task.spec.text_columns)} text columns; use a causal language model")
     if kind == "causal_lm":
         model.max_new_tokens = task.spec.max_new_tokens
     facts = {"kind": kind}

@@ -136,8 +136,8 @@ def run_checks(recipe: Recipe, where: str) -> None:
         if task.metric not in metrics:
             fail(f"{prefix}.metric", f"a {task.kind} task is scored by {' or '.join(metrics)}, not {task.metric}")
         _at_least(fail, f"{prefix}.max_new_tokens", task.max_new_tokens, 1)
-        if not 1 <= len(task.text_columns) <= 2:
-            fail(f"{prefix}.text_columns", "one column (a sentence) or two (a sentence pair)")
+        if not task.text_columns:
+            fail(f"{prefix}.text_columns", "needs at least one column (encoders read one sentence or a pair)")
         if task.label_phrases is not None and set(task.label_phrases) != set(task.label_words):
             fail(f"{prefix}.label_phrases", "must name the same labels as label_words")
         if task.template is not None:
