@@ -174,3 +174,11 @@ def test_record_rows_whose_answer_is_no_entity_are_reported(write_recipe, tmp_pa
     recipe = load_recipe(write_recipe({"model": dict(LLAMA), "data": {"task": "record", "train_file": str(bad)}}))
     with pytest.raises(DataError, match="record.jsonl: line 1: label '-1' is not the index of one of its 2"):
         load_task_data(recipe, splits=("train",))
+
+
+def test_the_task_reference_lists_every_template_exactly():
+    from ftkit.data.tasks import BUILTIN_TASKS
+
+    reference = (REPO / "docs" / "tasks.md").read_text()
+    for name, task in BUILTIN_TASKS.items():
+        assert f"## {name}\n" in reference and "`" + task.spec.template.replace("\n", "\\n") + "`" in reference, name
