@@ -17,6 +17,7 @@ one tensor at a time: memory is inference plus one tensor's direction.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,10 @@ class ZerothOrder:
             raise UserError("method.optimizer mezo trains full-precision tensors; for a quantized model's own "
                             "weights use quzo, or train an adapter over the quantized base")
         self.loss = task_loss(recipe)
+        if name == "mezo" and any(isinstance(t, FloatTarget) and t.param.dtype == torch.bfloat16 for t in self.targets):
+            warnings.warn("MeZO on bfloat16 weights: in-place perturbations leave rounding noise and updates below "
+                          "bf16's spacing round away; use model.dtype: float32, or quzo for low-precision weights",
+                          stacklevel=2)
         self.seed = recipe.train.seed
         self.steps_done = 0
         self.trace: TraceWriter | None = None
