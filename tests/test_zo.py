@@ -78,11 +78,11 @@ def test_mean_quzo_estimate_matches_the_true_gradient():
     truth = weight.grad
     target, eps, total, n = QuantTarget("w", layer, 0), 1e-3, torch.zeros_like(truth), 4000
     for s in range(n):
-        target.perturb(QUZO, s, eps)
+        target.move(QUZO, s, 0.0, eps)
         plus = loss()
-        target.perturb(QUZO, s, -eps)
+        target.move(QUZO, s, eps, -eps)
         minus = loss()
-        target.unperturb(QUZO, s, 0.0)
+        target.move(QUZO, s, -eps, 0.0)
         total += (plus - minus) / (2 * eps) * QUZO.update_direction(s, 0, truth.shape, "cpu")
     # 32 weights, 4000 directions: the sampling error of the mean is about sqrt(32 / 4000) of the gradient's norm
     cosine = torch.nn.functional.cosine_similarity((total / n).flatten(), truth.flatten(), dim=0).item()
@@ -97,7 +97,7 @@ def test_lr_zero_leaves_stored_codes_bit_identical(fmt):
     layer = quant_layer(fmt, 16, 32)
     before = layer.codes.clone()
     target = QuantTarget("w", layer, 0)
-    target.perturb(QUZO, 5, 1e-3)
+    target.move(QUZO, 5, 0.0, 1e-3)
     target.update(QUZO, step_seed=9, query_seeds=[5], coefs=[-0.0], restore=1e-3, decay=0.0)
     assert torch.equal(layer.codes.view(torch.uint8), before.view(torch.uint8))
     assert layer.perturbation is None
@@ -149,10 +149,10 @@ def test_mezo_projected_gradient_is_the_directional_derivative_and_the_update_is
     eps = 1e-3
     with torch.no_grad():
         for t in targets:
-            t.perturb(d, 3, eps)
+            t.move(d, 3, 0.0, eps)
         plus = loss().item()
         for t in targets:
-            t.perturb(d, 3, -2 * eps)
+            t.move(d, 3, eps, -eps)
         minus = loss().item()
         g = (plus - minus) / (2 * eps)
         assert g == pytest.approx(directional, rel=1e-2)

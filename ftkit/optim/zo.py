@@ -109,12 +109,7 @@ class ZerothOrder:
 
     def _move(self, query_seed: int, current: float, to: float) -> None:
         for target in self.targets:
-            if isinstance(target, FloatTarget):
-                target.perturb(self.directions, query_seed, to - current)
-            elif to == 0.0:
-                target.unperturb(self.directions, query_seed, 0.0)
-            else:
-                target.perturb(self.directions, query_seed, to)
+            target.move(self.directions, query_seed, current, to)
 
     # --- run integration: trace and state -----------------------------------------------------------------------
 

@@ -56,12 +56,10 @@ class FloatTarget:
     def numel(self) -> int:
         return self.param.numel()
 
-    def perturb(self, d: Directions, query_seed: int, scale: float) -> None:
+    def move(self, d: Directions, query_seed: int, current: float, to: float) -> None:
+        """From w + current * u1 to w + to * u1, in place."""
         p = self.param.data
-        p.add_(d.perturbation(query_seed, self.index, p.shape, p.device).to(p.dtype), alpha=scale)
-
-    def unperturb(self, d: Directions, query_seed: int, scale: float) -> None:
-        self.perturb(d, query_seed, scale)
+        p.add_(d.perturbation(query_seed, self.index, p.shape, p.device).to(p.dtype), alpha=to - current)
 
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
                decay: float) -> None:
@@ -88,20 +86,21 @@ class QuantTarget:
     def numel(self) -> int:
         return self.layer.in_features * self.layer.out_features
 
-    def perturb(self, d: Directions, query_seed: int, scale: float) -> None:
+    def move(self, d: Directions, query_seed: int, current: float, to: float) -> None:
+        """The layer dequantizes to w + to * u1 (its codes untouched); `to` = 0 removes the perturbation."""
+        if to == 0.0:
+            self.layer.perturbation = None
+            return
         shape = (self.layer.out_features, self.layer.in_features)
         self.layer.perturbation = lambda layer: d.perturbation(query_seed, self.index, shape,
-                                                               layer.codes.device).mul_(scale)
-
-    def unperturb(self, d: Directions, query_seed: int, scale: float) -> None:
-        self.layer.perturbation = None
+                                                               layer.codes.device).mul_(to)
 
     @torch.no_grad()
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
                decay: float) -> None:
         """codes <- R(codes + sum_i coef_i * u2_i / scale - decay * codes), R onto the grid (SR or nearest)."""
         layer = self.layer
-        self.unperturb(d, 0, 0.0)
+        layer.perturbation = None
         shape, device = (layer.out_features, layer.in_features), layer.codes.device
         step = None
         for seed, coef in zip(query_seeds, coefs):
