@@ -250,6 +250,8 @@ def test_resume_is_bit_exact_and_the_trace_continues(write_recipe, tmp_path, opt
     (full_header, full_records), (header, records) = (read_trace(tmp_path / d / TRACE_FILE) for d in ("full", "parts"))
     assert records == full_records and len(records) == 12  # the stray records were cut before resuming
     assert header["initial_tensors"] == full_header["initial_tensors"]
+    replay(rest, tmp_path / "parts" / TRACE_FILE, tmp_path / "replayed")  # the resumed run's trace replays too
+    assert same_bits(weights(tmp_path / "parts"), weights(tmp_path / "replayed"))
 
 
 def test_resume_without_its_trace_is_refused_with_a_way_out(write_recipe, tmp_path):
