@@ -237,3 +237,28 @@ def test_cli_train_user_errors_are_one_line(write_recipe, tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         f"error: {tmp_path / 'bad.tsv'}: column 'sentence' not found (columns: text, label)"]
+
+
+def test_micro_batches_accumulate_to_the_full_batch_step(write_recipe, tmp_path):
+    """train.micro_batch_size splits a global batch into chunks whose weighted gradients add up to the batch's."""
+    from ftkit.data.batches import encode, micro_batches
+    from ftkit.data.dataset import load_task_data
+    from ftkit.models.build import build_model
+    from ftkit.models.load import load_tokenizer
+    from ftkit.optim import OPTIMIZERS
+
+    recipe = run(write_recipe, tmp_path, method={"optimizer": "sgd"}, train={"lr": 0.5})
+    task, tokenizer = load_task_data(recipe, splits=("train",)), load_tokenizer(recipe.model)
+    features = encode(task.splits["train"][:12], tokenizer, "encoder", task, 32)
+    after = []
+    for size in (None, 5):  # 12 examples: one batch, or chunks of 5, 5 and 2
+        model, _, _ = build_model(recipe, task, tokenizer)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # the two runs must compute the same function
+        batches = micro_batches(features, size, tokenizer.pad_token_id)
+        assert len(batches) == (1 if size is None else 3)
+        OPTIMIZERS["sgd"](model, recipe).step(batches, 0.5)
+        after.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, value in after[0].items():
+        torch.testing.assert_close(after[1][name], value, atol=1e-5, rtol=1e-4, msg=name)

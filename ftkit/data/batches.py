@@ -134,6 +134,10 @@ class TrainStream:
         return grouped
 
     def next_batch(self) -> dict:
+        return collate(self.next_features(), self.pad_id)
+
+    def next_features(self) -> list[dict]:
+        """The next global batch, uncollated (see `micro_batches`)."""
         picked = []
         while len(picked) < self.batch_size:
             if self.position >= len(self._order):
@@ -142,7 +146,7 @@ class TrainStream:
             take = self._order[self.position : self.position + self.batch_size - len(picked)]
             picked.extend(take)
             self.position += len(take)
-        return collate([self.features[i] for i in picked], self.pad_id)
+        return [self.features[i] for i in picked]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -150,6 +154,12 @@ class TrainStream:
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
+
+
+def micro_batches(features: list[dict], micro_batch_size: int | None, pad_id: int) -> list[dict]:
+    """A global batch as consecutive chunks of `micro_batch_size` examples (one chunk when unset), collated."""
+    size = micro_batch_size or len(features)
+    return [collate(features[i : i + size], pad_id) for i in range(0, len(features), size)]
 
 
 def _length(feature: dict) -> int:

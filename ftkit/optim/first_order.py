@@ -16,13 +16,22 @@ class FirstOrder:
         self.model, self.optimizer, self.grad_clip, self.loss = model, optimizer, grad_clip, loss
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def step(self, batch: dict, lr: float) -> dict:
+    def step(self, batches: list[dict], lr: float) -> dict:
+        """One optimizer step over the micro-batches of a global batch (gradient accumulation): each contributes
+        its mean loss weighted by its share of the examples."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.loss(self.model(batch), batch)
-        loss.backward()
-        metrics = {"loss": loss.item()}
+        batches = batches if isinstance(batches, list) else [batches]
+        total = sum(len(b["labels"]) for b in batches)
+        loss_value = 0.0
+        for batch in batches:
+            loss = self.loss(self.model(batch), batch)
+            weight = len(batch["labels"]) / total
+            (loss * weight if len(batches) > 1 else loss).backward()
+            loss_value += loss.item() * weight
+        loss = torch.tensor(loss_value)
+        metrics = {"loss": loss_value}
         if self.grad_clip is not None:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).item()
         if torch.isfinite(loss):

@@ -62,12 +62,20 @@ class ZerothOrder:
 
     # --- the step -----------------------------------------------------------------------------------------------
 
-    def step(self, batch: dict, lr: float) -> dict:
+    def step(self, batches: list[dict], lr: float) -> dict:
+        """One step on the micro-batches of a global batch (one batch, or a list: see train.micro_batch_size).
+
+        The loss of a query is the mean over the global batch: one micro-batch's mean as it is, or the sum of
+        mean x size over the micro-batches divided by their total size."""
         self.model.eval()  # dropout off: both passes of a query must see the same function
+        batches = batches if isinstance(batches, list) else [batches]
+        total = sum(len(b["labels"]) for b in batches)
 
         def loss() -> float:
             with torch.inference_mode():
-                return self.loss(self.model(batch), batch).item()
+                if len(batches) == 1:
+                    return self.loss(self.model(batches[0]), batches[0]).item()
+                return sum(self.loss(self.model(b), b).item() * len(b["labels"]) for b in batches) / total
 
         step_seed = self.step_seed(self.steps_done)
         gradients, losses = self._run(step_seed, lr, loss_fn=loss)

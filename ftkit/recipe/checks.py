@@ -24,6 +24,10 @@ def run_checks(recipe: Recipe, where: str) -> None:
     t = recipe.train
     _at_least(fail, "train.max_steps", t.max_steps, 1)
     _at_least(fail, "train.batch_size", t.batch_size, 1)
+    if t.micro_batch_size is not None:
+        _at_least(fail, "train.micro_batch_size", t.micro_batch_size, 1)
+        if t.micro_batch_size > t.batch_size:
+            fail("train.micro_batch_size", f"{t.micro_batch_size} is more than train.batch_size ({t.batch_size})")
     _at_least(fail, "train.eval_batch_size", t.eval_batch_size, 1)
     _at_least(fail, "train.lr", t.lr, 0)
     _at_least(fail, "train.weight_decay", t.weight_decay, 0)

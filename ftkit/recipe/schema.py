@@ -192,6 +192,9 @@ class DataSpec:
 class TrainSpec:
     max_steps: int = 1000
     batch_size: int = 16
+    # Chunks of the global batch computed one after another (gradient accumulation, and the unit that
+    # multi-process runs deal to their ranks); unset: the whole batch at once.
+    micro_batch_size: Optional[int] = None
     # Batches of sentences of similar length (far less padding); see ftkit.data.batches.TrainStream.
     group_by_length: bool = True
     eval_batch_size: int = 128

@@ -13,7 +13,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from ftkit.data.batches import TrainStream, encode
+from ftkit.data.batches import TrainStream, encode, micro_batches
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import TrainingDiverged, UserError
 from ftkit.eval import evaluate
@@ -120,8 +120,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     try:
         for step in range(state["step"], recipe.train.max_steps):
             lr = learning_rate(step, recipe.train)
-            batch = stream.next_batch()
-            metrics = method.step(batch, lr)
+            batches = micro_batches(stream.next_features(), recipe.train.micro_batch_size, tokenizer.pad_token_id)
+            metrics = method.step(batches, lr)
             done = step + 1
             if not math.isfinite(metrics["loss"]):
                 last = ckpt.resolve(ckpt_root)
