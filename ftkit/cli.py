@@ -27,18 +27,21 @@ def friendly(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from ftkit.distributed import main_process
         from ftkit.train.loop import Interrupted
 
+        # Under torchrun every process meets the same mistake; process 0 says it.
+        say = err.print if main_process() else (lambda *a, **k: None)
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            err.print(f"error: {error}", markup=False)
+            say(f"error: {error}", markup=False)
             raise typer.Exit(2)
         except TrainingDiverged as error:
-            err.print(f"stopped: {error}", markup=False)
+            say(f"stopped: {error}", markup=False)
             raise typer.Exit(1)
         except Interrupted as error:
-            err.print(str(error), markup=False)
+            say(str(error), markup=False)
             raise typer.Exit(128 + error.signum)
         except KeyboardInterrupt:
             err.print("interrupted before training started; nothing was written", markup=False)
@@ -53,13 +56,22 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file"),
     overrides: Optional[list[str]] = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint"),
+    nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (runs torchrun --standalone; for "
+                              "several machines call torchrun yourself, see docs/scaling.md)"),
 ):
     """Train a recipe; writes checkpoints and metrics to its run directory."""
+    from ftkit.distributed import launched_by_torchrun, main_process
     from ftkit.recipe import load_recipe
     from ftkit.train.loop import train as run_training
 
     spec = load_recipe(recipe, overrides or [])
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and not launched_by_torchrun():
+        raise typer.Exit(_torchrun(nproc, ["train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]))
     summary = run_training(spec, resume=resume, console=out)
+    if not main_process():
+        return
     metric = summary["metric"]
     start = (summary.get("dev_at_start") or {}).get(metric)
     end = (summary.get("dev") or {}).get(metric)
@@ -71,6 +83,17 @@ def train(
     if summary.get("best_step"):
         line += f" (best {summary['best_dev']:.4f} at step {summary['best_step']})"
     out.print(line)
+
+
+def _torchrun(nproc: int, args: list[str]) -> int:
+    """Run `ftkit ARGS` in `nproc` processes on this machine under torchrun; its exit status."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "ftkit", *args]
+    err.print("running: " + " ".join(command[1:]), markup=False)
+    return subprocess.run(command).returncode
 
 
 @app.command("eval")

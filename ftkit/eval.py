@@ -5,52 +5,75 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ftkit.data.batches import eval_batches
+from ftkit.data.batches import collate, eval_chunks
+from ftkit.distributed import SINGLE
 from ftkit.textmetrics import exact_match, token_f1
 
 
 @torch.inference_mode()
-def evaluate(model, features: list[dict], batch_size: int, pad_id: int, num_classes: int, tokenizer=None) -> dict:
+def evaluate(model, features: list[dict], batch_size: int, pad_id: int, num_classes: int, tokenizer=None,
+             world=SINGLE) -> dict:
     """Classification and multiple choice: accuracy, macro-F1 (classification) and mean cross-entropy over the
     candidates. Generation: greedy decoding scored by exact match and token F1 (SQuAD normalisation), and the
-    answer's language-model loss. Eval mode (dropout off)."""
+    answer's language-model loss. Eval mode (dropout off).
+
+    Across processes, the length-sorted batches are dealt round robin, each process scores its own, and the
+    per-batch results are gathered once and combined in batch order: the same batches, the same padding and the
+    same order of additions as one process, so the figures are identical."""
     was_training = model.training
     model.eval()
     try:
-        if features and "answers" in features[0]:
-            return _evaluate_generation(model, features, batch_size, pad_id, tokenizer)
-        return _evaluate_candidates(model, features, batch_size, pad_id, num_classes)
+        generation = bool(features) and "answers" in features[0]
+        score = _score_generation if generation else _score_candidates
+        chunks = eval_chunks(features, batch_size)
+        mine = [(b, score(model, chunk, collate([features[i] for i in chunk], pad_id), tokenizer))
+                for b, chunk in enumerate(chunks) if world.owns(b)]
+        gathered = [part for parts in world.all_gather(mine) for part in parts]
+        results = [r for _, r in sorted(gathered, key=lambda part: part[0])]
+        combine = _combine_generation if generation else _combine_candidates
+        return combine(results, len(features), num_classes)
     finally:
         model.train(was_training)
 
 
-def _evaluate_candidates(model, features, batch_size, pad_id, num_classes) -> dict:
-    predictions = torch.empty(len(features), dtype=torch.long)
-    labels = torch.empty(len(features), dtype=torch.long)
+def _score_candidates(model, indices, batch, tokenizer) -> dict:
+    logits = model(batch)
+    return {"indices": indices, "predictions": logits.argmax(-1).tolist(), "labels": batch["labels"].tolist(),
+            "loss_sum": F.cross_entropy(logits, batch["labels"], reduction="sum").item()}
+
+
+def _combine_candidates(results: list[dict], n: int, num_classes: int) -> dict:
+    predictions = torch.empty(n, dtype=torch.long)
+    labels = torch.empty(n, dtype=torch.long)
     loss_sum = 0.0
-    for indices, batch in eval_batches(features, batch_size, pad_id):
-        logits = model(batch)
-        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        predictions[indices] = logits.argmax(-1)
-        labels[indices] = batch["labels"]
-    result = {"accuracy": (predictions == labels).float().mean().item(), "loss": loss_sum / max(1, len(features)),
-              "n": len(features)}
+    for r in results:
+        predictions[r["indices"]] = torch.tensor(r["predictions"], dtype=torch.long)
+        labels[r["indices"]] = torch.tensor(r["labels"], dtype=torch.long)
+        loss_sum += r["loss_sum"]
+    result = {"accuracy": (predictions == labels).float().mean().item(), "loss": loss_sum / max(1, n), "n": n}
     if num_classes:
         result["macro_f1"] = macro_f1(predictions, labels, num_classes)
     return result
 
 
-def _evaluate_generation(model, features, batch_size, pad_id, tokenizer) -> dict:
+def _score_generation(model, indices, batch, tokenizer) -> dict:
     if tokenizer is None:
         raise ValueError("evaluating a generation task needs the tokenizer")
+    predictions = greedy_answers(model, batch["prompts"], tokenizer)
+    return {"loss_sum": -model(batch)[:, 0].sum().item(),
+            "exact_match": [exact_match(p, a) for p, a in zip(predictions, batch["answers"])],
+            "f1": [token_f1(p, a) for p, a in zip(predictions, batch["answers"])]}
+
+
+def _combine_generation(results: list[dict], n: int, num_classes: int) -> dict:
     em = f1 = loss_sum = 0.0
-    for _, batch in eval_batches(features, batch_size, pad_id):
-        loss_sum += -model(batch)[:, 0].sum().item()
-        for prediction, answers in zip(greedy_answers(model, batch["prompts"], tokenizer), batch["answers"]):
-            em += exact_match(prediction, answers)
-            f1 += token_f1(prediction, answers)
-    n = max(1, len(features))
-    return {"exact_match": em / n, "f1": f1 / n, "loss": loss_sum / n, "n": len(features)}
+    for r in results:
+        loss_sum += r["loss_sum"]
+        for e, f in zip(r["exact_match"], r["f1"]):
+            em += e
+            f1 += f
+    count = max(1, n)
+    return {"exact_match": em / count, "f1": f1 / count, "loss": loss_sum / count, "n": n}
 
 
 def greedy_answers(model, prompts: list[list[int]], tokenizer) -> list[str]:

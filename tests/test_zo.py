@@ -13,6 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from conftest import TINY_BERT, tiny_recipe
+from ftkit.data.batches import Shard
 from ftkit.errors import RecipeError, UserError
 from ftkit.optim.trace import read_trace, record_format
 from ftkit.optim.zo import TRACE_FILE, ZerothOrder
@@ -328,7 +329,8 @@ def test_non_finite_loss_restores_the_weights_and_stops(write_recipe, tmp_path):
     method = ZerothOrder(model, recipe, "mezo")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     calls = iter([1.0, math.nan])
-    gradients, losses = method._run(method.step_seed(0), 1e-3, loss_fn=lambda: next(calls))
+    method._chunk_losses = lambda shard: [next(calls)]  # L+ finite, L- not
+    gradients, losses = method._run(method.step_seed(0), 1e-3, shard=Shard([], [0], num_chunks=1, total=1))
     assert math.isnan(gradients[0]) and math.isnan(losses[0])
     for n, p in model.named_parameters():
         if n in before:

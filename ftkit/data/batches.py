@@ -3,6 +3,8 @@ length-sorted chunks for evaluation."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ftkit.data.dataset import Example, TaskData
@@ -156,19 +158,53 @@ class TrainStream:
         self._order = self._permutation(self.epoch)
 
 
+@dataclass
+class Shard:
+    """One process's part of a global batch: its chunks, collated, and where each sits in the batch.
+
+    A global batch is cut into consecutive chunks of `train.micro_batch_size` examples (one chunk when unset)
+    and chunk j goes to process j mod world size, so the chunks do not depend on how many processes share them:
+    a run on N processes computes exactly the chunks a single process computes one after another."""
+
+    batches: list[dict]
+    positions: list[int]  # index of each chunk in the global batch
+    num_chunks: int
+    total: int  # examples in the global batch
+    step: int = 0  # the step this batch trains (seeds dropout per chunk)
+
+
+def shard(features: list[dict], micro_batch_size: int | None, pad_id: int, world=None, step: int = 0) -> Shard:
+    size = micro_batch_size or len(features)
+    starts = range(0, len(features), size)
+    mine = [j for j in range(len(starts)) if world is None or world.owns(j)]
+    return Shard([collate(features[starts[j] : starts[j] + size], pad_id) for j in mine], mine, len(starts),
+                 len(features), step)
+
+
+def as_shard(batches) -> Shard:
+    """A Shard as is; a collated batch or a list of them as the whole global batch of one process."""
+    if isinstance(batches, Shard):
+        return batches
+    batches = batches if isinstance(batches, list) else [batches]
+    return Shard(batches, list(range(len(batches))), len(batches), sum(len(b["labels"]) for b in batches))
+
+
 def micro_batches(features: list[dict], micro_batch_size: int | None, pad_id: int) -> list[dict]:
     """A global batch as consecutive chunks of `micro_batch_size` examples (one chunk when unset), collated."""
-    size = micro_batch_size or len(features)
-    return [collate(features[i : i + size], pad_id) for i in range(0, len(features), size)]
+    return shard(features, micro_batch_size, pad_id).batches
 
 
 def _length(feature: dict) -> int:
     return max(len(r) for r in feature["rows"]) if "rows" in feature else len(feature["input_ids"])
 
 
-def eval_batches(features: list[dict], batch_size: int, pad_id: int):
-    """Length-sorted batches (little padding); yields (original indices, batch)."""
+def eval_chunks(features: list[dict], batch_size: int) -> list[list[int]]:
+    """Length-sorted batches of indices (little padding)."""
     order = sorted(range(len(features)), key=lambda i: _length(features[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def eval_batches(features: list[dict], batch_size: int, pad_id: int):
+    """Yields (original indices, collated batch) for each of `eval_chunks`."""
+    for chunk in eval_chunks(features, batch_size):
         yield chunk, collate([features[i] for i in chunk], pad_id)

@@ -2,39 +2,65 @@
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ftkit.data.batches import as_shard
+from ftkit.distributed import SINGLE, World
 from ftkit.models.heads import task_loss
+from ftkit.optim.zo_streams import derive
 from ftkit.recipe.schema import Recipe
 
 
+DROPOUT_DOMAIN = 0xD80  # separates dropout seeds from any other use of the run seed
+
+
 class FirstOrder:
-    """One optimizer step per batch. The loop owns the schedule and passes the rate in."""
+    """One optimizer step per global batch. The loop owns the schedule and passes the rate in.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, loss):
+    Several processes: the model is wrapped in DistributedDataParallel, each process back-propagates its chunks of
+    the batch (gradients synchronised on the last one only) and DDP averages the gradients. Dropout is seeded per
+    (run seed, step, chunk), so a chunk sees the same masks whichever process computes it, and in a resumed run."""
+
+    shards_data = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, loss,
+                 seed: int = 0, world: World = SINGLE):
         self.model, self.optimizer, self.grad_clip, self.loss = model, optimizer, grad_clip, loss
+        self.seed, self.world = seed, world
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Codes of quantized layers are buffers that never change in first-order training: no need to
+        # broadcast them at every forward (DDP still syncs everything once, when it wraps the model).
+        self.forward = DistributedDataParallel(model, broadcast_buffers=False) if world.size > 1 else model
 
-    def step(self, batches: list[dict], lr: float) -> dict:
-        """One optimizer step over the micro-batches of a global batch (gradient accumulation): each contributes
-        its mean loss weighted by its share of the examples."""
+    def step(self, batches, lr: float) -> dict:
+        """One optimizer step over a global batch: a Shard (this process's chunks), or one collated batch or a list
+        of them. Each chunk contributes its mean loss weighted by its share of the global batch (gradient
+        accumulation), times the process count that DDP's averaging divides by."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = batches if isinstance(batches, list) else [batches]
-        total = sum(len(b["labels"]) for b in batches)
+        shard = as_shard(batches)
         loss_value = 0.0
-        for batch in batches:
-            loss = self.loss(self.model(batch), batch)
-            weight = len(batch["labels"]) / total
-            (loss * weight if len(batches) > 1 else loss).backward()
-            loss_value += loss.item() * weight
-        loss = torch.tensor(loss_value)
+        for k, (batch, position) in enumerate(zip(shard.batches, shard.positions)):
+            torch.manual_seed(derive(self.seed, DROPOUT_DOMAIN, shard.step, position))
+            last = k == len(shard.batches) - 1
+            with nullcontext() if last or self.world.size == 1 else self.forward.no_sync():
+                loss = self.loss(self.forward(batch), batch)
+                share = len(batch["labels"]) / shard.total
+                weight = len(batch["labels"]) * self.world.size / shard.total
+                (loss * weight if weight != 1 else loss).backward()
+            loss_value += loss.item() * share
+        if self.world.size > 1:
+            loss_value = self.world.all_sum([loss_value])[0]
         metrics = {"loss": loss_value}
         if self.grad_clip is not None:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).item()
-        if torch.isfinite(loss):
+        if math.isfinite(loss_value):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
@@ -63,18 +89,18 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_adamw(model: nn.Module, recipe: Recipe) -> FirstOrder:
+def build_adamw(model: nn.Module, recipe: Recipe, world: World = SINGLE) -> FirstOrder:
     spec = recipe.method.adamw
     optimizer = torch.optim.AdamW(
         decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, betas=tuple(spec.betas), eps=spec.eps
     )
-    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe))
+    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe), recipe.train.seed, world)
 
 
-def build_sgd(model: nn.Module, recipe: Recipe) -> FirstOrder:
+def build_sgd(model: nn.Module, recipe: Recipe, world: World = SINGLE) -> FirstOrder:
     spec = recipe.method.sgd
     optimizer = torch.optim.SGD(
         decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, momentum=spec.momentum,
         nesterov=spec.nesterov,
     )
-    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe))
+    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe), recipe.train.seed, world)

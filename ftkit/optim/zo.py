@@ -11,6 +11,10 @@ stochastic rounding onto the weight grid for quantized layers (whose perturbatio
 so their codes change only at the update). All random tensors are regenerated from seeds (ftkit.optim.zo_streams),
 one tensor at a time: memory is inference plus one tensor's direction.
 
+Across processes (ftkit.distributed) every process holds the whole model and applies the identical update from the
+shared seeds; only the losses cross, one all-reduce of 2 x chunks x queries scalars per step. Data parallel: each
+process evaluates its chunks of the batch. Query parallel: each evaluates the whole batch for its queries.
+
 `replay_step` runs the same arithmetic from a trace record without any forward pass (ftkit.replay).
 """
 
@@ -23,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ftkit.data.batches import Shard, as_shard
+from ftkit.distributed import SINGLE, World
 from ftkit.errors import UserError
 from ftkit.models.heads import task_loss
 from ftkit.optim.trace import TraceWriter, encode_tensor
@@ -35,9 +41,13 @@ STEP_DOMAIN = 0x5A0  # separates step seeds from any other use of the run seed
 
 
 class ZerothOrder:
-    def __init__(self, model: nn.Module, recipe: Recipe, name: str):
+    def __init__(self, model: nn.Module, recipe: Recipe, name: str, world: World = SINGLE):
         spec = recipe.method.zo
-        self.model, self.recipe, self.name = model, recipe, name
+        self.model, self.recipe, self.name, self.world = model, recipe, name, world
+        self.parallel = spec.parallel
+        if self.parallel == "queries" and spec.n_queries % world.size:
+            raise UserError(f"method.zo.parallel queries deals the queries to the processes: method.zo.n_queries "
+                            f"({spec.n_queries}) must be a multiple of the number of processes ({world.size})")
         self.eps, self.n_queries, self.weight_decay = spec.eps, spec.n_queries, spec.weight_decay
         self.directions = Directions(bits=spec.perturb_bits if name == "quzo" else 0,
                                      independent=spec.independent_roundings, update_rounding=spec.update_rounding)
@@ -62,23 +72,21 @@ class ZerothOrder:
 
     # --- the step -----------------------------------------------------------------------------------------------
 
-    def step(self, batches: list[dict], lr: float) -> dict:
-        """One step on the micro-batches of a global batch (one batch, or a list: see train.micro_batch_size).
+    @property
+    def shards_data(self) -> bool:
+        """Whether processes split the global batch (data parallel), or each evaluate it whole for the queries
+        it owns, query i on process i mod world size (query parallel)."""
+        return self.parallel == "data"
 
-        The loss of a query is the mean over the global batch: one micro-batch's mean as it is, or the sum of
-        mean x size over the micro-batches divided by their total size."""
+    def step(self, batches, lr: float) -> dict:
+        """One step on a global batch: a Shard (this process's chunks of it), or one collated batch or a list of
+        them (see train.micro_batch_size).
+
+        The loss of a query is the mean over the global batch: one chunk's mean as it is, or the sum of
+        mean x size over the chunks divided by the batch size."""
         self.model.eval()  # dropout off: both passes of a query must see the same function
-        batches = batches if isinstance(batches, list) else [batches]
-        total = sum(len(b["labels"]) for b in batches)
-
-        def loss() -> float:
-            with torch.inference_mode():
-                if len(batches) == 1:
-                    return self.loss(self.model(batches[0]), batches[0]).item()
-                return sum(self.loss(self.model(b), b).item() * len(b["labels"]) for b in batches) / total
-
         step_seed = self.step_seed(self.steps_done)
-        gradients, losses = self._run(step_seed, lr, loss_fn=loss)
+        gradients, losses = self._run(step_seed, lr, shard=as_shard(batches))
         self.steps_done += 1
         if self.trace is not None:
             self.trace.write(self.steps_done, step_seed, lr, gradients, self.streams)
@@ -92,28 +100,45 @@ class ZerothOrder:
         return derive(self.seed, STEP_DOMAIN, step)
 
     @torch.no_grad()
-    def _run(self, step_seed: int, lr: float, loss_fn=None, gradients: list[float] | None = None):
-        eps, d = self.eps, self.directions
-        query_seeds = [derive(step_seed, i) for i in range(self.n_queries)]
-        found, losses = [], []
+    def _run(self, step_seed: int, lr: float, shard: Shard | None = None, gradients: list[float] | None = None):
+        """The step's arithmetic on the weights, identical on every process and in a replay (shard None, the
+        gradients given): every process moves the weights through every query, in order, and evaluates the ones
+        it owns; the chunks' losses of all queries then cross processes in one all-reduce."""
+        eps, n = self.eps, self.n_queries
+        query_seeds = [derive(step_seed, i) for i in range(n)]
+        local, width = [], shard.num_chunks if shard is not None else 0
         for i, seed in enumerate(query_seeds):
+            evaluate = shard is not None and (self.parallel == "data" or self.world.owns(i))
             self._move(seed, 0.0, eps)
-            plus = loss_fn() if loss_fn else None
+            local += self._chunk_losses(shard) if evaluate else [0.0] * width
             self._move(seed, eps, -eps)
-            minus = loss_fn() if loss_fn else None
-            if i < self.n_queries - 1:
-                self._move(seed, -eps, 0.0)
-            if loss_fn:
-                found.append((plus - minus) / (2 * eps))
-                losses.append((plus + minus) / 2)
-        gradients = found if gradients is None else gradients
+            local += self._chunk_losses(shard) if evaluate else [0.0] * width
+            if i < n - 1:
+                self._move(seed, -eps, 0.0)  # the last query's restore is folded into the update
+        losses = []
+        if shard is not None:
+            summed, k = self.world.all_sum(local), shard.num_chunks
+            pairs = [(_batch_loss(summed[2 * i * k : (2 * i + 1) * k], shard),
+                      _batch_loss(summed[(2 * i + 1) * k : (2 * i + 2) * k], shard)) for i in range(n)]
+            gradients = [(plus - minus) / (2 * eps) for plus, minus in pairs]
+            losses = [(plus + minus) / 2 for plus, minus in pairs]
         if not all(math.isfinite(g) for g in gradients):
             self._move(query_seeds[-1], -eps, 0.0)  # leave the weights as they were; the loop stops the run
             return gradients, [math.nan]
-        coefs = [-lr * g / self.n_queries for g in gradients]
+        coefs = [-lr * g / n for g in gradients]
         for target in self.targets:
-            target.update(d, step_seed, query_seeds, coefs, restore=eps, decay=lr * self.weight_decay)
+            target.update(self.directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * self.weight_decay)
         return gradients, losses
+
+    def _chunk_losses(self, shard: Shard) -> list[float]:
+        """The loss of each chunk this process holds, at the chunk's place in the global batch (0.0 for chunks
+        other processes hold): mean x size, or the mean itself when the batch is a single chunk."""
+        values = [0.0] * shard.num_chunks
+        with torch.inference_mode():
+            for batch, position in zip(shard.batches, shard.positions):
+                mean = self.loss(self.model(batch), batch).item()
+                values[position] = mean if shard.num_chunks == 1 else mean * len(batch["labels"])
+        return values
 
     def _move(self, query_seed: int, current: float, to: float) -> None:
         for target in self.targets:
@@ -122,7 +147,7 @@ class ZerothOrder:
     # --- run integration: trace and state -----------------------------------------------------------------------
 
     def begin(self, run_dir: Path, resume_step: int | None) -> None:
-        if not self.recipe.method.zo.trace:
+        if not self.recipe.method.zo.trace or not self.world.is_main:
             return
         try:
             self.trace = TraceWriter(Path(run_dir) / TRACE_FILE, self.trace_header(), resume_step)
@@ -154,14 +179,19 @@ class ZerothOrder:
         self.steps_done = int(state["steps_done"])
 
 
+def _batch_loss(chunk_losses: list[float], shard: Shard) -> float:
+    """The global batch's mean loss from its chunks' (see `_chunk_losses`), added in chunk order."""
+    return chunk_losses[0] if shard.num_chunks == 1 else sum(chunk_losses) / shard.total
+
+
 def _num_classes(model: nn.Module) -> int:
     head = getattr(model, "head", None)
     return head.out_features if head is not None else model.num_classes
 
 
-def build_mezo(model: nn.Module, recipe: Recipe) -> ZerothOrder:
-    return ZerothOrder(model, recipe, "mezo")
+def build_mezo(model: nn.Module, recipe: Recipe, world: World = SINGLE) -> ZerothOrder:
+    return ZerothOrder(model, recipe, "mezo", world)
 
 
-def build_quzo(model: nn.Module, recipe: Recipe) -> ZerothOrder:
-    return ZerothOrder(model, recipe, "quzo")
+def build_quzo(model: nn.Module, recipe: Recipe, world: World = SINGLE) -> ZerothOrder:
+    return ZerothOrder(model, recipe, "quzo", world)

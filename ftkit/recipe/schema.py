@@ -125,6 +125,9 @@ class ZOSpec:
     train_embeddings: bool = False
     # Write the trajectory (seeds, projected gradients, learning rates) to <run>/trace.ftz for `ftkit replay`.
     trace: bool = True
+    # Several processes (torchrun): split each batch between them (data), or give each the whole batch and
+    # n_queries / processes of the queries (queries; n_queries a multiple of the process count). Same result.
+    parallel: Literal["data", "queries"] = "data"
 
 
 @dataclass

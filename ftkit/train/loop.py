@@ -13,8 +13,9 @@ import torch
 import yaml
 from rich.console import Console
 
-from ftkit.data.batches import TrainStream, encode, micro_batches
+from ftkit.data.batches import TrainStream, encode, shard
 from ftkit.data.dataset import load_task_data
+from ftkit.distributed import BACKEND, World, close_world, init_world
 from ftkit.errors import TrainingDiverged, UserError
 from ftkit.eval import evaluate
 from ftkit.memory import peak_rss_mb
@@ -25,12 +26,13 @@ from ftkit.optim import OPTIMIZERS
 from ftkit.optim.schedules import learning_rate
 from ftkit.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from ftkit.train import checkpoint as ckpt
-from ftkit.train.metrics import MetricsLog, read_events, truncate_after
+from ftkit.train.metrics import MetricsLog, NullLog, read_events, truncate_after
 from ftkit.train.progress import TrainProgress
 
 # Keys a resumed run may change: they decide how long and how often, not what is computed.
 RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
-                     "train.tensorboard", "train.eval_batch_size", "description", "method.zo.trace"}
+                     "train.tensorboard", "train.eval_batch_size", "description", "method.zo.trace",
+                     "method.zo.parallel"}
 
 
 class Interrupted(Exception):
@@ -46,11 +48,23 @@ def run_dir_for(recipe: Recipe) -> Path:
 
 
 def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict:
-    console = console or Console()
+    """Train `recipe` in this process, or as one of the processes torchrun started (see docs/scaling.md): every
+    process runs this same loop on the same global batches and holds identical weights; process 0 alone writes."""
+    world = init_world()
+    try:
+        return _train(recipe, resume, console or Console(), world)
+    finally:
+        close_world(world)
+
+
+def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict:
     started = time.perf_counter()
+    if not world.is_main:
+        console = Console(quiet=True)
     run_dir = run_dir_for(recipe)
     ckpt_root = run_dir / "checkpoints"
-    ckpt.remove_leftovers(ckpt_root)
+    if world.is_main:
+        ckpt.remove_leftovers(ckpt_root)
     resume_from = ckpt.resolve(ckpt_root) if resume else None
     if not resume and ckpt.resolve(ckpt_root) is not None:
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
@@ -66,35 +80,45 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     model, kind, facts = build_model(recipe, task, tokenizer)
     features = {split: encode(examples, tokenizer, kind, task, recipe.data.max_seq_len)
                 for split, examples in task.splits.items()}
-    method = OPTIMIZERS[recipe.method.optimizer](model, recipe)
+    method = OPTIMIZERS[recipe.method.optimizer](model, recipe, world=world)
     stream = TrainStream(features["train"], recipe.train.batch_size, recipe.train.seed, tokenizer.pad_token_id,
                          recipe.train.group_by_length)
+    shard_world = world if method.shards_data else None
+    chunk_size = _chunk_size(recipe, world, method.shards_data)
     num_classes = len(task.labels)
 
     def run_eval(split: str) -> dict:
         return evaluate(model, features[split], recipe.train.eval_batch_size, tokenizer.pad_token_id, num_classes,
-                        tokenizer)
+                        tokenizer, world)
 
     metric = task.spec.metric
     trainable = trainable_numel(model)
     state = {"step": 0, "best_metric": None, "best_step": None, "dev_at_start": None}
 
-    # Fresh start or resume.
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Fresh start or resume (from a checkpoint written with any number of processes: the weights, the data
+    # position and the step count are all there is, and every process loads them).
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model, method)
         stream.load_state_dict(saved["stream"])
         ckpt.set_rng_state(saved["rng"])
         state = saved["loop"]
-        truncate_after(run_dir / "metrics.jsonl", state["step"])
+        if world.is_main:
+            truncate_after(run_dir / "metrics.jsonl", state["step"])
         console.print(f"resuming {run_dir} from step {state['step']}")
     else:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         torch.manual_seed(recipe.train.seed)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    log = MetricsLog(run_dir, recipe.train.tensorboard)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    log = MetricsLog(run_dir, recipe.train.tensorboard) if world.is_main else NullLog()
     console.print(f"{kind} model, {trainable:,} trainable parameters; data: "
                   + ", ".join(f"{s} {len(v)}" for s, v in task.splits.items()))
+    if world.size > 1:
+        split = (f"chunks of {chunk_size} examples dealt round robin" if method.shards_data
+                 else f"{recipe.method.zo.n_queries // world.size} of {recipe.method.zo.n_queries} queries each")
+        console.print(f"{world.size} processes ({BACKEND}): global batch {recipe.train.batch_size}, {split}")
 
     if state["step"] == 0 and recipe.train.eval_at_start and "dev" in features:
         dev = run_eval("dev")
@@ -109,10 +133,13 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     descriptions = {"adapter_config.json": adapter_description(recipe)} if recipe.method.adapter != "none" else {}
 
-    def save(step: int, is_best: bool = False) -> Path:
-        trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source}
-        return ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
-                                    descriptions)
+    def save(step: int, is_best: bool = False) -> None:
+        """Process 0 writes; the others hold the same weights and data position."""
+        if world.is_main:
+            trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source,
+                             "processes": world.size}
+            ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
+                                 descriptions)
 
     progress = TrainProgress(console, recipe.train.max_steps, state["step"], recipe.train.log_every)
     loop_started, first_step = time.perf_counter(), state["step"]
@@ -120,8 +147,8 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
     try:
         for step in range(state["step"], recipe.train.max_steps):
             lr = learning_rate(step, recipe.train)
-            batches = micro_batches(stream.next_features(), recipe.train.micro_batch_size, tokenizer.pad_token_id)
-            metrics = method.step(batches, lr)
+            batch = shard(stream.next_features(), chunk_size, tokenizer.pad_token_id, shard_world, step)
+            metrics = method.step(batch, lr)
             done = step + 1
             if not math.isfinite(metrics["loss"]):
                 last = ckpt.resolve(ckpt_root)
@@ -139,11 +166,12 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
                 progress.message(f"step {done}: dev {metric} {dev[metric]:.4f}  loss {dev['loss']:.4f}")
                 if state["best_metric"] is None or dev[metric] > state["best_metric"]:
                     state["best_metric"], state["best_step"], improved = dev[metric], done, True
+            signum = world.all_max(stop["signum"] or 0)  # a signal to any process stops them all, together
             periodic = recipe.train.save_every and done % recipe.train.save_every == 0
-            if periodic or is_last or improved or stop["signum"] is not None:
+            if periodic or is_last or improved or signum:
                 save(done, is_best=improved)
-            if stop["signum"] is not None and not is_last:
-                raise Interrupted(stop["signum"], f"interrupted at step {done}; checkpoint saved in {ckpt_root}; "
+            if signum and not is_last:
+                raise Interrupted(signum, f"interrupted at step {done}; checkpoint saved in {ckpt_root}; "
                                   f"continue with: ftkit train {recipe.source} --resume")
     finally:
         method.end()
@@ -154,25 +182,46 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
     # Final figures: test split (if any) on the best checkpoint's weights.
     steps_run = state["step"] - first_step
+    world.barrier()  # process 0's last checkpoint is on disk before anyone reads it
+    test = None
+    if "test" in features:
+        best = ckpt.resolve(ckpt_root, "best")
+        if best is not None:
+            ckpt.load_checkpoint(best, model)
+        test = run_eval("test")
+    if not world.is_main:
+        return {"metric": metric, "steps": state["step"], "rank": world.rank}
     summary = {
         "recipe": recipe.source, "kind": kind, "steps": state["step"], **facts,
         "dev_at_start": state["dev_at_start"], "dev": _last_dev(run_dir), "metric": metric,
         "best_step": state["best_step"], "best_dev": state["best_metric"],
         "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
-        "peak_rss_mb": peak_rss_mb(),
+        "processes": world.size, "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": (time.perf_counter() - loop_started) / steps_run if steps_run else None,
     }
-    if "test" in features:
-        best = ckpt.resolve(ckpt_root, "best")
-        if best is not None:
-            ckpt.load_checkpoint(best, model)
-        summary["test"] = run_eval("test")
+    if test is not None:
+        summary["test"] = test
         test_log = MetricsLog(run_dir)
         test_log.write({"step": state["best_step"] or state["step"], "split": "test", **summary["test"]})
         test_log.close()
     (run_dir / "summary.json").write_text(_json(summary))
     return summary
+
+
+def _chunk_size(recipe: Recipe, world: World, shards_data: bool) -> int | None:
+    """train.micro_batch_size; with several processes splitting the batch and none set, an equal share each."""
+    size = recipe.train.micro_batch_size
+    if world.size == 1 or not shards_data:
+        return size
+    batch = recipe.train.batch_size
+    size = size or math.ceil(batch / world.size)
+    chunks = math.ceil(batch / size)
+    if chunks < world.size:
+        raise UserError(f"train.batch_size {batch} in chunks of train.micro_batch_size {size} is {chunks} chunk(s) "
+                        f"for {world.size} processes, and each needs one: set train.micro_batch_size to "
+                        f"{batch // world.size} or less")
+    return size
 
 
 def adapter_description(recipe: Recipe) -> dict:

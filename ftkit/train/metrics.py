@@ -27,6 +27,16 @@ class MetricsLog:
             self.writer.close()
 
 
+class NullLog:
+    """What processes other than process 0 log to: nothing."""
+
+    def write(self, event: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop events logged after `step`: a resumed run rewrites them, so the file reads as one uninterrupted run."""
     if not path.is_file():
