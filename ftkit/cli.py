@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -86,14 +87,29 @@ def train(
 
 
 def _torchrun(nproc: int, args: list[str]) -> int:
-    """Run `ftkit ARGS` in `nproc` processes on this machine under torchrun; its exit status."""
-    import subprocess
-    import sys
+    """Run `ftkit ARGS` in `nproc` processes on this machine, as `torchrun --standalone` does (torch's elastic
+    launcher, in this process); the exit status of the first process that failed, else 0.
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ftkit", *args]
-    err.print("running: " + " ".join(command[1:]), markup=False)
-    return subprocess.run(command).returncode
+    Workers get the cores shared out (OMP_NUM_THREADS, unless set) and up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+    (default here 600, torchrun's is 30) to finish their step and save when the launcher is interrupted."""
+    import os
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
+                          shutdown_timeout=int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")))
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-u", "-m", "ftkit", *args)
+    except ChildFailedError as failure:
+        return next(iter(sorted(failure.failures.items())))[1].exitcode or 1
+    except SignalException as stopped:  # the workers got the signal too: they finished their step and saved
+        return 128 + int(stopped.sigval)
+    return 0
 
 
 @app.command("eval")

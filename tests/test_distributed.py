@@ -175,3 +175,27 @@ def test_process_count_mistakes_are_named(write_recipe, tmp_path):
     with pytest.raises(UserError, match=r"method.zo.n_queries \(3\) must be a multiple of the number of processes "
                                         r"\(2\)"):
         ZerothOrder(_model_of(tmp_path / "queries.yaml"), queries, "mezo", World(rank=0, size=2))
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_after_the_same_step_with_a_checkpoint(write_recipe, tmp_path):
+    import signal
+    import time
+
+    path = recipe_file(write_recipe, tmp_path, "run", method={"optimizer": "mezo"},
+                       train={"max_steps": 100000, "eval_every": 0, "save_every": 0, "log_every": 10})
+    process = subprocess.Popen([sys.executable, "-m", "ftkit", "train", str(path), "--nproc", "2"], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and any(e["split"] == "train" for e in read_events(metrics))):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    lines = [line for line in output.splitlines() if line.startswith("interrupted at step")]
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in output  # process 0 says it, once
+    saved = ckpt.resolve(tmp_path / "run" / "checkpoints")
+    state = json.loads((saved / ckpt.TRAINER_STATE).read_text())
+    assert f"interrupted at step {state['loop']['step']};" in lines[0] and state["processes"] == 2

@@ -65,8 +65,14 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
     ckpt_root = run_dir / "checkpoints"
     if world.is_main:
         ckpt.remove_leftovers(ckpt_root)
-    resume_from = ckpt.resolve(ckpt_root) if resume else None
-    if not resume and ckpt.resolve(ckpt_root) is not None:
+    found = ckpt.resolve(ckpt_root)
+    views = world.all_gather(found.name if found else None)
+    if len(set(views)) > 1:  # several machines, and the run directory is not on a filesystem they share
+        rank = next(r for r, view in enumerate(views) if view != views[0])
+        raise UserError(f"process {rank} sees {views[rank] or 'no checkpoint'} in {ckpt_root} where process 0 sees "
+                        f"{views[0] or 'none'}: train.output_dir must be on a filesystem every machine shares")
+    resume_from = found if resume else None
+    if not resume and found is not None:
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
                         f"or set train.output_dir to start another")
     if resume_from is not None:
