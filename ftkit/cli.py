@@ -179,6 +179,25 @@ def replay(
               f"{result['seconds']:.1f} s: {result['checkpoint']}", markup=False)
 
 
+@app.command()
+@friendly
+def plot(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories"),
+    out_file: Path = typer.Option(..., "-o", "--out", help="PNG file to write"),
+    labels: Optional[list[str]] = typer.Option(None, "--label", help="A legend label per run (default: its name)"),
+    title: Optional[str] = typer.Option(None, "--title"),
+):
+    """Train loss and dev metric against step and wall time, the runs overlaid, as a PNG."""
+    from ftkit.plot import plot_runs
+
+    if labels and len(labels) != len(run_dirs):
+        raise UserError(f"--label given {len(labels)} times for {len(run_dirs)} run directories")
+    if out_file.suffix.lower() != ".png":
+        raise UserError(f"-o {out_file}: write a .png file")
+    written = plot_runs(run_dirs, out_file, labels, title)
+    out.print(f"wrote {written} ({len(run_dirs)} run{'s' if len(run_dirs) > 1 else ''})", markup=False)
+
+
 @app.command("count-params")
 @friendly
 def count_params(

@@ -49,6 +49,8 @@ def test_first_order_training_lowers_the_loss_and_writes_the_run_dir(write_recip
     assert [e["step"] for e in dev] == [0, 20, 40]
     losses = [e["loss"] for e in events if e["split"] == "train"]
     assert sum(losses[-8:]) < 0.5 * sum(losses[:8])  # 64 sentences: the tiny model fits them
+    elapsed = [e["elapsed"] for e in events if e["split"] == "train"]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0  # training seconds so far, for plots against wall time
     assert {e["split"] for e in events} == {"train", "dev", "test"}
     for name in ("recipe.yaml", "summary.json", "checkpoints/last", "checkpoints/best"):
         assert (run_dir / name).exists(), name

@@ -99,7 +99,8 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
 
     metric = task.spec.metric
     trainable = trainable_numel(model)
-    state = {"step": 0, "best_metric": None, "best_step": None, "dev_at_start": None}
+    # elapsed: seconds of training so far, across resumes (evaluation included), for plots against wall time
+    state = {"step": 0, "best_metric": None, "best_step": None, "dev_at_start": None, "elapsed": 0.0}
 
     # Fresh start or resume (from a checkpoint written with any number of processes: the weights, the data
     # position and the step count are all there is, and every process loads them).
@@ -149,6 +150,11 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
 
     progress = TrainProgress(console, recipe.train.max_steps, state["step"], recipe.train.log_every)
     loop_started, first_step = time.perf_counter(), state["step"]
+    elapsed_before = state.get("elapsed", 0.0)  # checkpoints from before this field have none
+
+    def elapsed() -> float:
+        return round(elapsed_before + time.perf_counter() - loop_started, 3)
+
     method.begin(run_dir, state["step"] if resume_from is not None else None)
     try:
         for step in range(state["step"], recipe.train.max_steps):
@@ -160,15 +166,16 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
                 last = ckpt.resolve(ckpt_root)
                 raise TrainingDiverged(f"the loss became {metrics['loss']} at step {done} (lr {lr:.3g}); "
                                        f"last good checkpoint: {last or 'none'}; try a lower train.lr")
-            state["step"] = done
-            log.write({"step": done, "split": "train", "lr": lr, **metrics})
+            state["step"], state["elapsed"] = done, elapsed()
+            log.write({"step": done, "split": "train", "lr": lr, **metrics, "elapsed": state["elapsed"]})
             progress.update(done, metrics["loss"])
 
             improved = False
             is_last = done == recipe.train.max_steps
             if "dev" in features and ((recipe.train.eval_every and done % recipe.train.eval_every == 0) or is_last):
                 dev = run_eval("dev")
-                log.write({"step": done, "split": "dev", **dev})
+                state["elapsed"] = elapsed()
+                log.write({"step": done, "split": "dev", **dev, "elapsed": state["elapsed"]})
                 progress.message(f"step {done}: dev {metric} {dev[metric]:.4f}  loss {dev['loss']:.4f}")
                 if state["best_metric"] is None or dev[metric] > state["best_metric"]:
                     state["best_metric"], state["best_step"], improved = dev[metric], done, True
