@@ -388,3 +388,65 @@ def test_count_params_of_a_bitsandbytes_recipe_on_meta(write_recipe):
     fp32_linear_bytes = 4 * linear_weights
     # 4 bits per weight plus one fp32 absmax per 64 weights, in place of 32 bits.
     assert 90_855_944 - nf4["stored_bytes"] == fp32_linear_bytes - (linear_weights // 2 + 4 * linear_weights // 64)
+
+
+# --- straight-through first-order training (quant.engine: straight_through) -------------------------------------
+
+
+@pytest.mark.parametrize("fmt, group_size", [("int8", 0), ("int4", 32), ("fp8_e4m3", 0)])
+def test_straight_through_forward_is_the_quantlinear_forward_and_its_gradient_passes_through(fmt, group_size):
+    from ftkit.quant.straight_through import StraightThroughLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24)
+    spec = QuantSpec(format=fmt, engine="straight_through", group_size=group_size)
+    layer = StraightThroughLinear.from_linear(linear, spec)
+    stored = QuantLinear.from_linear(linear, fmt, group_size, kernel="dequantize")
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), stored(x), rtol=0, atol=1e-6)  # same codes, same scales
+    assert not torch.equal(layer.quantized_weight(), linear.weight.detach())  # the forward really is quantized
+
+    # d loss / d master weight == d loss / d quantized weight (the rounding is passed straight through)
+    loss = layer(x).square().sum()
+    loss.backward()
+    q = stored.dequantize().requires_grad_(True)
+    torch.nn.functional.linear(x, q, stored.bias).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, q.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_straight_through_int4_training_learns_and_exports_the_quantized_weights(write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+    from ftkit.recipe import load_recipe
+    from ftkit.train.loop import train
+
+    recipe = load_recipe(write_recipe(tiny_recipe(
+        quant={"format": "int4", "engine": "straight_through"},
+        train={"max_steps": 40, "eval_every": 0, "lr": 3e-3, "output_dir": str(tmp_path / "run")})))
+    summary = train(recipe)
+    assert summary["trainable_params"] > 20_000  # the master weights of every linear layer train
+    from ftkit.train.metrics import read_events
+
+    losses = [e["loss"] for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["split"] == "train"]
+    assert sum(losses[-8:]) < 0.8 * sum(losses[:8])
+    exported = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "hf")])
+    assert exported.exit_code == 0, exported.output
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    query = next(v for k, v in weights.items() if k.endswith("attention.self.query.weight"))
+    assert max(len(torch.unique(row)) for row in query) <= 16  # int4 per channel: at most 16 levels per row
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"quant": {"engine": "straight_through"}}, "quant.engine: straight_through simulates a low-bit format"),
+    ({"quant": {"engine": "straight_through", "format": "int8"}, "method": {"optimizer": "quzo"}},
+     "straight_through is the first-order baseline"),
+    ({"quant": {"engine": "straight_through", "format": "int8"}, "method": {"adapter": "lora"}},
+     "straight_through trains the quantized weights themselves"),
+])
+def test_straight_through_mistakes_are_named(write_recipe, sections, message):
+    from ftkit.errors import RecipeError
+    from ftkit.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tiny_recipe(**sections)))

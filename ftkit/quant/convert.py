@@ -35,6 +35,13 @@ def convert_linear(linear: nn.Linear, name: str, spec, generator: torch.Generato
         from ftkit.quant.bnb import to_bnb_linear
 
         return to_bnb_linear(linear, spec, compute_dtype=linear.weight.dtype)
+    if spec.engine == "straight_through":
+        from ftkit.quant.straight_through import StraightThroughLinear
+
+        try:
+            return StraightThroughLinear.from_linear(linear, spec)
+        except ValueError as err:
+            raise UserError(f"quant: cannot quantize layer {name}: {err}") from None
     return to_quant_linear(linear, name, spec, generator)
 
 

@@ -39,11 +39,16 @@ def check_layout(model: nn.Module, metadata: dict | None, source: str) -> None:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized weight (in place)."""
-    for name, layer in list(quant_layers(model).items()):
+    """Replace every QuantLinear (and straight-through layer) by an nn.Linear holding the weight the layer computes
+    with, dequantized (in place)."""
+    from ftkit.quant.straight_through import StraightThroughLinear
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, StraightThroughLinear))}
+    for name, layer in layers.items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        weight = layer.dequantize() if isinstance(layer, QuantLinear) else layer.quantized_weight()
         with torch.no_grad():
-            linear.weight.copy_(layer.dequantize())
+            linear.weight.copy_(weight)
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
         parent, _, child = name.rpartition(".")

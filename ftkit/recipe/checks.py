@@ -89,6 +89,15 @@ def run_checks(recipe: Recipe, where: str) -> None:
         fail("method.adapter", "bitsandbytes weights are frozen; zeroth-order training over them needs an adapter "
              "(lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
 
+    if q.engine == "straight_through":
+        if q.format == "none":
+            fail("quant.engine", "straight_through simulates a low-bit format: set quant.format (int8, int4, fp8_*)")
+        if optimizer in ZEROTH_ORDER:
+            fail("quant.engine", f"straight_through is the first-order baseline (full-precision master weights); "
+                 f"{optimizer} trains the low-bit weights themselves with quant.engine: native")
+        if adapter != "none":
+            fail("quant.engine", "straight_through trains the quantized weights themselves; for an adapter over a "
+                 "frozen quantized base use quant.engine: native or bitsandbytes")
     if q.engine == "bitsandbytes" and q.format not in BNB_FORMATS:
         fail("quant.format", f"the bitsandbytes engine provides {', '.join(BNB_FORMATS)} (int4 is nf4 or fp4 by "
              f"quant.bnb_4bit_type), not '{q.format}'; use quant.engine: native for it")

@@ -39,8 +39,9 @@ class ModelSpec:
 @dataclass
 class QuantSpec:
     format: str = "none"
-    # native: ftkit's own codes and scales (trainable by zeroth-order methods); bitsandbytes: a frozen base.
-    engine: Literal["native", "bitsandbytes"] = "native"
+    # native: real low-bit storage (QuantLinear); bitsandbytes: its frozen nf4/fp4/int8 layers; straight_through:
+    # full-precision master weights computed with their quantized value (first-order QAT baseline).
+    engine: Literal["native", "bitsandbytes", "straight_through"] = "native"
     # 0 means one scale per output channel; otherwise one scale per group of this many input columns.
     group_size: int = 0
     scale_method: Literal["absmax", "mse"] = "absmax"

@@ -1,0 +1,60 @@
+"""First-order training of low-precision weights: quantization-aware training with a straight-through estimator,
+the baseline QuZO is compared against (the full-parameter first-order `qft` baseline of the QuZO code).
+
+`quant.engine: straight_through` keeps a full-precision master weight per linear layer and computes every forward
+with its quantized value: the same codec, scales (recomputed from the master weight at each forward) and
+round-to-nearest as a `QuantLinear` built from that weight. Backpropagation treats the rounding as the identity,
+w_q = w + (Q(w) - w).detach(), so the gradient with respect to the quantized weight updates the master weight.
+Memory is that of first-order fp32 training plus one quantized copy of a layer at a time: this is an accuracy
+baseline, not a memory saving (that is what QuZO is for). Export writes the quantized weights the model computes
+with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ftkit.quant.codecs import CODECS
+from ftkit.quant.scales import compute_scales, group_view
+
+SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class StraightThroughLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, group_size: int = 0,
+                 scale_method: str = "absmax", scale_dtype: str = "bfloat16", device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if group_size and in_features % group_size:
+            raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
+        self.fmt, self.group_size, self.scale_method = fmt, group_size, scale_method
+        self.codec, self.scale_dtype = CODECS[fmt], SCALE_DTYPES[scale_dtype]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec) -> "StraightThroughLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, spec.format, spec.group_size,
+                    spec.scale_method, spec.scale_dtype, device=linear.weight.device, dtype=linear.weight.dtype)
+        if not linear.weight.is_meta:
+            with torch.no_grad():
+                layer.weight.copy_(linear.weight)
+                if linear.bias is not None:
+                    layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def quantized_weight(self) -> torch.Tensor:
+        """Q(w): the weight a QuantLinear built from the master weight (nearest rounding) dequantizes to."""
+        weight = self.weight.detach().to(torch.float32)
+        scales = compute_scales(weight, self.codec, self.group_size, self.scale_method, self.scale_dtype)
+        scales = scales.to(torch.float32).unsqueeze(-1)
+        grid = self.codec.round(group_view(weight, self.group_size) / scales, "nearest")
+        return (grid * scales).reshape(weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + (self.quantized_weight().to(self.weight.dtype) - self.weight).detach()
+        return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        grouping = f"group {self.group_size}" if self.group_size else "per channel"
+        return f"{super().extra_repr()}, straight-through {self.fmt}, {grouping}"
