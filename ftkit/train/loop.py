@@ -18,7 +18,7 @@ from ftkit.data.dataset import load_task_data
 from ftkit.distributed import BACKEND, World, close_world, init_world
 from ftkit.errors import TrainingDiverged, UserError
 from ftkit.eval import evaluate
-from ftkit.memory import peak_rss_mb
+from ftkit.memory import current_rss_mb, peak_rss_mb
 from ftkit.models.build import build_model
 from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
@@ -58,7 +58,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None) 
 
 
 def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict:
-    started = time.perf_counter()
+    started, rss_at_start = time.perf_counter(), current_rss_mb()  # after imports, before data and model
     if not world.is_main:
         console = Console(quiet=True)
     run_dir = run_dir_for(recipe)
@@ -209,7 +209,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
         "dev_at_start": state["dev_at_start"], "dev": _last_dev(run_dir), "metric": metric,
         "best_step": state["best_step"], "best_dev": state["best_metric"],
         "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
-        "processes": world.size, "peak_rss_mb": peak_rss_mb(),
+        "processes": world.size, "peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": rss_at_start,
         "wall_seconds": time.perf_counter() - started,
         "seconds_per_step": (time.perf_counter() - loop_started) / steps_run if steps_run else None,
     }

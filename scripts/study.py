@@ -1,0 +1,224 @@
+"""The papers' tables in miniature: every method and format on MiniLM + SST-2, same data and budget, several
+seeds; writes the tables into BENCHMARKS.md, the figures under docs/, and every run's summary under docs/study/.
+
+    python scripts/study.py --quick      # reduced grid: 1 seed, 100 steps, 8 runs (under 20 minutes here)
+    python scripts/study.py              # full grid: 3 seeds, 600 steps
+    python scripts/study.py --report     # rewrite tables and figures from the runs there are, train nothing
+
+Resumable: a run whose summary.json exists is skipped, a run with a checkpoint but no summary is resumed
+(`ftkit train --resume`), so an interrupted study continues where it stopped. Runs live in runs/study-<mode>/.
+Each run is a plain `ftkit train` of a recipe written next to it (runs/study-<mode>/<row>/seed<k>.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+FO = {"optimizer": "adamw"}
+FO_TRAIN = {"lr": 5e-5, "warmup_steps": 10, "weight_decay": 0.01}
+
+
+@dataclass
+class Row:
+    name: str
+    sections: dict = field(default_factory=dict)  # recipe sections over BASE
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "_", self.name.lower()).strip("_")
+
+
+def quzo(fmt: str, lr: float = 1e-6, **zo) -> dict:
+    return {"quant": {"format": fmt}, "method": {"optimizer": "quzo", "zo": zo}, "train": {"lr": lr}}
+
+
+ROWS = {row.name: row for row in [
+    Row("FO AdamW fp32", {"method": FO, "train": FO_TRAIN}),
+    Row("FO straight-through int8", {"quant": {"format": "int8", "engine": "straight_through"}, "method": FO,
+                                     "train": FO_TRAIN}),
+    Row("FO straight-through int4", {"quant": {"format": "int4", "engine": "straight_through"}, "method": FO,
+                                     "train": FO_TRAIN}),
+    Row("MeZO fp32", {"method": {"optimizer": "mezo"}, "train": {"lr": 1e-6}}),
+    Row("QuZO fp8_e4m3", quzo("fp8_e4m3")),
+    Row("QuZO fp8_e5m2", quzo("fp8_e5m2")),
+    Row("QuZO int8", quzo("int8")),
+    Row("QuZO int4", quzo("int4")),
+    Row("QuZO int4, one rounding for both", quzo("int4", independent_roundings=False)),
+    Row("QuZO int4, nearest updates", quzo("int4", update_rounding="nearest")),
+    Row("QuZO + LoRETTA_rep, int4 base", {"quant": {"format": "int4"}, "method": {
+        "optimizer": "quzo", "adapter": "loretta_rep", "loretta": {"init": "identity"}}, "train": {"lr": 1e-2}}),
+    Row("QuZO + LoRA, bitsandbytes nf4 base", {"quant": {"format": "int4", "engine": "bitsandbytes"}, "method": {
+        "optimizer": "quzo", "adapter": "lora"}, "train": {"lr": 1e-3}}),
+    Row("FO LoRA", {"method": {**FO, "adapter": "lora"}, "train": {**FO_TRAIN, "lr": 1e-3}}),
+    Row("FO LoRETTA_adp", {"method": {**FO, "adapter": "loretta_adp"}, "train": {**FO_TRAIN, "lr": 2e-3}}),
+    Row("FO LoRETTA_rep", {"method": {**FO, "adapter": "loretta_rep", "loretta": {"init": "paper"}},
+                           "train": {**FO_TRAIN, "lr": 5e-3}}),
+    Row("MeZO LoRA", {"method": {"optimizer": "mezo", "adapter": "lora"}, "train": {"lr": 1e-3}}),
+    Row("MeZO LoRETTA_adp", {"method": {"optimizer": "mezo", "adapter": "loretta_adp"}, "train": {"lr": 1e-3}}),
+    Row("MeZO LoRETTA_rep", {"method": {"optimizer": "mezo", "adapter": "loretta_rep",
+                                        "loretta": {"init": "identity"}}, "train": {"lr": 1e-2}}),
+]}
+
+TABLES = {
+    "precision": ("Precision x method", ["FO AdamW fp32", "FO straight-through int8", "FO straight-through int4",
+                                         "MeZO fp32", "QuZO fp8_e4m3", "QuZO fp8_e5m2", "QuZO int8", "QuZO int4",
+                                         "QuZO int4, one rounding for both", "QuZO int4, nearest updates",
+                                         "QuZO + LoRETTA_rep, int4 base", "QuZO + LoRA, bitsandbytes nf4 base"]),
+    "efficiency": ("Parameter efficiency", ["FO AdamW fp32", "FO LoRA", "FO LoRETTA_adp", "FO LoRETTA_rep",
+                                            "MeZO fp32", "MeZO LoRA", "MeZO LoRETTA_adp", "MeZO LoRETTA_rep"]),
+}
+QUICK = {"precision": ["FO AdamW fp32", "FO straight-through int4", "MeZO fp32", "QuZO int8", "QuZO int4",
+                       "QuZO + LoRETTA_rep, int4 base"],
+         "efficiency": ["FO AdamW fp32", "FO LoRA", "FO LoRETTA_rep"]}
+MODES = {"quick": {"seeds": [0], "steps": 100, "eval_every": 50},
+         "full": {"seeds": [0, 1, 2], "steps": 600, "eval_every": 100}}
+BASE = {"model": {"name": "minilm", "head_init": "prototype"},
+        "data": {"task": "sst2", "max_seq_len": 64},
+        "train": {"batch_size": 16, "schedule": "linear", "eval_batch_size": 256, "save_every": 0, "log_every": 50}}
+
+
+def recipe_for(row: Row, seed: int, mode: dict, run_dir: Path) -> dict:
+    recipe = json.loads(json.dumps(BASE))
+    for section, values in row.sections.items():
+        recipe.setdefault(section, {}).update(json.loads(json.dumps(values)))
+    recipe["train"].update(max_steps=mode["steps"], eval_every=mode["eval_every"], save_every=mode["eval_every"],
+                           keep_last=1, seed=seed, output_dir=str(run_dir))
+    recipe["description"] = f"study: {row.name}, seed {seed}"
+    return recipe
+
+
+def run(row: Row, seed: int, mode: dict, root: Path) -> dict:
+    """Train one (row, seed) unless done; its summary."""
+    run_dir = root / row.slug / f"seed{seed}"
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path = root / row.slug / f"seed{seed}.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_for(row, seed, mode, run_dir), sort_keys=False))
+    resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
+    print(f"[{datetime.now():%H:%M:%S}] {row.name}, seed {seed}" + (" (resuming)" if resume else ""), flush=True)
+    with open(root / row.slug / f"seed{seed}.log", "a") as log:
+        done = subprocess.run([sys.executable, "-m", "ftkit", "train", str(recipe_path), *resume], cwd=REPO,
+                              stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{row.name}, seed {seed} failed (status {done.returncode}); see {log.name}")
+    return json.loads(summary.read_text())
+
+
+def dev_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    dev = [e for e in events if e["split"] == "dev"]
+    return [e["step"] for e in dev], [e["accuracy"] for e in dev]
+
+
+def table(names: list[str], results: dict) -> str:
+    lines = ["| method | trainable | dev acc, step 0 | dev acc, end: mean +- std (seeds) | best (mean) | "
+             "peak RSS above start, MiB | s/step |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        runs = results.get(name) or []
+        if not runs:
+            lines.append(f"| {name} | not run | | | | | |")
+            continue
+        final = [100 * r["dev"]["accuracy"] for r in runs]
+        best = [100 * r["best_dev"] for r in runs]
+        start = 100 * runs[0]["dev_at_start"]["accuracy"]
+        spread = f" +- {statistics.stdev(final):.1f}" if len(final) > 1 else ""
+        memory = statistics.median(r["peak_rss_mb"] - r.get("rss_at_start_mb", 0.0) for r in runs)
+        speed = statistics.median(r["seconds_per_step"] for r in runs)
+        lines.append(f"| {name} | {runs[0]['trainable_params']:,} | {start:.1f} | "
+                     f"{statistics.mean(final):.1f}{spread} ({len(runs)}) | {statistics.mean(best):.1f} | "
+                     f"{memory:,.0f} | {speed:.3f} |")
+    return "\n".join(lines)
+
+
+def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for name in names:
+        curves = [dev_curve(root / ROWS[name].slug / f"seed{s}") for s in seeds
+                  if (root / ROWS[name].slug / f"seed{s}" / "summary.json").is_file()]
+        if not curves:
+            continue
+        steps = curves[0][0]
+        mean = [100 * statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
+        style = "-" if name.startswith("FO") else "--" if name.startswith("MeZO") else "-."
+        ax.plot(steps, mean, style, marker="o", markersize=3, label=name)
+    ax.set(xlabel="step", ylabel=f"SST-2 dev accuracy, % (mean of {len(seeds)} seed(s))", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_section(path: Path, marker: str, body: str) -> None:
+    """Replace the text between <!-- marker:begin --> and <!-- marker:end --> (appended if absent)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = path.read_text()
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the reduced grid")
+    parser.add_argument("--report", action="store_true", help="only rewrite tables and figures")
+    args = parser.parse_args()
+    mode_name = "quick" if args.quick else "full"
+    mode, root = MODES[mode_name], REPO / "runs" / f"study-{mode_name}"
+    grid = QUICK if args.quick else {key: names for key, (_, names) in TABLES.items()}
+    names = list(dict.fromkeys(n for section in grid.values() for n in section))
+
+    results: dict[str, list[dict]] = {}
+    for name in names:
+        for seed in mode["seeds"]:
+            done = root / ROWS[name].slug / f"seed{seed}" / "summary.json"
+            if args.report and not done.is_file():
+                continue
+            results.setdefault(name, []).append({**run(ROWS[name], seed, mode, root), "seed": seed})
+
+    command = f"python scripts/study.py{' --quick' if args.quick else ''}"
+    today = f"{datetime.now(timezone.utc):%Y-%m-%d}"
+    docs = REPO / "docs"
+    parts = [f"### Study ({mode_name} grid): `{command}`, {today}\n",
+             f"MiniLM + SST-2 (67,349 training sentences, 872 dev), batch 16, max 64 tokens, linear decay, "
+             f"{mode['steps']} steps, seeds {', '.join(map(str, mode['seeds']))}, dev evaluated every "
+             f"{mode['eval_every']} steps. Peak RSS is the training process's high-water mark above its RSS after "
+             f"imports (data and model included); s/step includes the evaluations. Every run's summary: "
+             f"`docs/study/{mode_name}/summaries.jsonl`; runs and logs under `runs/study-{mode_name}/`."]
+    for key, section_names in grid.items():
+        title = TABLES[key][0]
+        image = docs / f"study_{mode_name}_{key}.png"
+        figure(section_names, root, mode["seeds"], image, f"{title} ({mode_name} grid, {today})")
+        parts.append(f"\n#### {title}\n\n{table(section_names, results)}\n\n"
+                     f"![{title}: dev accuracy against step](docs/{image.name})")
+    write_section(REPO / "BENCHMARKS.md", f"study:{mode_name}", "\n".join(parts))
+    summaries = docs / "study" / mode_name / "summaries.jsonl"
+    summaries.parent.mkdir(parents=True, exist_ok=True)
+    summaries.write_text("".join(json.dumps({"row": name, **r}) + "\n" for name, runs in results.items() for r in runs))
+    print(f"wrote BENCHMARKS.md (study:{mode_name}), {summaries.relative_to(REPO)} and docs/study_{mode_name}_*.png")
+
+
+if __name__ == "__main__":
+    main()
