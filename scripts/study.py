@@ -27,6 +27,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 FO = {"optimizer": "adamw"}
 FO_TRAIN = {"lr": 5e-5, "warmup_steps": 10, "weight_decay": 0.01}
+# The adapters' settings of recipes/{lora,loretta_adp,loretta_rep}_sst2.yaml, so the counts match BENCHMARKS.md.
+LORA = {"r": 8, "alpha": 16}
+ADP = {"bottleneck": 64, "tensor_rank": 5, "train_norms": True}
+REP = {"r": 8, "alpha": 16, "tensor_rank": 3}
 
 
 @dataclass
@@ -57,17 +61,19 @@ ROWS = {row.name: row for row in [
     Row("QuZO int4, one rounding for both", quzo("int4", independent_roundings=False)),
     Row("QuZO int4, nearest updates", quzo("int4", update_rounding="nearest")),
     Row("QuZO + LoRETTA_rep, int4 base", {"quant": {"format": "int4"}, "method": {
-        "optimizer": "quzo", "adapter": "loretta_rep", "loretta": {"init": "identity"}}, "train": {"lr": 1e-2}}),
+        "optimizer": "quzo", "adapter": "loretta_rep", "loretta": {**REP, "init": "identity"}}, "train": {"lr": 1e-2}}),
     Row("QuZO + LoRA, bitsandbytes nf4 base", {"quant": {"format": "int4", "engine": "bitsandbytes"}, "method": {
-        "optimizer": "quzo", "adapter": "lora"}, "train": {"lr": 1e-3}}),
-    Row("FO LoRA", {"method": {**FO, "adapter": "lora"}, "train": {**FO_TRAIN, "lr": 1e-3}}),
-    Row("FO LoRETTA_adp", {"method": {**FO, "adapter": "loretta_adp"}, "train": {**FO_TRAIN, "lr": 2e-3}}),
-    Row("FO LoRETTA_rep", {"method": {**FO, "adapter": "loretta_rep", "loretta": {"init": "paper"}},
+        "optimizer": "quzo", "adapter": "lora", "lora": LORA}, "train": {"lr": 1e-3}}),
+    Row("FO LoRA", {"method": {**FO, "adapter": "lora", "lora": LORA}, "train": {**FO_TRAIN, "lr": 1e-3}}),
+    Row("FO LoRETTA_adp", {"method": {**FO, "adapter": "loretta_adp", "loretta": ADP},
+                           "train": {**FO_TRAIN, "lr": 2e-3}}),
+    Row("FO LoRETTA_rep", {"method": {**FO, "adapter": "loretta_rep", "loretta": {**REP, "init": "paper"}},
                            "train": {**FO_TRAIN, "lr": 5e-3}}),
-    Row("MeZO LoRA", {"method": {"optimizer": "mezo", "adapter": "lora"}, "train": {"lr": 1e-3}}),
-    Row("MeZO LoRETTA_adp", {"method": {"optimizer": "mezo", "adapter": "loretta_adp"}, "train": {"lr": 1e-3}}),
+    Row("MeZO LoRA", {"method": {"optimizer": "mezo", "adapter": "lora", "lora": LORA}, "train": {"lr": 1e-3}}),
+    Row("MeZO LoRETTA_adp", {"method": {"optimizer": "mezo", "adapter": "loretta_adp", "loretta": ADP},
+                             "train": {"lr": 1e-3}}),
     Row("MeZO LoRETTA_rep", {"method": {"optimizer": "mezo", "adapter": "loretta_rep",
-                                        "loretta": {"init": "identity"}}, "train": {"lr": 1e-2}}),
+                                        "loretta": {**REP, "init": "identity"}}, "train": {"lr": 1e-2}}),
 ]}
 
 TABLES = {
