@@ -4,6 +4,7 @@ seeds; writes the tables into BENCHMARKS.md, the figures under docs/, and every 
     python scripts/study.py --quick      # reduced grid: 1 seed, 100 steps, 8 runs (under 20 minutes here)
     python scripts/study.py              # full grid: 3 seeds, 600 steps
     python scripts/study.py --report     # rewrite tables and figures from the runs there are, train nothing
+    python scripts/study.py --sections memory   # run only some tables (all are written from what exists)
 
 Resumable: a run whose summary.json exists is skipped, a run with a checkpoint but no summary is resumed
 (`ftkit train --resume`), so an interrupted study continues where it stopped. Runs live in runs/study-<mode>/.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_memory, bench_quant
 REPO = Path(__file__).resolve().parent.parent
 FO = {"optimizer": "adamw"}
 FO_TRAIN = {"lr": 5e-5, "warmup_steps": 10, "weight_decay": 0.01}
@@ -87,8 +89,9 @@ TABLES = {
 QUICK = {"precision": ["FO AdamW fp32", "FO straight-through int4", "MeZO fp32", "QuZO int8", "QuZO int4",
                        "QuZO + LoRETTA_rep, int4 base"],
          "efficiency": ["FO AdamW fp32", "FO LoRA", "FO LoRETTA_rep"]}
-MODES = {"quick": {"seeds": [0], "steps": 100, "eval_every": 50},
-         "full": {"seeds": [0, 1, 2], "steps": 600, "eval_every": 100}}
+MODES = {"quick": {"seeds": [0], "steps": 100, "eval_every": 50, "memory_shapes": ["OPT-125m"]},
+         "full": {"seeds": [0, 1, 2], "steps": 600, "eval_every": 100,
+                  "memory_shapes": ["OPT-125m", "OPT-350m", "OPT-1.3B", "LLaMA-2-7B"]}}
 BASE = {"model": {"name": "minilm", "head_init": "prototype"},
         "data": {"task": "sst2", "max_seq_len": 64},
         "train": {"batch_size": 16, "schedule": "linear", "eval_batch_size": 256, "save_every": 0, "log_every": 50}}
@@ -174,6 +177,35 @@ def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str
     plt.close(fig)
 
 
+def memory_section(mode: dict, root: Path, report_only: bool) -> str:
+    """One training step per method and format at larger shapes, each in a fresh process (scripts/study_memory.py);
+    results cached in runs/study-<mode>/memory.jsonl so a rerun measures only what is missing."""
+    import study_memory
+
+    cache = root / "memory.jsonl"
+    done = {(r["shape"], r["case"]): r for r in map(json.loads, cache.read_text().splitlines())} \
+        if cache.is_file() else {}
+    results = []
+    for shape in mode["memory_shapes"]:
+        for case in study_memory.CASES:
+            if (shape, case) not in done and not report_only:
+                print(f"[{datetime.now():%H:%M:%S}] memory: {shape}, {case}", flush=True)
+                done[(shape, case)] = study_memory.run_case(shape, case)
+                root.mkdir(parents=True, exist_ok=True)
+                with open(cache, "a") as f:
+                    f.write(json.dumps(done[(shape, case)]) + "\n")
+            if (shape, case) in done:
+                results.append(done[(shape, case)])
+    return ("\n#### Memory scaling: one training step, random weights\n\n"
+            "Each case in a fresh process (`scripts/study_memory.py SHAPE CASE`): batch 2 SST-2 prompts scored as "
+            "causal-LM classification (2 candidates each), 32 tokens at most (16 for LLaMA-2-7B); peak RSS above "
+            "the RSS after imports, so it includes building the model. Ratios are to first-order fp32 (AdamW, all "
+            "weights) and to first-order LoRA over a bitsandbytes nf4 base (QLoRA); * marks a ratio to the arithmetic "
+            "lower bound of a case too large to run here (its weights and optimizer state alone). Step seconds "
+            "are the one step's, first-call overheads included.\n\n"
+            + study_memory.table(results))
+
+
 def write_section(path: Path, marker: str, body: str) -> None:
     """Replace the text between <!-- marker:begin --> and <!-- marker:end --> (appended if absent)."""
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
@@ -190,7 +222,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the reduced grid")
     parser.add_argument("--report", action="store_true", help="only rewrite tables and figures")
+    parser.add_argument("--sections", default="precision,efficiency,memory",
+                        help="which tables to run (all are written from what exists)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     mode_name = "quick" if args.quick else "full"
     mode, root = MODES[mode_name], REPO / "runs" / f"study-{mode_name}"
     grid = QUICK if args.quick else {key: names for key, (_, names) in TABLES.items()}
@@ -200,7 +235,8 @@ def main() -> None:
     for name in names:
         for seed in mode["seeds"]:
             done = root / ROWS[name].slug / f"seed{seed}" / "summary.json"
-            if args.report and not done.is_file():
+            wanted = any(name in grid[key] for key in sections if key in grid)
+            if (args.report or not wanted) and not done.is_file():
                 continue
             results.setdefault(name, []).append({**run(ROWS[name], seed, mode, root), "seed": seed})
 
@@ -219,6 +255,7 @@ def main() -> None:
         figure(section_names, root, mode["seeds"], image, f"{title} ({mode_name} grid, {today})")
         parts.append(f"\n#### {title}\n\n{table(section_names, results)}\n\n"
                      f"![{title}: dev accuracy against step](docs/{image.name})")
+    parts.append(memory_section(mode, root, args.report or "memory" not in sections))
     write_section(REPO / "BENCHMARKS.md", f"study:{mode_name}", "\n".join(parts))
     summaries = docs / "study" / mode_name / "summaries.jsonl"
     summaries.parent.mkdir(parents=True, exist_ok=True)

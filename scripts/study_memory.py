@@ -1,0 +1,106 @@
+"""Memory scaling for scripts/study.py: one training step of each method and format at OPT-125m, OPT-350m,
+OPT-1.3B and LLaMA-2-7B shapes (random weights, SST-2 prompts as causal-LM classification), each in a fresh
+process: peak RSS above the RSS after imports, against first-order fp32 and first-order LoRA over a bitsandbytes nf4 base (QLoRA).
+
+    python scripts/study_memory.py SHAPE CASE     # one measurement, printed as JSON (what study.py runs)
+
+Cases whose state would not fit this machine are not run; their row gives the arithmetic instead
+(first-order AdamW fp32: 16 bytes per parameter before activations; MeZO fp32: 4).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from bench_quant import LLAMA_2_7B, OPT_125M
+
+OPT_350M = {"model_type": "opt", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "ffn_dim": 4096, "word_embed_proj_dim": 512, "do_layer_norm_before": False,
+            "max_position_embeddings": 2048, "vocab_size": 50272}
+OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32,
+            "ffn_dim": 8192, "word_embed_proj_dim": 2048, "max_position_embeddings": 2048, "vocab_size": 50272}
+SHAPES = {"OPT-125m": OPT_125M, "OPT-350m": OPT_350M, "OPT-1.3B": OPT_1_3B, "LLaMA-2-7B": LLAMA_2_7B}
+# Parameters of each shape (from `ftkit count-params`), for the rows that are computed rather than run.
+PARAMS = {"OPT-125m": 125_239_296, "OPT-350m": 331_196_416, "OPT-1.3B": 1_315_758_080, "LLaMA-2-7B": 6_738_415_616}
+FO = {"optimizer": "adamw"}
+CASES = {
+    "FO AdamW fp32": ({}, FO),
+    "FO nf4 + LoRA (QLoRA)": ({"format": "int4", "engine": "bitsandbytes"},
+                              {**FO, "adapter": "lora", "lora": {"r": 8, "alpha": 16}}),
+    "MeZO fp32": ({}, {"optimizer": "mezo"}),
+    "QuZO fp8_e4m3": ({"format": "fp8_e4m3"}, {"optimizer": "quzo"}),
+    "QuZO int8": ({"format": "int8"}, {"optimizer": "quzo"}),
+    "QuZO int4": ({"format": "int4"}, {"optimizer": "quzo"}),
+}
+# Bytes per parameter of the state a case keeps (weights + optimizer), to skip what cannot fit 24 GiB.
+STATE_BYTES = {"FO AdamW fp32": 16, "MeZO fp32": 4}
+FITS_BYTES = 18 * 2**30
+
+
+def measure(shape: str, case: str) -> dict:
+    from ftkit.data.batches import collate, encode
+    from ftkit.data.dataset import load_task_data
+    from ftkit.memory import current_rss_mb, peak_rss_mb
+    from ftkit.models.build import build_model
+    from ftkit.models.count import trainable_numel
+    from ftkit.models.load import load_tokenizer
+    from ftkit.optim import OPTIMIZERS
+    from ftkit.recipe import recipe_from_dict
+
+    baseline = current_rss_mb()
+
+    quant, method = CASES[case]
+    seq = 16 if shape == "LLaMA-2-7B" else 32
+    recipe = recipe_from_dict({
+        "model": {"name": "minilm", "config": dict(SHAPES[shape]), "weights": "random", "head_init": "random"},
+        "quant": quant, "method": method,
+        "data": {"task": "sst2", "max_seq_len": seq, "n_train": 8, "n_dev": 8, "calibration_examples": 8},
+        "train": {"batch_size": 2, "lr": 1e-6}})
+    started = time.perf_counter()
+    task = load_task_data(recipe, splits=("train",))
+    tokenizer = load_tokenizer(recipe.model)
+    model, kind, _ = build_model(recipe, task, tokenizer)
+    method_impl = OPTIMIZERS[recipe.method.optimizer](model, recipe)
+    built = time.perf_counter()
+    batch = collate(encode(task.splits["train"][:2], tokenizer, kind, task, seq), tokenizer.pad_token_id)
+    metrics = method_impl.step(batch, 1e-6)
+    return {"shape": shape, "case": case, "trainable": trainable_numel(model), "build_seconds": built - started,
+            "step_seconds": time.perf_counter() - built, "loss": metrics["loss"], "baseline_mb": baseline,
+            "peak_above_imports_mb": peak_rss_mb() - baseline}
+
+
+def run_case(shape: str, case: str) -> dict:
+    """One measurement in a fresh process; or, for a state too large for this machine, the arithmetic."""
+    state = STATE_BYTES.get(case, 0) * PARAMS[shape]
+    if state > FITS_BYTES:
+        return {"shape": shape, "case": case, "skipped": f"needs {state / 2**30:.0f} GiB of weights and optimizer "
+                f"state alone ({STATE_BYTES[case]} bytes per parameter)", "estimate_mb": state / 2**20}
+    done = subprocess.run([sys.executable, __file__, shape, case], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"memory case {shape} / {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| shape | method | trainable | peak RSS above imports, MiB | vs FO fp32 | vs FO nf4 + LoRA | "
+             "step s | build s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    by = {(r["shape"], r["case"]): r for r in results}
+    for r in results:
+        fp32, qlora = by.get((r["shape"], "FO AdamW fp32")), by.get((r["shape"], "FO nf4 + LoRA (QLoRA)"))
+        if "skipped" in r:
+            lines.append(f"| {r['shape']} | {r['case']} | | not run: {r['skipped']} | | | | |")
+            continue
+        peak = r["peak_above_imports_mb"]
+        fp32_peak = fp32.get("peak_above_imports_mb", fp32.get("estimate_mb")) if fp32 else None
+        ratio_fp32 = f"{peak / fp32_peak:.2f}" + ("*" if fp32 and "skipped" in fp32 else "") if fp32_peak else ""
+        ratio_qlora = f"{peak / qlora['peak_above_imports_mb']:.2f}" if qlora and "skipped" not in qlora else ""
+        lines.append(f"| {r['shape']} | {r['case']} | {r['trainable']:,} | {peak:,.0f} | {ratio_fp32} | "
+                     f"{ratio_qlora} | {r['step_seconds']:.1f} | {r['build_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], sys.argv[2])))
