@@ -1,4 +1,4 @@
-"""Peak resident memory of this process."""
+"""Resident memory of this process: now, and its peak."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import resource
 
 def current_rss_mb() -> float:
     """This process's resident set now, in MiB (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib is not None else 0.0
 
 
 def peak_rss_mb() -> float:
@@ -23,11 +17,17 @@ def peak_rss_mb() -> float:
     Linux's VmHWM belongs to the process's own address space. `ru_maxrss` would also do, except that it survives
     exec: a child started from a large parent reports the parent's peak. VmHWM is used where it exists.
     """
+    kib = _status_kib("VmHWM")
+    return kib / 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_kib(field: str) -> int | None:
+    """A `kB` field of /proc/self/status."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None

@@ -152,16 +152,20 @@ def table(names: list[str], results: dict) -> str:
     return "\n".join(lines)
 
 
-def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str) -> None:
+def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str) -> bool:
+    """Mean dev accuracy against step per row; False (nothing written) when no row has a finished run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    finished = {name: [s for s in seeds if (root / ROWS[name].slug / f"seed{s}" / "summary.json").is_file()]
+                for name in names}
+    if not any(finished.values()):
+        return False
     fig, ax = plt.subplots(figsize=(10, 5.5))
     for name in names:
-        curves = [dev_curve(root / ROWS[name].slug / f"seed{s}") for s in seeds
-                  if (root / ROWS[name].slug / f"seed{s}" / "summary.json").is_file()]
+        curves = [dev_curve(root / ROWS[name].slug / f"seed{s}") for s in finished[name]]
         if not curves:
             continue
         steps = curves[0][0]
@@ -175,6 +179,7 @@ def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return True
 
 
 def memory_section(mode: dict, root: Path, report_only: bool) -> str:
@@ -252,9 +257,9 @@ def main() -> None:
     for key, section_names in grid.items():
         title = TABLES[key][0]
         image = docs / f"study_{mode_name}_{key}.png"
-        figure(section_names, root, mode["seeds"], image, f"{title} ({mode_name} grid, {today})")
-        parts.append(f"\n#### {title}\n\n{table(section_names, results)}\n\n"
-                     f"![{title}: dev accuracy against step](docs/{image.name})")
+        drawn = figure(section_names, root, mode["seeds"], image, f"{title} ({mode_name} grid, {today})")
+        parts.append(f"\n#### {title}\n\n{table(section_names, results)}"
+                     + (f"\n\n![{title}: dev accuracy against step](docs/{image.name})" if drawn else ""))
     parts.append(memory_section(mode, root, args.report or "memory" not in sections))
     write_section(REPO / "BENCHMARKS.md", f"study:{mode_name}", "\n".join(parts))
     summaries = docs / "study" / mode_name / "summaries.jsonl"
