@@ -255,6 +255,8 @@ def main() -> None:
              f"imports (data and model included); s/step includes the evaluations. Every run's summary: "
              f"`docs/study/{mode_name}/summaries.jsonl`; runs and logs under `runs/study-{mode_name}/`."]
     for key, section_names in grid.items():
+        if not any(results.get(name) for name in section_names):
+            continue  # not run yet: no table rather than a table of blanks
         title = TABLES[key][0]
         image = docs / f"study_{mode_name}_{key}.png"
         drawn = figure(section_names, root, mode["seeds"], image, f"{title} ({mode_name} grid, {today})")
