@@ -262,6 +262,9 @@ def main() -> None:
         drawn = figure(section_names, root, mode["seeds"], image, f"{title} ({mode_name} grid, {today})")
         parts.append(f"\n#### {title}\n\n{table(section_names, results)}"
                      + (f"\n\n![{title}: dev accuracy against step](docs/{image.name})" if drawn else ""))
+    if len(parts) == 2:
+        parts.append("\nNo accuracy run of this grid has finished yet; its tables appear as runs finish "
+                     f"(`{command}` is resumable).")
     parts.append(memory_section(mode, root, args.report or "memory" not in sections))
     write_section(REPO / "BENCHMARKS.md", f"study:{mode_name}", "\n".join(parts))
     summaries = docs / "study" / mode_name / "summaries.jsonl"
