@@ -38,7 +38,7 @@ from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
 from ftkit.recipe import recipe_from_dict
-from ftkit.train.loop import _chunk_size
+from ftkit.train.loop import chunk_size_for
 
 MINILM = {"head_init": "prototype"}
 OPT = {"name": "minilm", "config": dict(OPT_125M), "weights": "random", "head_init": "random"}
@@ -76,7 +76,7 @@ def worker(shape: str, case: str, steps: int, threads: int, out: Path) -> None:
     if isinstance(getattr(method, "forward", None), DistributedDataParallel):
         method.forward.register_comm_hook(ddp, _counting_allreduce)
     features = encode(task.splits["train"][: batch_size * (steps + 1)], tokenizer, kind, task, seq_len)
-    chunk_size = _chunk_size(recipe, world, method.shards_data)
+    chunk_size = chunk_size_for(recipe, world, method.shards_data)
     times, counted = [], None
     for s in range(steps + 1):
         batch = shard(features[s * batch_size : (s + 1) * batch_size], chunk_size, tokenizer.pad_token_id,

@@ -25,7 +25,7 @@ from ftkit.optim.trace import read_trace
 from ftkit.optim.zo import TRACE_FILE, ZerothOrder
 from ftkit.recipe import load_recipe
 from ftkit.train import checkpoint as ckpt
-from ftkit.train.loop import _chunk_size, train
+from ftkit.train.loop import chunk_size_for, train
 from ftkit.train.metrics import read_events
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -168,8 +168,8 @@ def test_process_count_mistakes_are_named(write_recipe, tmp_path):
     one_chunk = load_recipe(recipe_file(write_recipe, tmp_path, "chunks", train={"micro_batch_size": 8}))
     with pytest.raises(UserError, match=r"train.batch_size 8 in chunks of train.micro_batch_size 8 is 1 chunk\(s\) "
                                         r"for 2 processes.*set train.micro_batch_size to 4 or less"):
-        _chunk_size(one_chunk, World(rank=0, size=2), shards_data=True)
-    assert _chunk_size(load_recipe(recipe_file(write_recipe, tmp_path, "unset", train={"micro_batch_size": None})),
+        chunk_size_for(one_chunk, World(rank=0, size=2), shards_data=True)
+    assert chunk_size_for(load_recipe(recipe_file(write_recipe, tmp_path, "unset", train={"micro_batch_size": None})),
                        World(rank=1, size=3), shards_data=True) == 3  # 8 over 3 processes: chunks of 3, 3, 2
 
     queries = load_recipe(recipe_file(write_recipe, tmp_path, "queries", method={

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from ftkit.errors import UserError
 from ftkit.quant.linear import QuantLinear
+from ftkit.quant.scales import SCALE_DTYPES
 
-SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def skip_patterns(spec) -> list[re.Pattern]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+# quant.scale_dtype -> torch dtype
+SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Clipping ratios tried by the MSE search (fractions of the group's absolute maximum).
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.00, 0.95, ..., 0.50
 

@@ -17,9 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftkit.quant.codecs import CODECS
-from ftkit.quant.scales import compute_scales, group_view
-
-SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+from ftkit.quant.scales import SCALE_DTYPES, compute_scales, group_view
 
 
 class StraightThroughLinear(nn.Linear):

@@ -90,7 +90,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
     stream = TrainStream(features["train"], recipe.train.batch_size, recipe.train.seed, tokenizer.pad_token_id,
                          recipe.train.group_by_length)
     shard_world = world if method.shards_data else None
-    chunk_size = _chunk_size(recipe, world, method.shards_data)
+    chunk_size = chunk_size_for(recipe, world, method.shards_data)
     num_classes = len(task.labels)
 
     def run_eval(split: str) -> dict:
@@ -222,7 +222,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
     return summary
 
 
-def _chunk_size(recipe: Recipe, world: World, shards_data: bool) -> int | None:
+def chunk_size_for(recipe: Recipe, world: World, shards_data: bool) -> int | None:
     """train.micro_batch_size; with several processes splitting the batch and none set, an equal share each."""
     size = recipe.train.micro_batch_size
     if world.size == 1 or not shards_data:
