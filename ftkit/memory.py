@@ -31,3 +31,15 @@ def _status_kib(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the high-water mark from the current resident set (Linux: `5` into /proc/self/clear_refs), so a
+    later `peak_rss_mb` measures one phase, say a training step after the model is built. False where the kernel
+    does not allow it; the peak then still covers everything before."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False

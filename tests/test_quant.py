@@ -138,7 +138,7 @@ def test_perturbation_hook_is_applied_while_dequantizing():
     layer = QuantLinear.from_linear(linear(), "int4")
     codes = layer.codes.clone()
     delta = torch.randn(96, 256) * 1e-3
-    layer.perturbation = lambda _: delta
+    layer.perturbation = lambda _: delta.clone()  # the hook hands the layer a tensor it owns
     x = torch.randn(4, 256)
     expected = torch.nn.functional.linear(x, layer.dequantize() + delta, layer.bias)
     assert torch.allclose(layer(x), expected, atol=1e-6)

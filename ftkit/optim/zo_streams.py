@@ -40,6 +40,17 @@ def gaussian(shape, seed: int, device="cpu") -> torch.Tensor:
     return torch.randn(shape, generator=generator(seed, device), device=device, dtype=torch.float32)
 
 
+# Elements per pass when noise is added to a large tensor: noise exists a chunk at a time (16 MiB), so perturbing
+# a 32000 x 4096 matrix costs its direction and one chunk, not 1.5 more float copies of the matrix.
+# Chunks stay large because every pass is one parallel region: thousands of small ones cost more than they save.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """15 of each element's bits as (k + 1/2) / 2^15: uniform in (0, 1)."""
+    return (bits & 0x7FFF).to(torch.float32).mul_(2.0**-15).add_(2.0**-16)
+
+
 def uniform(shape, seed: int, device="cpu") -> torch.Tensor:
     """Uniform rounding noise in (0, 1) with 15 random bits per element: (k + 1/2) / 2^15.
 
@@ -48,15 +59,34 @@ def uniform(shape, seed: int, device="cpu") -> torch.Tensor:
     grid step."""
     n = math.prod(shape)
     words = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_(generator=generator(seed, device))
-    halves = words.view(torch.int16)[:n]
-    return (halves & 0x7FFF).to(torch.float32).mul_(2.0**-15).add_(2.0**-16).view(shape)
+    return bits_to_uniform(words.view(torch.int16)[:n]).view(shape)
+
+
+def uniform_chunks(numel: int, seed: int, device="cpu", size: int = 0):
+    """(slice, noise) pairs covering range(numel) in chunks of `size` (default CHUNK_ELEMENTS) elements: the
+    numbers of `uniform((numel,), seed)`, so the noise of a large tensor never exists whole. Exact on CPU, where
+    the generator's draws are serial and every chunk but the last is even (two elements per draw)."""
+    size = size or CHUNK_ELEMENTS
+    if size % 2:
+        raise ValueError(f"noise chunks hold whole draws of two elements; got a chunk of {size}")
+    gen = generator(seed, device)
+    for start in range(0, numel, size):
+        count = min(size, numel - start)
+        words = torch.empty((count + 1) // 2, dtype=torch.int32, device=device).random_(generator=gen)
+        yield slice(start, start + count), bits_to_uniform(words.view(torch.int16)[:count])
 
 
 def quantize_direction(u: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     """Q(u): u stochastically rounded onto a symmetric per-tensor grid of 2^bits - 1 levels (int4: -7..7 times
-    max|u| / 7). Unbiased, E[Q(u) | u] = u, and never clipped, since the grid spans max|u|. bits = 0: u itself."""
+    max|u| / 7). Unbiased, E[Q(u) | u] = u, and never clipped, since the grid spans max|u|. bits = 0: u itself.
+
+    In place on a contiguous u, a chunk of noise at a time (the numbers of the whole noise tensor at once)."""
     if bits == 0:
         return u
     levels = 2 ** (bits - 1) - 1
-    step = u.abs().max().clamp(min=1e-30) / levels
-    return u.div_(step).add_(uniform(u.shape, seed, u.device)).floor_().mul_(step)
+    low, high = torch.aminmax(u)  # max|u| without a full-size |u|
+    step = torch.maximum(high, -low).clamp(min=1e-30) / levels
+    flat = u.view(-1)
+    for part, noise in uniform_chunks(u.numel(), seed, u.device):
+        flat[part].div_(step).add_(noise).floor_().mul_(step)
+    return u

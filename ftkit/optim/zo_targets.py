@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ftkit.optim.zo_streams import Q1, Q2, U, UPDATE, derive, gaussian, quantize_direction, uniform
+from ftkit.optim.zo_streams import Q1, Q2, U, UPDATE, derive, gaussian, quantize_direction, uniform_chunks
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import group_view
 
@@ -106,14 +106,18 @@ class QuantTarget:
         for seed, coef in zip(query_seeds, coefs):
             u2 = d.update_direction(seed, self.index, shape, device)
             step = u2.mul_(coef) if step is None else step.add_(u2, alpha=coef)
-        group_view(step, layer.group_size).div_(layer.scales.to(torch.float32).unsqueeze(-1))  # to grid units
-        codes = layer.code_values()
-        target = step.add_(codes)
-        if decay:
-            target.add_(codes, alpha=-decay)
-        noise = uniform(shape, derive(step_seed, self.index, UPDATE), device) if d.update_rounding == "stochastic" \
-            else None
-        layer.set_code_values(layer.codec.round(target, d.update_rounding, noise=noise))
+        blocks = layer.row_blocks()  # a block of rows at a time: temporaries of a few MiB, not of the layer
+        noise = uniform_chunks(step.numel(), derive(step_seed, self.index, UPDATE), device,
+                               size=(blocks[0].stop - blocks[0].start) * shape[1]) \
+            if d.update_rounding == "stochastic" else None
+        for rows in blocks:
+            group_view(step[rows], layer.group_size).div_(layer.scales[rows].to(torch.float32).unsqueeze(-1))
+            codes = layer.code_values(rows)
+            target = step[rows].add_(codes)  # in grid units
+            if decay:
+                target.add_(codes, alpha=-decay)
+            block_noise = None if noise is None else next(noise)[1].view_as(target)
+            layer.set_code_values(layer.codec.round(target, d.update_rounding, noise=block_noise), rows)
 
 
 def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget]:

@@ -8,8 +8,12 @@ Forward runs one of the matmul kernels below, chosen per format by `scripts/benc
 the dequantize path materialises only this layer's weight, and only for the duration of the matmul.
 
 For zeroth-order methods the layer exposes its codes, scales and codec (`code_values`, `set_code_values`,
-`scales`, `codec`) and a `perturbation` hook: a function of the layer returning an additive weight delta, applied
-while dequantizing so the stored codes never change during a perturbed forward.
+`scales`, `codec`) and a `perturbation` hook: a function of the layer returning an additive weight delta (a fresh
+float32 tensor, which the layer then owns), applied while dequantizing so the stored codes never change during a
+perturbed forward.
+
+Large layers are dequantized and rewritten a block of rows at a time (`row_blocks`), so what a layer needs beyond
+its codes is one float32 copy of its weight, not the several that whole-tensor unpacking and scaling would make.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftkit.quant.codecs import CODECS
-from ftkit.quant.packing import pack_int4, padded_rows, unpack_int4
+from ftkit.quant.packing import BLOCK, pack_int4, padded_rows, unpack_int4
 from ftkit.quant.scales import compute_scales, group_view
 
 # Below this many input rows (tokens) the packed int4 kernel beats dequantize + fp32 matmul on CPU.
 SMALL_BATCH_ROWS = 512
+# Elements per block of rows when dequantizing or rewriting codes: temporaries of about 16 MiB.
+BLOCK_ELEMENTS = 1 << 22
 # Group sizes PyTorch's CPU int4 kernel accepts.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -68,27 +74,49 @@ class QuantLinear(nn.Module):
 
     # --- codes ------------------------------------------------------------------------------------------------
 
-    def code_values(self) -> torch.Tensor:
-        """Grid values [N, K] as float32 (integers for int formats, FP8 values for FP8)."""
+    def row_blocks(self) -> list[slice]:
+        """Consecutive row ranges of about BLOCK_ELEMENTS elements, each starting at a multiple of the int4 packing
+        block (64 rows), so every range maps onto whole rows of the packed codes."""
+        rows = max(BLOCK, BLOCK_ELEMENTS // self.in_features // BLOCK * BLOCK)
+        return [slice(start, min(start + rows, self.out_features)) for start in range(0, self.out_features, rows)]
+
+    def code_values(self, rows: slice | None = None) -> torch.Tensor:
+        """Grid values [N, K] (or of `rows`) as float32 (integers for int formats, FP8 values for FP8)."""
+        rows = rows or slice(0, self.out_features)
         if self.fmt == "int4":
-            return unpack_int4(self.codes, self.out_features, self.in_features).to(torch.float32)
-        return self.codec.decode(self.codes)
+            count = rows.stop - rows.start
+            packed = self.codes[rows.start: rows.start + padded_rows(count)]
+            return unpack_int4(packed, count, self.in_features).to(torch.float32)
+        return self.codec.decode(self.codes[rows])
 
-    def set_code_values(self, grid_values: torch.Tensor) -> None:
-        """Store grid values [N, K] (already on the codec's grid) into the codes buffer, in place."""
+    def set_code_values(self, grid_values: torch.Tensor, rows: slice | None = None) -> None:
+        """Store grid values [N, K] (or of `rows`; already on the codec's grid) into the codes buffer, in place."""
+        rows = rows or slice(0, self.out_features)
         codes = self.codec.encode(grid_values)
-        self.codes.copy_(pack_int4(codes) if self.fmt == "int4" else codes)
+        if self.fmt == "int4":
+            packed = pack_int4(codes)
+            self.codes[rows.start: rows.start + packed.shape[0]].copy_(packed)
+        else:
+            self.codes[rows].copy_(codes)
 
-    def dequantize(self) -> torch.Tensor:
-        weight = self.code_values()  # a fresh float32 tensor, scaled in place: one pass, one allocation
-        group_view(weight, self.group_size).mul_(self.scales.to(torch.float32).unsqueeze(-1))
+    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
+        """The float32 weight [N, K] (or its `rows`), filled a block of rows at a time."""
+        if rows is None:
+            weight = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.codes.device)
+            for block in self.row_blocks():
+                weight[block] = self.dequantize(block)
+            return weight
+        weight = self.code_values(rows)  # a fresh float32 tensor, scaled in place
+        group_view(weight, self.group_size).mul_(self.scales[rows].to(torch.float32).unsqueeze(-1))
         return weight
 
     # --- forward ----------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perturbation is not None:
-            weight = self.dequantize().add_(self.perturbation(self))
+            weight = self.perturbation(self)
+            for block in self.row_blocks():  # W + delta, added into the delta: no second full-size tensor
+                weight[block].add_(self.dequantize(block))
             return F.linear(x, weight.to(x.dtype), _cast(self.bias, x.dtype))
         return KERNELS[self.kernel_for(x)](self, x)
 
