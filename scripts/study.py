@@ -2,7 +2,7 @@
 seeds; writes the tables into BENCHMARKS.md, the figures under docs/, and every run's summary under docs/study/.
 
     python scripts/study.py --quick      # reduced grid: 1 seed, 100 steps, 8 runs (under 20 minutes here)
-    python scripts/study.py              # full grid: 3 seeds, 600 steps
+    python scripts/study.py              # full grid: 3 seeds, 200 steps (about two hours here)
     python scripts/study.py --report     # rewrite tables and figures from the runs there are, train nothing
     python scripts/study.py --sections memory   # run only some tables (all are written from what exists)
 
@@ -90,7 +90,7 @@ QUICK = {"precision": ["FO AdamW fp32", "FO straight-through int4", "MeZO fp32",
                        "QuZO + LoRETTA_rep, int4 base"],
          "efficiency": ["FO AdamW fp32", "FO LoRA", "FO LoRETTA_rep"]}
 MODES = {"quick": {"seeds": [0], "steps": 100, "eval_every": 50, "memory_shapes": ["OPT-125m"]},
-         "full": {"seeds": [0, 1, 2], "steps": 600, "eval_every": 100,
+         "full": {"seeds": [0, 1, 2], "steps": 200, "eval_every": 50,
                   "memory_shapes": ["OPT-125m", "OPT-350m", "OPT-1.3B", "LLaMA-2-7B"]}}
 BASE = {"model": {"name": "minilm", "head_init": "prototype"},
         "data": {"task": "sst2", "max_seq_len": 64},
@@ -188,8 +188,9 @@ def memory_section(mode: dict, root: Path, report_only: bool) -> str:
     import study_memory
 
     cache = root / "memory.jsonl"
-    done = {(r["shape"], r["case"]): r for r in map(json.loads, cache.read_text().splitlines())} \
-        if cache.is_file() else {}
+    # Measurements from before build and step were told apart (no "step_peak_mb") are measured again.
+    done = {(r["shape"], r["case"]): r for r in map(json.loads, cache.read_text().splitlines())
+            if "step_peak_mb" in r or "skipped" in r} if cache.is_file() else {}
     results = []
     for shape in mode["memory_shapes"]:
         for case in study_memory.CASES:
@@ -203,11 +204,14 @@ def memory_section(mode: dict, root: Path, report_only: bool) -> str:
                 results.append(done[(shape, case)])
     return ("\n#### Memory scaling: one training step, random weights\n\n"
             "Each case in a fresh process (`scripts/study_memory.py SHAPE CASE`): batch 2 SST-2 prompts scored as "
-            "causal-LM classification (2 candidates each), 32 tokens at most (16 for LLaMA-2-7B); peak RSS above "
-            "the RSS after imports, so it includes building the model. Ratios are to first-order fp32 (AdamW, all "
-            "weights) and to first-order LoRA over a bitsandbytes nf4 base (QLoRA); * marks a ratio to the arithmetic "
-            "lower bound of a case too large to run here (its weights and optimizer state alone). Step seconds "
-            "are the one step's, first-call overheads included.\n\n"
+            "causal-LM classification (2 candidates each), 32 tokens at most (16 for LLaMA-2-7B). Memory is RSS "
+            "above the RSS after imports: once the model and method are built (after build), its high-water mark "
+            "while building (random weights initialised one layer at a time, then quantized), and its high-water "
+            "mark during the step (reset after building); the larger of the two peaks, in bold where the step sets "
+            "it, is the process's peak, and the ratios are of that peak: to first-order fp32 (AdamW, all weights) "
+            "and to first-order LoRA over a bitsandbytes nf4 base (QLoRA); * marks a ratio to the arithmetic lower "
+            "bound of a case too large to run here (its weights and optimizer state alone). Step seconds are the "
+            "one step's, first-call overheads included.\n\n"
             + study_memory.table(results))
 
 
@@ -236,14 +240,17 @@ def main() -> None:
     grid = QUICK if args.quick else {key: names for key, (_, names) in TABLES.items()}
     names = list(dict.fromkeys(n for section in grid.values() for n in section))
 
-    results: dict[str, list[dict]] = {}
-    for name in names:
-        for seed in mode["seeds"]:
+    # Seed by seed over the whole grid, so a study stopped early has every row with fewer seeds, not some rows
+    # with none.
+    by_seed: dict[tuple[str, int], dict] = {}
+    for seed in mode["seeds"]:
+        for name in names:
             done = root / ROWS[name].slug / f"seed{seed}" / "summary.json"
             wanted = any(name in grid[key] for key in sections if key in grid)
             if (args.report or not wanted) and not done.is_file():
                 continue
-            results.setdefault(name, []).append({**run(ROWS[name], seed, mode, root), "seed": seed})
+            by_seed[name, seed] = {**run(ROWS[name], seed, mode, root), "seed": seed}
+    results = {name: [by_seed[name, s] for s in mode["seeds"] if (name, s) in by_seed] for name in names}
 
     command = f"python scripts/study.py{' --quick' if args.quick else ''}"
     today = f"{datetime.now(timezone.utc):%Y-%m-%d}"

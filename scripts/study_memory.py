@@ -1,6 +1,7 @@
 """Memory scaling for scripts/study.py: one training step of each method and format at OPT-125m, OPT-350m,
 OPT-1.3B and LLaMA-2-7B shapes (random weights, SST-2 prompts as causal-LM classification), each in a fresh
-process: peak RSS above the RSS after imports, against first-order fp32 and first-order LoRA over a bitsandbytes nf4 base (QLoRA).
+process: peak RSS above the RSS after imports while building the model and during the step (the high-water mark
+is reset between the two), against first-order fp32 and first-order LoRA over a bitsandbytes nf4 base (QLoRA).
 
     python scripts/study_memory.py SHAPE CASE     # one measurement, printed as JSON (what study.py runs)
 
@@ -14,6 +15,8 @@ import json
 import subprocess
 import sys
 import time
+
+import torch
 
 from bench_quant import LLAMA_2_7B, OPT_125M
 
@@ -43,13 +46,15 @@ FITS_BYTES = 18 * 2**30
 def measure(shape: str, case: str) -> dict:
     from ftkit.data.batches import collate, encode
     from ftkit.data.dataset import load_task_data
-    from ftkit.memory import current_rss_mb, peak_rss_mb
+    from ftkit.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
     from ftkit.models.build import build_model
     from ftkit.models.count import trainable_numel
     from ftkit.models.load import load_tokenizer
     from ftkit.optim import OPTIMIZERS
     from ftkit.recipe import recipe_from_dict
 
+    # One thread: the study runs these beside its accuracy grid on a small machine; memory does not depend on it.
+    torch.set_num_threads(1)
     baseline = current_rss_mb()
 
     quant, method = CASES[case]
@@ -65,11 +70,17 @@ def measure(shape: str, case: str) -> dict:
     model, kind, _ = build_model(recipe, task, tokenizer)
     method_impl = OPTIMIZERS[recipe.method.optimizer](model, recipe)
     built = time.perf_counter()
+    build_peak = peak_rss_mb() - baseline
+    if not reset_peak_rss():
+        raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs): build and step cannot be told apart")
+    state = current_rss_mb() - baseline
     batch = collate(encode(task.splits["train"][:2], tokenizer, kind, task, seq), tokenizer.pad_token_id)
     metrics = method_impl.step(batch, 1e-6)
+    step_peak = peak_rss_mb() - baseline
     return {"shape": shape, "case": case, "trainable": trainable_numel(model), "build_seconds": built - started,
             "step_seconds": time.perf_counter() - built, "loss": metrics["loss"], "baseline_mb": baseline,
-            "peak_above_imports_mb": peak_rss_mb() - baseline}
+            "build_peak_mb": build_peak, "state_mb": state, "step_peak_mb": step_peak,
+            "peak_above_imports_mb": max(build_peak, step_peak)}
 
 
 def run_case(shape: str, case: str) -> dict:
@@ -85,19 +96,22 @@ def run_case(shape: str, case: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| shape | method | trainable | peak RSS above imports, MiB | vs FO fp32 | vs FO nf4 + LoRA | "
-             "step s | build s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| shape | method | trainable | after build, MiB | build peak, MiB | step peak, MiB | vs FO fp32 | "
+             "vs FO nf4 + LoRA | step s | build s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     by = {(r["shape"], r["case"]): r for r in results}
     for r in results:
         fp32, qlora = by.get((r["shape"], "FO AdamW fp32")), by.get((r["shape"], "FO nf4 + LoRA (QLoRA)"))
         if "skipped" in r:
-            lines.append(f"| {r['shape']} | {r['case']} | | not run: {r['skipped']} | | | | |")
+            lines.append(f"| {r['shape']} | {r['case']} | | | not run: {r['skipped']} | | | | | |")
             continue
         peak = r["peak_above_imports_mb"]
         fp32_peak = fp32.get("peak_above_imports_mb", fp32.get("estimate_mb")) if fp32 else None
         ratio_fp32 = f"{peak / fp32_peak:.2f}" + ("*" if fp32 and "skipped" in fp32 else "") if fp32_peak else ""
         ratio_qlora = f"{peak / qlora['peak_above_imports_mb']:.2f}" if qlora and "skipped" not in qlora else ""
-        lines.append(f"| {r['shape']} | {r['case']} | {r['trainable']:,} | {peak:,.0f} | {ratio_fp32} | "
+        bold = "**" if peak == r["step_peak_mb"] else ""
+        lines.append(f"| {r['shape']} | {r['case']} | {r['trainable']:,} | {r['state_mb']:,.0f} | "
+                     f"{r['build_peak_mb']:,.0f} | {bold}{r['step_peak_mb']:,.0f}{bold} | {ratio_fp32} | "
                      f"{ratio_qlora} | {r['step_seconds']:.1f} | {r['build_seconds']:.1f} |")
     return "\n".join(lines)
 
