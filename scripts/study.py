@@ -171,8 +171,13 @@ def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str
         steps = curves[0][0]
         mean = [100 * statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
         style = "-" if name.startswith("FO") else "--" if name.startswith("MeZO") else "-."
-        ax.plot(steps, mean, style, marker="o", markersize=3, label=name)
-    ax.set(xlabel="step", ylabel=f"SST-2 dev accuracy, % (mean of {len(seeds)} seed(s))", title=title)
+        (line,) = ax.plot(steps, mean, style, marker="o", markersize=3, label=name)
+        if len(curves) > 1:  # one standard deviation across seeds
+            std = [100 * statistics.stdev(c[1][i] for c in curves) for i in range(len(steps))]
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.12, linewidth=0)
+    ax.set(xlabel="step", ylabel=f"SST-2 dev accuracy, % (mean of {len(seeds)} seed(s), band: +-1 std)",
+           title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -180,6 +185,59 @@ def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
+
+
+# Earlier benchmarks (sections of BENCHMARKS.md, each with its command and date) the study should agree with:
+# what is compared, the earlier figure as published there, and how the study's figure is read from its runs:
+# ("dev", row, steps): mean dev accuracy at those steps; ("ratio", key, row, row): ratio of the rows' medians.
+EARLIER = [
+    ("Full-parameter QuZO int4 (10.8M codes), lr 1e-6: dev % at steps 0 / 100 / 200",
+     "68.8 / 68.5 / 68.7 (batch 32, one seed; Which trainable set learns)", ("dev", "QuZO int4", (0, 100, 200))),
+    ("QuZO + LoRETTA_rep (identity init) over int4, lr 1e-2: dev % at steps 0 / 200",
+     "68.8 / 72.1 (batch 32, 600-step schedule, one seed; same section)",
+     ("dev", "QuZO + LoRETTA_rep, int4 base", (0, 200))),
+    ("MeZO fp32 (word embeddings frozen), lr 1e-6: dev % at steps 0 / 200",
+     "71.2 / no gain in 300 steps at any lr from 1e-6 to 1e-4 (same section)", ("dev", "MeZO fp32", (0, 200))),
+    ("FO AdamW fp32: dev % at step 0", "71.2 (the prototype head; Full fine-tuning)", ("dev", "FO AdamW fp32", (0,))),
+    ("Peak memory above imports: QuZO int4 / FO AdamW fp32", "0.26 (232 / 897 MB, batch 32; Step time against two "
+     "forward passes)", ("ratio", "memory", "QuZO int4", "FO AdamW fp32")),
+    ("Step time: QuZO int4 / MeZO fp32", "1.90 (908 / 479 ms, batch 32; same section)",
+     ("ratio", "speed", "QuZO int4", "MeZO fp32")),
+    ("Step time: FO LoRA / FO AdamW fp32", "0.43 (0.167 / 0.388 s, batch 32; Parameter efficiency)",
+     ("ratio", "speed", "FO LoRA", "FO AdamW fp32")),
+    ("FO LoRA minus FO LoRETTA_rep, final dev %", "+1.2, rerun +3.3 points (2,000 steps, one seed each; Parameter "
+     "efficiency)", ("gap", "FO LoRA", "FO LoRETTA_rep")),
+]
+MEASURES = {"memory": (lambda r: r["peak_rss_mb"] - r.get("rss_at_start_mb", 0.0), "{:,.0f} MiB"),
+            "speed": (lambda r: r["seconds_per_step"], "{:.3f} s")}
+
+
+def agreement(results: dict, root: Path) -> str:
+    """The EARLIER table with the study's figures beside the published ones."""
+    lines = ["| compared | earlier benchmark | this study (mean of seeds) |", "| --- | --- | --- |"]
+    for what, earlier, (kind, *how) in EARLIER:
+        if kind == "dev":
+            name, steps = how
+            curves = [dict(zip(*dev_curve(root / ROWS[name].slug / f"seed{r['seed']}"))) for r in results.get(name, [])]
+            cells = [statistics.mean(c[s] for c in curves) * 100 if curves and all(s in c for c in curves) else None
+                     for s in steps]
+            study = " / ".join("-" if c is None else f"{c:.1f}" for c in cells)
+        elif kind == "ratio":
+            measure, top, bottom = how
+            if not (results.get(top) and results.get(bottom)):
+                continue
+            read, unit = MEASURES[measure]
+            medians = [statistics.median(read(r) for r in results[n]) for n in (top, bottom)]
+            study = f"{medians[0] / medians[1]:.2f} ({unit.format(medians[0])} / {unit.format(medians[1])})"
+        else:  # gap
+            if not (results.get(how[0]) and results.get(how[1])):
+                continue
+            final = [[100 * r["dev"]["accuracy"] for r in results[n]] for n in how]
+            diffs = [a - b for a, b in zip(*final)]
+            spread = f" (per seed: {', '.join(f'{d:+.1f}' for d in diffs)})" if len(diffs) > 1 else ""
+            study = f"{statistics.mean(diffs):+.1f}{spread}"
+        lines.append(f"| {what} | {earlier} | {study} |")
+    return "\n".join(lines)
 
 
 def memory_section(mode: dict, root: Path, report_only: bool) -> str:
@@ -266,9 +324,13 @@ def main() -> None:
             continue  # not run yet: no table rather than a table of blanks
         title = TABLES[key][0]
         image = docs / f"study_{mode_name}_{key}.png"
-        drawn = figure(section_names, root, mode["seeds"], image, f"{title} ({mode_name} grid, {today})")
+        drawn = figure(section_names, root, mode["seeds"], image, f"{title}: {command}, {today}")
         parts.append(f"\n#### {title}\n\n{table(section_names, results)}"
                      + (f"\n\n![{title}: dev accuracy against step](docs/{image.name})" if drawn else ""))
+    if len(parts) > 2:
+        parts.append("\n#### Against the earlier benchmarks\n\nThe same quantities as in the sections above that "
+                     "measured them first (their settings differ where stated: batch 32 there, 16 here).\n\n"
+                     + agreement(results, root))
     if len(parts) == 2:
         parts.append("\nNo accuracy run of this grid has finished yet; its tables appear as runs finish "
                      f"(`{command}` is resumable).")
