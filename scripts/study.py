@@ -5,6 +5,7 @@ seeds; writes the tables into BENCHMARKS.md, the figures under docs/, and every 
     python scripts/study.py              # full grid: 3 seeds, 200 steps (about two hours here)
     python scripts/study.py --report     # rewrite tables and figures from the runs there are, train nothing
     python scripts/study.py --sections memory   # run only some tables (all are written from what exists)
+    python scripts/study.py --jobs 2     # two training runs at a time, the cores shared between them
 
 Resumable: a run whose summary.json exists is skipped, a run with a checkpoint but no summary is resumed
 (`ftkit train --resume`), so an interrupted study continues where it stopped. Runs live in runs/study-<mode>/.
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,8 +110,8 @@ def recipe_for(row: Row, seed: int, mode: dict, run_dir: Path) -> dict:
     return recipe
 
 
-def run(row: Row, seed: int, mode: dict, root: Path) -> dict:
-    """Train one (row, seed) unless done; its summary."""
+def run(row: Row, seed: int, mode: dict, root: Path, threads: int = 0) -> dict:
+    """Train one (row, seed) unless done; its summary. threads: the run's thread count (0: torch's default)."""
     run_dir = root / row.slug / f"seed{seed}"
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -118,9 +121,10 @@ def run(row: Row, seed: int, mode: dict, root: Path) -> dict:
     recipe_path.write_text(yaml.safe_dump(recipe_for(row, seed, mode, run_dir), sort_keys=False))
     resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
     print(f"[{datetime.now():%H:%M:%S}] {row.name}, seed {seed}" + (" (resuming)" if resume else ""), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with open(root / row.slug / f"seed{seed}.log", "a") as log:
         done = subprocess.run([sys.executable, "-m", "ftkit", "train", str(recipe_path), *resume], cwd=REPO,
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{row.name}, seed {seed} failed (status {done.returncode}); see {log.name}")
     return json.loads(summary.read_text())
@@ -289,6 +293,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the reduced grid")
     parser.add_argument("--report", action="store_true", help="only rewrite tables and figures")
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (they share the cores)")
     parser.add_argument("--sections", default="precision,efficiency,memory",
                         help="which tables to run (all are written from what exists)")
     args = parser.parse_args()
@@ -299,15 +304,18 @@ def main() -> None:
     names = list(dict.fromkeys(n for section in grid.values() for n in section))
 
     # Seed by seed over the whole grid, so a study stopped early has every row with fewer seeds, not some rows
-    # with none.
-    by_seed: dict[tuple[str, int], dict] = {}
-    for seed in mode["seeds"]:
-        for name in names:
-            done = root / ROWS[name].slug / f"seed{seed}" / "summary.json"
-            wanted = any(name in grid[key] for key in sections if key in grid)
-            if (args.report or not wanted) and not done.is_file():
-                continue
-            by_seed[name, seed] = {**run(ROWS[name], seed, mode, root), "seed": seed}
+    # with none. With --jobs N, N runs at a time share the cores (one thread each on a 2-core machine: two
+    # single-threaded runs get more done than one run on two threads).
+    pending = [(name, seed) for seed in mode["seeds"] for name in names
+               if (root / ROWS[name].slug / f"seed{seed}" / "summary.json").is_file()
+               or (not args.report and any(name in grid[key] for key in sections if key in grid))]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        futures = {key: pool.submit(run, ROWS[key[0]], key[1], mode, root, threads) for key in pending}
+        by_seed = {key: {**future.result(), "seed": key[1]} for key, future in futures.items()}
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, start nothing new
     results = {name: [by_seed[name, s] for s in mode["seeds"] if (name, s) in by_seed] for name in names}
 
     command = f"python scripts/study.py{' --quick' if args.quick else ''}"
