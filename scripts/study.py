@@ -157,7 +157,9 @@ def table(names: list[str], results: dict) -> str:
 
 
 def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str) -> bool:
-    """Mean dev accuracy against step per row; False (nothing written) when no row has a finished run."""
+    """Mean dev accuracy against step per row, all rows on the left and the zeroth-order ones on the right (their
+    differences are a point or two, invisible beside first-order gains); False (nothing written) when no row has a
+    finished run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,26 +169,34 @@ def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str
                 for name in names}
     if not any(finished.values()):
         return False
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    for name in names:
+    counts = sorted({len(v) for v in finished.values() if v})
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), width_ratios=[1, 1.25])
+    colors = plt.get_cmap("tab20").colors
+    for index, name in enumerate(names):
         curves = [dev_curve(root / ROWS[name].slug / f"seed{s}") for s in finished[name]]
         if not curves:
             continue
         steps = curves[0][0]
         mean = [100 * statistics.mean(c[1][i] for c in curves) for i in range(len(steps))]
         style = "-" if name.startswith("FO") else "--" if name.startswith("MeZO") else "-."
-        (line,) = ax.plot(steps, mean, style, marker="o", markersize=3, label=name)
-        if len(curves) > 1:  # one standard deviation across seeds
-            std = [100 * statistics.stdev(c[1][i] for c in curves) for i in range(len(steps))]
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line.get_color(), alpha=0.12, linewidth=0)
-    ax.set(xlabel="step", ylabel=f"SST-2 dev accuracy, % (mean of {len(seeds)} seed(s), band: +-1 std)",
-           title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+        color = colors[(2 * index) % 20 + (2 * index) // 20]  # the dark shades first
+        for ax in axes if not name.startswith("FO") else axes[:1]:
+            ax.plot(steps, mean, style, marker="o", markersize=3, color=color, label=name)
+            if len(curves) > 1:  # one standard deviation across seeds
+                std = [100 * statistics.stdev(c[1][i] for c in curves) for i in range(len(steps))]
+                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=color, alpha=0.12, linewidth=0)
+    seeds_text = "/".join(map(str, counts))
+    axes[0].set(xlabel="step", ylabel=f"SST-2 dev accuracy, % (mean of {seeds_text} seed(s), band: +-1 std)",
+                title="all methods")
+    axes[1].set(xlabel="step", title="zeroth-order methods (zoomed)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return True
 
