@@ -81,11 +81,18 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None, 
     axes[0][0].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
+    save_png(fig, out)
+    return out
+
+
+def save_png(fig, out: Path, dpi: int = 110) -> None:
+    """Lay out, write (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
-    return out
 
 
 def _recipe_name(run_dir: Path) -> str:

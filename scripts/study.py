@@ -165,6 +165,8 @@ def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ftkit.plot import save_png
+
     finished = {name: [s for s in seeds if (root / ROWS[name].slug / f"seed{s}" / "summary.json").is_file()]
                 for name in names}
     if not any(finished.values()):
@@ -194,10 +196,7 @@ def figure(names: list[str], root: Path, seeds: list[int], out: Path, title: str
         ax.grid(alpha=0.3)
     axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_png(fig, out, dpi=100)
     return True
 
 
