@@ -153,6 +153,9 @@ def test_row_blocks_and_noise_chunks_do_not_change_a_single_bit(monkeypatch, fmt
         results.append((perturbed, layer.codes.view(torch.uint8).clone(), layer.dequantize()))
     for whole, blocked in zip(*results):
         assert torch.equal(whole, blocked)
+    if fmt == "int4":
+        with pytest.raises(ValueError, match="must start at a multiple of 64, got 10"):
+            layer.code_values(slice(10, 74))
 
 
 def test_a_quzo_step_of_a_large_int4_layer_needs_under_two_float_copies_of_its_weight():

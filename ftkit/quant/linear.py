@@ -84,6 +84,7 @@ class QuantLinear(nn.Module):
         """Grid values [N, K] (or of `rows`) as float32 (integers for int formats, FP8 values for FP8)."""
         rows = rows or slice(0, self.out_features)
         if self.fmt == "int4":
+            _check_packed_start(rows)
             count = rows.stop - rows.start
             packed = self.codes[rows.start: rows.start + padded_rows(count)]
             return unpack_int4(packed, count, self.in_features).to(torch.float32)
@@ -94,6 +95,7 @@ class QuantLinear(nn.Module):
         rows = rows or slice(0, self.out_features)
         codes = self.codec.encode(grid_values)
         if self.fmt == "int4":
+            _check_packed_start(rows)
             packed = pack_int4(codes)
             self.codes[rows.start: rows.start + packed.shape[0]].copy_(packed)
         else:
@@ -155,6 +157,12 @@ class QuantLinear(nn.Module):
     @property
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales))
+
+
+def _check_packed_start(rows: slice) -> None:
+    if rows.start % BLOCK:
+        raise ValueError(f"int4 codes are packed in blocks of {BLOCK} rows; a row range must start at a multiple of "
+                         f"{BLOCK}, got {rows.start}")
 
 
 def _cast(bias, dtype):
