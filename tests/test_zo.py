@@ -131,6 +131,20 @@ def test_nearest_updates_vanish_at_small_lr_while_stochastic_ones_move_the_right
     assert (actual * wanted).sum() / (wanted * wanted).sum() == pytest.approx(1.0, abs=0.05)
 
 
+def test_rounding_noise_does_not_depend_on_its_chunk_size_and_is_uniform():
+    from ftkit.optim.zo_streams import uniform_chunks
+
+    whole = torch.cat([noise for _, noise in uniform_chunks(30_001, seed=4, size=40_000)])
+    chunked = [(part, noise) for part, noise in uniform_chunks(30_001, seed=4, size=1_000)]
+    assert [p.stop for p, _ in chunked][-2:] == [30_000, 30_001]
+    assert torch.equal(torch.cat([noise for _, noise in chunked]), whole)
+    # (k + 1/2) / 2^15: strictly inside (0, 1), mean 1/2 within 4 standard errors (sd 1/sqrt(12))
+    assert 0 < whole.min() and whole.max() < 1
+    assert abs(whole.mean().item() - 0.5) < 4 / math.sqrt(12 * whole.numel())
+    with pytest.raises(ValueError, match="whole draws of two elements"):
+        next(uniform_chunks(10, seed=4, size=3))
+
+
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 0), ("int8", 0), ("fp8_e5m2", 32)])
 def test_row_blocks_and_noise_chunks_do_not_change_a_single_bit(monkeypatch, fmt, group):
     """Large layers are perturbed, dequantized and rewritten a block of rows at a time to bound their temporaries;
