@@ -307,6 +307,12 @@ def main() -> None:
                         help="which tables to run (all are written from what exists)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    known = {*TABLES, "memory"}
+    if sections - known:
+        unknown = ", ".join(sorted(sections - known))
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(sorted(known))}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     mode_name = "quick" if args.quick else "full"
     mode, root = MODES[mode_name], REPO / "runs" / f"study-{mode_name}"
     grid = QUICK if args.quick else {key: names for key, (_, names) in TABLES.items()}
