@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ftkit.errors import TrainingDiverged, UserError
+from ftkit.distributed import main_process
+from ftkit.errors import Interrupted, TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune language models on a small memory budget: QuZO, MeZO, LoRETTA and first-order.")
@@ -28,9 +29,6 @@ def friendly(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from ftkit.distributed import main_process
-        from ftkit.train.loop import Interrupted
-
         # Under torchrun every process meets the same mistake; process 0 says it.
         say = err.print if main_process() else (lambda *a, **k: None)
         try:
@@ -57,11 +55,13 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file"),
     overrides: Optional[list[str]] = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint"),
+    allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Resume even where the result cannot be "
+                                       "bit-identical (another thread count, device or torch version)"),
     nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (runs torchrun --standalone; for "
                               "several machines call torchrun yourself, see docs/scaling.md)"),
 ):
     """Train a recipe; writes checkpoints and metrics to its run directory."""
-    from ftkit.distributed import launched_by_torchrun, main_process
+    from ftkit.distributed import launched_by_torchrun
     from ftkit.recipe import load_recipe
     from ftkit.train.loop import train as run_training
 
@@ -69,8 +69,9 @@ def train(
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not launched_by_torchrun():
-        raise typer.Exit(_torchrun(nproc, ["train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]))
-    summary = run_training(spec, resume=resume, console=out)
+        flags = (["--resume"] if resume else []) + (["--allow-inexact"] if allow_inexact else [])
+        raise typer.Exit(_torchrun(nproc, ["train", str(recipe), *(overrides or []), *flags]))
+    summary = run_training(spec, resume=resume, console=out, allow_inexact=allow_inexact)
     if not main_process():
         return
     metric = summary["metric"]
@@ -129,10 +130,13 @@ def eval_command(
     if as_json:
         out.print(json.dumps(result), markup=False)
         return
+    from ftkit.task_kinds import TASK_KINDS
+
+    columns = [*TASK_KINDS[result["kind"]].metrics, "loss"]
     table = Table(title=f"{result['task']} {result['split']} ({result['n']} examples)")
-    for column in ("source", "accuracy", "macro_f1", "loss"):
+    for column in ("source", *columns):
         table.add_column(column)
-    table.add_row(result["source"], f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}", f"{result['loss']:.4f}")
+    table.add_row(result["source"], *(f"{result[column]:.4f}" for column in columns))
     out.print(table)
 
 
@@ -162,14 +166,15 @@ def replay(
     overrides: Optional[list[str]] = OVERRIDES,
 ):
     """Rebuild a zeroth-order run's weights from the base model and its trace, without a forward pass."""
+    from ftkit.optim import OPTIMIZERS
     from ftkit.recipe import load_recipe
-    from ftkit.recipe.schema import ZEROTH_ORDER
     from ftkit.replay import replay as run_replay
 
     spec = load_recipe(recipe, overrides or [])
-    if spec.method.optimizer not in ZEROTH_ORDER:
+    if not OPTIMIZERS[spec.method.optimizer].zeroth_order:
+        zeroth_order = [o.name for o in OPTIMIZERS if o.zeroth_order]
         raise UserError(f"{recipe}: method.optimizer is {spec.method.optimizer}; only zeroth-order runs "
-                        f"({', '.join(ZEROTH_ORDER)}) have traces")
+                        f"({', '.join(zeroth_order)}) have traces")
     if not trace.is_file():
         raise UserError(f"trace not found: {trace}")
     if (out_dir / "checkpoints").exists():

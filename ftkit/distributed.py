@@ -17,10 +17,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-import torch.distributed as dist
-
 BACKEND = "gloo"  # ftkit computes on the CPU; NCCL needs tensors on a GPU
+
+# torch is imported where a collective runs, so `main_process` and `launched_by_torchrun` cost nothing to import
+# (the CLI asks them before it knows whether anything heavy will run).
 
 
 @dataclass
@@ -39,6 +39,9 @@ class World:
         """Element-wise sum over processes, in float64."""
         if self.size == 1:
             return list(values)
+        import torch
+        import torch.distributed as dist
+
         tensor = torch.tensor(list(values), dtype=torch.float64)
         self._count(tensor.numel() * tensor.element_size())
         dist.all_reduce(tensor)
@@ -47,6 +50,9 @@ class World:
     def all_max(self, value: int) -> int:
         if self.size == 1:
             return value
+        import torch
+        import torch.distributed as dist
+
         tensor = torch.tensor([value], dtype=torch.int64)
         self._count(8)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -56,6 +62,8 @@ class World:
         """Every process's `obj`, in rank order."""
         if self.size == 1:
             return [obj]
+        import torch.distributed as dist
+
         gathered = [None] * self.size
         dist.all_gather_object(gathered, obj)
         self._count(len(repr(obj)))  # pickled size is close; these are small evaluation results
@@ -63,6 +71,8 @@ class World:
 
     def barrier(self) -> None:
         if self.size > 1:
+            import torch.distributed as dist
+
             dist.barrier()
 
     def owns(self, index: int) -> bool:
@@ -86,14 +96,19 @@ def init_world() -> World:
     process is a world of one."""
     if not launched_by_torchrun():
         return World()
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group(backend=BACKEND)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def close_world(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    if world.size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main_process() -> bool:

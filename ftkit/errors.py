@@ -21,3 +21,11 @@ class DataError(UserError):
 
 class TrainingDiverged(Exception):
     """The loss became non-finite; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after finishing its step and saving; exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

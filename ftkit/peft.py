@@ -13,8 +13,10 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
-from ftkit.adapters.loretta_adp.peft import PEFT_TYPE as ADP_TYPE, LorettaAdpConfig, LorettaAdpModel
-from ftkit.adapters.loretta_rep.peft import PEFT_TYPE as REP_TYPE, LorettaRepConfig, LorettaRepModel
+from ftkit.adapters.loretta_adp.peft import PEFT_TYPE as ADP_TYPE
+from ftkit.adapters.loretta_adp.peft import LorettaAdpConfig, LorettaAdpModel
+from ftkit.adapters.loretta_rep.peft import PEFT_TYPE as REP_TYPE
+from ftkit.adapters.loretta_rep.peft import LorettaRepConfig, LorettaRepModel
 
 for _name, _type, _config, _model in (("loretta_rep", REP_TYPE, LorettaRepConfig, LorettaRepModel),
                                       ("loretta_adp", ADP_TYPE, LorettaAdpConfig, LorettaAdpModel)):

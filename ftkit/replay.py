@@ -15,15 +15,17 @@ from ftkit.errors import UserError
 from ftkit.optim import OPTIMIZERS
 from ftkit.optim.trace import decode_tensor, read_trace
 from ftkit.recipe import Recipe, recipe_to_dict
+from ftkit.recipe.compare import computing_differences
 from ftkit.train import checkpoint as ckpt
-
-# Recipe keys that do not change what a step computes (a replay may differ in them).
-IRRELEVANT = ("description", "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
-              "train.log_every", "train.tensorboard", "train.eval_batch_size", "train.output_dir", "train.threads",
-              "train.eval_at_start")
+from ftkit.train.environment import using_threads
 
 
 def replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
+    with using_threads(recipe.train.threads):
+        return _replay(recipe, trace_path, out_dir)
+
+
+def _replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
     from ftkit.models.build import assemble_model
     from ftkit.models.load import load_tokenizer
 
@@ -33,8 +35,6 @@ def replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read trace {trace_path}: {err}") from None
     _check_recipe(recipe, header["recipe"], trace_path)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
     initial = {name: decode_tensor(entry) for name, entry in header["initial_tensors"].items()}
     tokenizer = load_tokenizer(recipe.model)
     model, _ = assemble_model(recipe, tokenizer, header["num_classes"])
@@ -42,7 +42,7 @@ def replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
     with torch.no_grad():
         for name, tensor in initial.items():
             params[name].copy_(tensor)
-    method = OPTIMIZERS[recipe.method.optimizer](model, recipe)
+    method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe)
     for record in records:
         method.replay_step(record["seed"], record["lr"], record["gradients"])
     steps = records[-1]["step"] if records else 0
@@ -56,10 +56,8 @@ def replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
 
 
 def _check_recipe(recipe: Recipe, traced: dict, trace_path: Path) -> None:
-    from ftkit.train.loop import _flatten
-
-    current, saved = _flatten(recipe_to_dict(recipe)), _flatten(traced)
-    for key in sorted(set(current) | set(saved)):
-        if key not in IRRELEVANT and current.get(key) != saved.get(key):
-            raise UserError(f"the trace {trace_path} was written by a different recipe: {key} was "
-                            f"{saved.get(key)!r} and is now {current.get(key)!r}")
+    differences = computing_differences(traced, recipe_to_dict(recipe))
+    if differences:
+        key, before, now = differences[0]
+        raise UserError(f"the trace {trace_path} was written by a different recipe: {key} was {before!r} and is now "
+                        f"{now!r}")

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from ftkit.errors import UserError
 from ftkit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
-from ftkit.recipe.checks import run_checks
+from ftkit.recipe.load import check_recipe
 from ftkit.train import checkpoint as ckpt
 
 
@@ -42,7 +42,7 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
         if overrides:
             ptq = _ptq_spec(recipe, overrides)
         root = target / "checkpoints"
-        step_dir = checkpoint or ckpt.resolve(root, "best") or ckpt.resolve(root, "last")
+        step_dir = checkpoint or ckpt.best_or_last(root)
         if step_dir is None:
             raise UserError(f"{target} has no checkpoint yet")
         if not (Path(step_dir) / ckpt.TRAINER_STATE).is_file():
@@ -62,16 +62,16 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
     if step_dir is not None:
         ckpt.load_checkpoint(Path(step_dir), model)
     if ptq is not None:
-        from ftkit.quant import FORMATS
+        from ftkit.quant.convert import quantize_model
 
-        model = FORMATS[ptq.format](model, ptq)
+        model = quantize_model(model, ptq)
     features = encode(task.splits[split], tokenizer, kind, task, recipe.data.max_seq_len)
-    metrics = evaluate(model, features, recipe.train.eval_batch_size, tokenizer.pad_token_id, len(task.labels),
-                       tokenizer)
+    metrics = evaluate(model, features, task.spec.kind, recipe.train.eval_batch_size, tokenizer.pad_token_id,
+                       len(task.labels), tokenizer)
     source = str(Path(step_dir).resolve()) if step_dir is not None else f"{target} (untrained)"
     if ptq is not None:
         source += f" + {ptq.format} post-training quantization"
-    return {"task": task.name, "split": split, "source": source, **metrics}
+    return {"task": task.name, "kind": task.spec.kind, "split": split, "source": source, **metrics}
 
 
 def _ptq_spec(recipe: Recipe, overrides: list[str]):
@@ -80,13 +80,15 @@ def _ptq_spec(recipe: Recipe, overrides: list[str]):
         if not item.startswith("quant."):
             raise UserError(f"override {item!r}: a finished run can only be re-evaluated under quant.* overrides "
                             f"(post-training quantization)")
-    if recipe.quant.format != "none":
+    from ftkit.quant import FORMATS
+
+    if FORMATS[recipe.quant.format].low_bit:
         raise UserError("post-training quantization applies to a run trained in full precision "
                         f"(this one used quant.format {recipe.quant.format})")
     merged = OmegaConf.merge(OmegaConf.create(recipe_to_dict(recipe)), OmegaConf.from_dotlist(list(overrides)))
     updated = recipe_from_dict(OmegaConf.to_container(merged), "overrides",
                                {item.partition("=")[0]: item for item in overrides})
-    run_checks(updated, "overrides")
+    check_recipe(updated, "overrides")
     return updated.quant
 
 
@@ -99,15 +101,19 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
 
     from safetensors.torch import save_file
 
+    from ftkit.adapters import ADAPTERS
     from ftkit.data.dataset import load_task_data
     from ftkit.models.build import build_model
     from ftkit.models.load import load_tokenizer
-    from ftkit.adapters.export import unwrap_adapters
     from ftkit.quant.io import export_hf
 
     recipe = load_run_recipe(run_dir)
+    adapter = ADAPTERS[recipe.method.adapter]
+    if merge and not adapter.mergeable:
+        raise UserError(f"{adapter.name} adapters cannot be merged into the base weights (they are not a weight "
+                        f"update); export without --merge to keep them as their own tensors")
     root = run_dir / "checkpoints"
-    step_dir = checkpoint or ckpt.resolve(root, "best") or ckpt.resolve(root, "last")
+    step_dir = checkpoint or ckpt.best_or_last(root)
     if step_dir is None:
         raise UserError(f"{run_dir} has no checkpoint yet")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -116,7 +122,7 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
     ckpt.load_checkpoint(Path(step_dir), model)
-    adapters = unwrap_adapters(model.backbone, merge)
+    adapters = adapter.unwrap(model.backbone, merge) if adapter.unwrap is not None else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     export_hf(model.backbone, tokenizer, out_dir)
     if adapters:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from ftkit.adapters.loretta_rep import LorettaRepLinear
+from ftkit.adapters.loretta_rep.layer import LorettaRepLinear
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.models.build import build_model

@@ -27,9 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_quant import OPT_125M
 from torch.nn.parallel import DistributedDataParallel
 
-from bench_quant import OPT_125M
 from ftkit.data.batches import encode, shard
 from ftkit.data.dataset import load_task_data
 from ftkit.distributed import close_world, init_world
@@ -71,7 +71,7 @@ def worker(shape: str, case: str, steps: int, threads: int, out: Path) -> None:
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
-    method = OPTIMIZERS[recipe.method.optimizer](model, recipe, world=world)
+    method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe, world=world)
     ddp = {"bytes": 0}
     if isinstance(getattr(method, "forward", None), DistributedDataParallel):
         method.forward.register_comm_hook(ddp, _counting_allreduce)

@@ -55,7 +55,7 @@ def build(case: str, table: dict, batch_size: int):
     model, kind, _ = build_model(recipe, task, tokenizer)
     examples = task.splits["train"][:batch_size]
     batch = collate(encode(examples, tokenizer, kind, task, 64), tokenizer.pad_token_id)
-    return model, OPTIMIZERS[recipe.method.optimizer](model, recipe), batch, lr
+    return model, OPTIMIZERS[recipe.method.optimizer].build(model, recipe), batch, lr
 
 
 def bench_time(batch_size: int, repeats: int) -> list[dict]:

@@ -17,7 +17,6 @@ import sys
 import time
 
 import torch
-
 from bench_quant import LLAMA_2_7B, OPT_125M
 
 OPT_350M = {"model_type": "opt", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -68,7 +67,7 @@ def measure(shape: str, case: str) -> dict:
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
-    method_impl = OPTIMIZERS[recipe.method.optimizer](model, recipe)
+    method_impl = OPTIMIZERS[recipe.method.optimizer].build(model, recipe)
     built = time.perf_counter()
     build_peak = peak_rss_mb() - baseline
     if not reset_peak_rss():

@@ -49,3 +49,37 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+# --- tolerances that scale with the sums compared ---------------------------------------------------------------
+
+EPS32 = float(__import__("torch").finfo(__import__("torch").float32).eps)
+
+
+def assert_sums_close(actual, expected, magnitude, terms: int, what: str = "") -> None:
+    """`actual` and `expected` compute the same sums of `terms` products each in float32, in different orders (another
+    matmul path, blocking or thread split). `magnitude` is the same sums over absolute values (|x| @ |W|). Rounding
+    bounds each result's error by terms * u * magnitude (u = eps / 2, to first order), so the two differ by at most
+    terms * eps * magnitude: a tolerance that grows with the size of the sum, and holds on any machine."""
+    import torch
+
+    bound = terms * EPS32 * magnitude.to(torch.float32) + 1e-30
+    excess = ((actual - expected).abs() / bound).max().item()
+    assert excess <= 1.0, f"{what}: a difference {excess:.3g} times the rounding bound of {terms}-term sums"
+
+
+def tt_magnitude(layer):
+    """The matrix a TT layer builds from the absolute values of its cores: the magnitude of its products."""
+    import torch
+
+    with torch.no_grad():
+        full = layer.cores[0].abs().reshape(layer.shape[0], layer.ranks[1])
+        for core in layer.cores[1:]:
+            full = (full @ core.abs().reshape(core.shape[0], -1)).reshape(-1, core.shape[2])
+        return full.reshape(layer.in_features, layer.out_features)
+
+
+def tt_terms(layer) -> int:
+    """An upper bound on the products summed into one output of a TT layer applied to an input, whichever way it
+    is computed: the input's length plus every inner dimension of the chain of core products."""
+    return layer.in_features + sum(n * r for n, r in zip(layer.shape, layer.ranks[1:])) + 1

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
+
 from ftkit.data.batches import TrainStream, collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import DataError

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY_LLAMA, tiny_recipe
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_LLAMA, tiny_recipe
 from ftkit.distributed import World
 from ftkit.errors import UserError
 from ftkit.optim.trace import read_trace

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_BERT, TINY_LLAMA
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import TINY_BERT, TINY_LLAMA
-from ftkit.adapters.loretta_rep import LorettaRepLinear
+from ftkit.adapters.loretta_rep.layer import LorettaRepLinear
 from ftkit.peft import LorettaAdpConfig, LorettaRepConfig
 
 
@@ -49,7 +49,8 @@ def test_loretta_rep_round_trips_through_peft_and_merges_exactly(tmp_path):
 
     merged = reloaded.merge_and_unload()
     assert not any("loretta" in n for n, _ in merged.named_modules())
-    torch.testing.assert_close(outputs(merged, IDS), adapted, atol=1e-5, rtol=0)
+    # merged weights run through the whole network: equal to a relative 1e-5 of the outputs' scale
+    torch.testing.assert_close(outputs(merged, IDS), adapted, rtol=1e-5, atol=1e-5 * adapted.abs().max().item())
 
 
 def test_loretta_rep_identity_init_is_exact_and_counts_match_ftkit():

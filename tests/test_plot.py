@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_recipe
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
 from ftkit.cli import app
 from ftkit.plot import read_curves, smooth
 from ftkit.recipe import load_recipe

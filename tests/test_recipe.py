@@ -7,11 +7,11 @@ import string
 
 import pytest
 import yaml
+from conftest import REPO, tiny_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import REPO, tiny_recipe
 from ftkit.cli import app
 from ftkit.errors import RecipeError, UserError
 from ftkit.recipe import load_recipe, recipe_to_dict
@@ -187,3 +187,22 @@ def test_non_finite_numbers_are_refused(write_recipe):
 def test_every_shipped_recipe_validates(path):
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
+
+
+def test_the_recipe_reference_is_generated_from_the_schema():
+    from ftkit.recipe.reference import render
+
+    current = (REPO / "docs" / "recipe.md").read_text()
+    assert current == render(), "docs/recipe.md is stale: python -m ftkit.recipe.reference docs/recipe.md"
+    assert "`method.zo`" in current and "| `n_queries` |" in current and "| `kind` |" in current
+
+
+def test_the_keys_that_do_not_change_the_computation_come_from_the_schema():
+    from ftkit.recipe.compare import computing_differences, non_computing_keys
+
+    assert {"train.max_steps", "train.output_dir", "train.threads", "method.zo.trace", "method.zo.parallel",
+            "description"} <= non_computing_keys()
+    assert not {"train.lr", "train.seed", "method.zo.eps", "quant.format"} & non_computing_keys()
+    base = recipe_to_dict(load_recipe(FULL_FT))
+    changed = recipe_to_dict(load_recipe(FULL_FT, ["train.max_steps=500", "train.output_dir=elsewhere", "train.lr=1e-3"]))
+    assert computing_differences(base, changed) == [("train.lr", 5e-5, 1e-3)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_LLAMA, TINY_OPT, tiny_recipe
+
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import DataError, RecipeError, UserError
@@ -69,9 +69,9 @@ def test_multiple_choice_prompts_and_candidate_scores_match_a_hand_computation(w
             ids, mask = batch["input_ids"][row], batch["option_mask"][row]
             positions = [t for t in range(1, len(ids)) if mask[t]]
             expected = sum(logprobs[row, t - 1, ids[t]].item() for t in positions) / len(positions)
-            assert scores[i, j].item() == pytest.approx(expected, abs=1e-5)
+            assert scores[i, j].item() == pytest.approx(expected, rel=1e-5)  # same network, another path
             row += 1
-    metrics = evaluate(model, features, 8, tokenizer.pad_token_id, 0)
+    metrics = evaluate(model, features, "multiple_choice", 8, tokenizer.pad_token_id, 0)
     assert set(metrics) == {"accuracy", "loss", "n"} and metrics["n"] == 3
 
 
@@ -110,7 +110,7 @@ def test_multiple_choice_training_lowers_the_loss(write_recipe, tmp_path, optimi
     ({"label_column": "premise"}, DataError, "choice.jsonl: line 1: label 'the dog' is not the index of one of"),
     ({"candidates_column": "options"}, DataError, "column 'options' not found"),
     ({"candidates_column": None}, RecipeError, "a multiple_choice task needs the column holding its candidates"),
-    ({"metric": "f1"}, RecipeError, "a multiple_choice task is scored by accuracy or macro_f1, not f1"),
+    ({"metric": "f1"}, RecipeError, "a multiple_choice task is scored by accuracy, not f1"),
 ])
 def test_task_mistakes_are_named(write_recipe, tmp_path, change, error, message):
     with pytest.raises(error, match=message):
@@ -182,3 +182,22 @@ def test_the_task_reference_lists_every_template_exactly():
     reference = (REPO / "docs" / "tasks.md").read_text()
     for name, task in BUILTIN_TASKS.items():
         assert f"## {name}\n" in reference and "`" + task.spec.template.replace("\n", "\\n") + "`" in reference, name
+
+
+@pytest.mark.parametrize("task, metrics", [(None, ["accuracy", "macro_f1"]), (CHOICE, ["accuracy"]),
+                                           (QA, ["exact_match", "f1"])],
+                         ids=["classification", "multiple_choice", "generation"])
+def test_eval_prints_the_metrics_its_task_kind_declares(write_recipe, tmp_path, task, metrics):
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    if task is None:
+        path = write_recipe(tiny_recipe(model=dict(LLAMA)))
+    else:
+        data = {"task": "mine", "tasks": {"mine": task}, "max_seq_len": 32, "n_train": None, "n_dev": None}
+        path = write_recipe(tiny_recipe(model=dict(LLAMA), data=data))
+    result = CliRunner().invoke(app, ["eval", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "source" in line)
+    assert [c.strip() for c in header.strip("┃│ ").split("┃") if c.strip()] == ["source", *metrics, "loss"]

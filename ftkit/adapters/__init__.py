@@ -1,24 +1,14 @@
-"""Adapters. An adapter is a function that inserts its modules into a model, freezes what it does not train,
-and returns the model (`ADAPTERS`). One folder per adapter: its layers and its injection.
+"""Adapters, declared in `ADAPTERS` (torch-free; see ftkit.components.Adapter). One folder per adapter: its
+declaration and options in `__init__.py`, its layers and injection in `layer.py`.
 
 `none` trains the model's own parameters (full fine-tuning).
 """
 
-from __future__ import annotations
+from ftkit.adapters.lora import LORA
+from ftkit.adapters.loretta_adp import LORETTA_ADP
+from ftkit.adapters.loretta_rep import LORETTA_REP
+from ftkit.components import Adapter, Registry
 
-import torch.nn as nn
+FULL = Adapter("none", "no adapter: the model's own parameters are trained")
 
-from ftkit.adapters import lora, loretta_adp, loretta_rep
-
-
-def full_parameters(model: nn.Module, method) -> nn.Module:
-    return model
-
-
-# name -> injector(model, MethodSpec) -> model
-ADAPTERS = {
-    "none": full_parameters,
-    "loretta_adp": loretta_adp.inject,
-    "loretta_rep": loretta_rep.inject,
-    "lora": lora.inject,
-}
+ADAPTERS: Registry = Registry("method.adapter", [FULL, LORETTA_ADP, LORETTA_REP, LORA])

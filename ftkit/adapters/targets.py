@@ -43,11 +43,6 @@ def find_linears(root: nn.Module, targets: list[str]) -> list[str]:
             and hasattr(module, "in_features") and hasattr(module, "out_features") and matches(name, targets)]
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def freeze_all_but(model: nn.Module, keep) -> None:
     """Freeze every parameter whose name does not satisfy keep(name)."""
     for name, param in model.named_parameters():

@@ -16,8 +16,8 @@ import math
 import torch
 import torch.nn as nn
 
-# Core-by-core contraction runs as small einsums far below matmul throughput on CPU (measured: about 2 GMAC/s
-# against 30 for one matmul at adapter sizes), so its multiply-adds are weighted by this factor when choosing.
+# Core-by-core contraction runs as small einsums, far below one matmul's throughput on CPU (scripts/bench_adapters.py),
+# so its multiply-adds are weighted by this factor when choosing.
 CONTRACTION_COST = 10
 
 

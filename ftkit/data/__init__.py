@@ -1,5 +1,2 @@
-"""Tasks, their data files, and batches."""
-
-from ftkit.data.dataset import Example, TaskData, load_task_data, task_spec
-
-__all__ = ["Example", "TaskData", "load_task_data", "task_spec"]
+"""Tasks and their data: built-in tasks (tasks.py, torch-free declarations), reading files (files.py), examples per
+split (dataset.py), and batches (batches.py)."""

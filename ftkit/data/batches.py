@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ftkit.data.dataset import Example, TaskData
+from ftkit.task_kinds import TASK_KINDS
 
 
 def encode(examples: list[Example], tokenizer, kind: str, task: TaskData, max_seq_len: int) -> list[dict]:
@@ -31,30 +32,20 @@ def _encode_for_encoder(examples, tokenizer, max_seq_len):
 
 def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len):
     """Each example becomes one sequence per candidate: prompt tokens, then the candidate's tokens (marked in
-    `option_masks`). Candidates: the label words (classification), the row's own (multiple choice), or the first
-    reference answer followed by end-of-sequence (generation, which also keeps the prompt for decoding)."""
-    kind = task.spec.kind
-    label_candidates = [_ids(tokenizer, " " + word) for word in task.label_words]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    `option_masks`). The task kind names the candidates (ftkit.task_kinds) and any features beyond them."""
+    kind = TASK_KINDS[task.spec.kind]
+    candidates_of = kind.candidates(task, tokenizer)
     features = []
     for example in examples:
         prompt_ids = tokenizer(prompt_text(task, example))["input_ids"]
-        if kind == "classification":
-            candidates = label_candidates
-        elif kind == "multiple_choice":
-            candidates = [_ids(tokenizer, " " + c) for c in example.candidates]
-        else:
-            candidates = [_ids(tokenizer, " " + example.answers[0]) + eos]
         rows, masks = [], []
-        for candidate in candidates:
-            ids = _left_truncated(prompt_ids, len(candidate), max_seq_len, tokenizer.bos_token_id) + candidate
+        for candidate in candidates_of(example):
+            ids = left_truncated(prompt_ids, len(candidate), max_seq_len, tokenizer.bos_token_id) + candidate
             rows.append(ids)
             masks.append([0] * (len(ids) - len(candidate)) + [1] * len(candidate))
         feature = {"rows": rows, "option_masks": masks, "labels": example.label}
-        if kind == "generation":
-            feature["prompt"] = _left_truncated(prompt_ids, task.spec.max_new_tokens, max_seq_len,
-                                                tokenizer.bos_token_id)
-            feature["answers"] = list(example.answers)
+        if kind.extra_features is not None:
+            feature.update(kind.extra_features(example, prompt_ids, task, tokenizer, max_seq_len))
         features.append(feature)
     return features
 
@@ -65,11 +56,7 @@ def prompt_text(task: TaskData, example: Example) -> str:
     return template.format(**dict(zip(task.spec.text_columns, example.texts)))
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _left_truncated(prompt_ids: list[int], reserved: int, max_seq_len: int, bos_id) -> list[int]:
+def left_truncated(prompt_ids: list[int], reserved: int, max_seq_len: int, bos_id) -> list[int]:
     """The prompt cut from the left (keeping a leading BOS) so that `reserved` tokens still fit after it: the
     answer or candidate is never the part that is cut."""
     has_bos = bool(prompt_ids) and prompt_ids[0] == bos_id
@@ -85,9 +72,8 @@ def collate(features: list[dict], pad_id: int) -> dict:
         batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0),
                  "option_mask": _pad(masks, 0),
                  "num_candidates": torch.tensor([len(f["rows"]) for f in features], dtype=torch.long)}
-        if "answers" in features[0]:  # generation: prompts to decode from, answers to score against
-            batch["prompts"] = [f["prompt"] for f in features]
-            batch["answers"] = [f["answers"] for f in features]
+        for key in features[0].keys() - {"rows", "option_masks", "labels"}:  # a task kind's own features, as lists
+            batch[key] = [f[key] for f in features]
     else:
         batch = {key: _pad([f[key] for f in features], pad_id if key == "input_ids" else 0)
                  for key in features[0] if key != "labels"}

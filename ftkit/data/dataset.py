@@ -15,6 +15,7 @@ from ftkit.data.files import LINE, read_rows
 from ftkit.data.tasks import BUILTIN_TASKS
 from ftkit.errors import DataError
 from ftkit.recipe.schema import Recipe, TaskSpec
+from ftkit.task_kinds import TASK_KINDS
 
 SPLITS = ("train", "dev", "test")
 
@@ -48,6 +49,11 @@ class TaskData:
 def task_spec(recipe: Recipe) -> TaskSpec:
     name = recipe.data.task
     return recipe.data.tasks[name] if name in recipe.data.tasks else BUILTIN_TASKS[name].spec
+
+
+def task_kind(recipe: Recipe):
+    """The recipe's task kind (ftkit.components.TaskKind): its loss, scoring and metrics."""
+    return TASK_KINDS[task_spec(recipe).kind]
 
 
 def load_task_data(recipe: Recipe, splits: tuple[str, ...] = SPLITS) -> TaskData:
@@ -127,9 +133,7 @@ def _prepared(rows: list[dict], prepare, spec: TaskSpec, source: str, columns: l
                 raise DataError(f"{source}: column '{column}' not found (columns: {', '.join(map(str, columns))})")
         rows = [{LINE: row.get(LINE), **prepare(row)} for row in rows]
         columns = list(rows[0]) if rows else []
-    needed = {"classification": [spec.label_column], "multiple_choice": [spec.candidates_column, spec.label_column],
-              "generation": [spec.answer_column]}[spec.kind]
-    for column in [*spec.text_columns, *needed]:
+    for column in [*spec.text_columns, *TASK_KINDS[spec.kind].columns(spec)]:
         if column not in columns:
             raise DataError(f"{source}: column '{column}' not found (columns: {', '.join(map(str, columns))})")
     return rows
@@ -168,45 +172,15 @@ def _sample_mezo_style(recipe: Recipe, raw: dict, sources: dict):
 
 
 def _examples(rows: list[dict], spec: TaskSpec, labels: list[str], source: str, task: str) -> list[Example]:
-    return [EXAMPLE_BUILDERS[spec.kind](row, spec, labels, source, task) for row in rows]
+    make_example = TASK_KINDS[spec.kind].make_example
+    return [make_example(row, spec, labels, source, task) for row in rows]
 
 
-def _classification_example(row: dict, spec: TaskSpec, labels: list[str], source: str, task: str) -> Example:
-    value = _label_text(row[spec.label_column])
-    if value not in labels:
-        raise DataError(f"{source}: line {row[LINE]}: label {value!r} is not one of {', '.join(labels)} "
-                        f"(the labels of task {task}; add it to label_words)")
-    return Example(texts=_texts(row, spec), label=labels.index(value))
-
-
-def _multiple_choice_example(row: dict, spec: TaskSpec, labels: list[str], source: str, task: str) -> Example:
-    candidates = _text_list(row[spec.candidates_column], spec.candidates_separator)
-    value = _label_text(row[spec.label_column])
-    if len(candidates) < 2:
-        raise DataError(f"{source}: line {row[LINE]}: column '{spec.candidates_column}' holds "
-                        f"{len(candidates)} candidate(s); a multiple-choice row needs at least two")
-    if not value.isdigit() or int(value) >= len(candidates):
-        raise DataError(f"{source}: line {row[LINE]}: label {value!r} is not the index of one of its "
-                        f"{len(candidates)} candidates (0 to {len(candidates) - 1})")
-    return Example(texts=_texts(row, spec), label=int(value), candidates=candidates)
-
-
-def _generation_example(row: dict, spec: TaskSpec, labels: list[str], source: str, task: str) -> Example:
-    answers = _text_list(row[spec.answer_column], None)
-    if not answers or not answers[0]:
-        raise DataError(f"{source}: line {row[LINE]}: column '{spec.answer_column}' has no answer")
-    return Example(texts=_texts(row, spec), label=0, answers=answers)
-
-
-EXAMPLE_BUILDERS = {"classification": _classification_example, "multiple_choice": _multiple_choice_example,
-                    "generation": _generation_example}
-
-
-def _texts(row: dict, spec: TaskSpec) -> tuple[str, ...]:
+def texts_of(row: dict, spec: TaskSpec) -> tuple[str, ...]:
     return tuple(str(row[c]).strip() for c in spec.text_columns)
 
 
-def _text_list(value, separator: str | None) -> tuple[str, ...]:
+def text_list(value, separator: str | None) -> tuple[str, ...]:
     """A list column (jsonl, parquet) as it is; a string cut at `separator` (or kept whole without one)."""
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
         items = value.tolist() if hasattr(value, "tolist") else value
@@ -215,7 +189,7 @@ def _text_list(value, separator: str | None) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in items)
 
 
-def _label_text(value) -> str:
+def label_text(value) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()

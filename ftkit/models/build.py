@@ -1,4 +1,5 @@
-"""Assemble the model a recipe describes: backbone, task head, weight format, adapter, frozen parameters.
+"""Assemble the model a recipe describes: backbone (in its weight format), task head, adapter, what the optimizer
+trains, frozen parameters.
 
 The same assembly runs on the meta device for `count-params`, so counts are those of the trained model.
 """
@@ -16,9 +17,11 @@ from ftkit.data.dataset import Example, TaskData
 from ftkit.errors import UserError
 from ftkit.models.heads import CausalLMScorer, EncoderClassifier, init_prototype_head
 from ftkit.models.load import DTYPES, load_backbone, load_config, model_kind
-from ftkit.quant import FORMATS
+from ftkit.optim import OPTIMIZERS
+from ftkit.quant.convert import quantize_model
 from ftkit.quant.linear import QuantLinear
-from ftkit.recipe.schema import ZEROTH_ORDER, Recipe
+from ftkit.recipe.schema import Recipe
+from ftkit.task_kinds import TASK_KINDS
 
 
 def wrap_backbone(backbone: nn.Module, kind: str, num_classes: int) -> nn.Module:
@@ -26,35 +29,32 @@ def wrap_backbone(backbone: nn.Module, kind: str, num_classes: int) -> nn.Module
 
 
 def finish_model(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Weight format, adapter, and the recipe's frozen parameters, in that order."""
-    model = FORMATS[recipe.quant.format](model, recipe.quant)
-    model = ADAPTERS[recipe.method.adapter](model, recipe.method)
-    zeroth_order = recipe.method.optimizer in ZEROTH_ORDER
-    if zeroth_order and recipe.method.adapter == "none":
-        # Full-parameter zeroth-order training of a quantized model trains the codes themselves (QuZO).
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.trainable_codes = True
-    if zeroth_order and not recipe.method.zo.train_embeddings:
-        # The word embeddings: most rows are absent from any one batch, so a random direction moves them with no
-        # signal (pure noise) and costs random numbers for half of a small model's parameters.
-        embeddings = model.backbone.get_input_embeddings()
-        if embeddings is not None:
-            embeddings.weight.requires_grad_(False)
-    patterns = [re.compile(p) for p in recipe.method.freeze]
+    """Adapter, what the optimizer trains, and the recipe's frozen parameters, in that order (the weight format was
+    applied when the backbone was built)."""
+    adapter = ADAPTERS[recipe.method.adapter]
+    if adapter.inject is not None:
+        model = adapter.inject(model, getattr(recipe.method, adapter.section.name) if adapter.section else None)
+    optimizer = OPTIMIZERS[recipe.method.optimizer]
+    if optimizer.prepare is not None:
+        optimizer.prepare(model, recipe)
+    freeze(model, [re.compile(p) for p in recipe.method.freeze])
+    return model
+
+
+def freeze(model: nn.Module, patterns: list[re.Pattern]) -> None:
+    """Freeze the parameters (and low-bit codes) whose names match one of `patterns`."""
     for name, param in model.named_parameters():
         if any(p.search(name) for p in patterns):
             param.requires_grad_(False)
     for name, module in model.named_modules():
-        if getattr(module, "trainable_codes", False) and any(p.search(f"{name}.codes") for p in patterns):
-            module.trainable_codes = False
-    return model
+        if isinstance(module, QuantLinear) and module.train_codes and any(p.search(f"{name}.codes") for p in patterns):
+            module.train_codes = False
 
 
 def build_model(recipe: Recipe, task: TaskData, tokenizer) -> tuple[nn.Module, str, dict]:
     """The trainable model with real weights. Returns (model, kind, facts worth logging)."""
     model, kind = assemble_model(recipe, tokenizer, len(task.labels), finish=False)
-    if kind == "encoder" and task.spec.kind != "classification":
+    if kind == "encoder" and not TASK_KINDS[task.spec.kind].encoders:
         raise UserError(f"data.task {task.name}: {task.spec.kind} tasks need a causal language model; "
                         f"{recipe.model.name} is an encoder (it classifies with a head over label phrases)")
     if kind == "encoder" and len(task.spec.text_columns) > 2:
@@ -69,8 +69,9 @@ def build_model(recipe: Recipe, task: TaskData, tokenizer) -> tuple[nn.Module, s
 
 
 def assemble_model(recipe: Recipe, tokenizer, num_classes: int, finish: bool = True) -> tuple[nn.Module, str]:
-    """Backbone and head with their initial weights, without the data-dependent prototype head (replay restores
-    that from the trace); `finish` applies the format, adapter and freezing."""
+    """Backbone (built or loaded straight into its weight format) and head with their initial weights, without the
+    data-dependent prototype head (replay restores that from the trace); `finish` applies the adapter and decides
+    what is trained."""
     config = load_config(recipe.model)
     kind = model_kind(recipe.model, config)
     torch.manual_seed(recipe.train.seed)  # config-built weights and a random head depend on the seed only
@@ -90,7 +91,8 @@ def build_meta_model(recipe: Recipe, num_classes: int, vocab_size: int | None) -
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     with torch.device("meta"):
         backbone = auto.from_config(config, dtype=DTYPES[recipe.model.dtype])
-        model = wrap_backbone(backbone, kind, num_classes)
+        skip = "encoder." if kind == "encoder" else "lm."
+        model = wrap_backbone(quantize_model(backbone, recipe.quant, skip_prefix=skip), kind, num_classes)
         return finish_model(model, recipe)
 
 

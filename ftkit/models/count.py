@@ -7,12 +7,14 @@ import re
 import torch
 import torch.nn as nn
 
+from ftkit.adapters import ADAPTERS
 from ftkit.data.dataset import task_spec
+from ftkit.quant import ENGINES
 from ftkit.recipe.schema import Recipe
 
-# First match wins: norms sit inside attention and MLP blocks, so they are tested first.
+# After the adapters' own tensors (which wrap layers of every group), the first match wins: norms sit inside
+# attention and MLP blocks, so they are tested first.
 GROUPS = [
-    ("adapters", re.compile(r"loretta|lora_|adapter")),
     ("norms", re.compile(r"norm|\.ln_|ln_f|layernorm", re.I)),
     ("embeddings", re.compile(r"embed|wte|wpe|shared")),
     ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value")),
@@ -23,6 +25,8 @@ GROUPS = [
 
 
 def group_of(name: str) -> str:
+    if any(re.search(adapter.parameters, name) for adapter in ADAPTERS if adapter.parameters):
+        return "adapters"
     for group, pattern in GROUPS:
         if pattern.search(name):
             return group
@@ -38,9 +42,7 @@ def count_model(model: nn.Module) -> dict:
             if id(tensor) in seen or not persistent:  # tied weights count once; caches are not weights
                 continue
             seen.add(id(tensor))
-            numel, nbytes = tensor_figures(module, leaf, tensor)
-            is_trainable = (isinstance(tensor, nn.Parameter) and tensor.requires_grad) or (
-                leaf == "codes" and getattr(module, "trainable_codes", False))
+            numel, nbytes, is_trainable = tensor_figures(module, leaf, tensor)
             name = f"{module_name}.{leaf}" if module_name else leaf
             entry = groups.setdefault(group_of(name), {"total": 0, "trainable": 0, "stored_bytes": 0})
             entry["total"] += numel
@@ -57,18 +59,15 @@ def trainable_numel(model: nn.Module) -> int:
     return count_model(model)["trainable"]
 
 
-def tensor_figures(module: nn.Module, leaf: str, tensor: torch.Tensor) -> tuple[int, int]:
-    """(parameters it stands for, bytes it takes). Low-bit layers count their logical weights, not their codes."""
-    from ftkit.quant.bnb import bnb_counts
-    from ftkit.quant.linear import QuantLinear
-
-    nbytes = tensor.numel() * tensor.element_size()
-    if isinstance(module, QuantLinear) and leaf in ("codes", "scales"):
-        return (module.in_features * module.out_features if leaf == "codes" else 0), nbytes
-    bnb = bnb_counts(module)
-    if bnb is not None and leaf == "weight":
-        return bnb["weight_params"], bnb["stored_bytes"]
-    return tensor.numel(), nbytes
+def tensor_figures(module: nn.Module, leaf: str, tensor: torch.Tensor) -> tuple[int, int, bool]:
+    """(parameters it stands for, bytes it takes, trained). A low-bit layer's engine counts its tensors: their
+    logical weights, not their codes; everything else is a plain tensor, trained when it requires grad."""
+    for engine in ENGINES:
+        figures = engine.count(module, leaf, tensor) if engine.count is not None else None
+        if figures is not None:
+            return figures
+    trained = isinstance(tensor, nn.Parameter) and tensor.requires_grad
+    return tensor.numel(), tensor.numel() * tensor.element_size(), trained
 
 
 def _own_tensors(module: nn.Module):

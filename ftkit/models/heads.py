@@ -1,4 +1,5 @@
-"""Task heads. Both turn a batch into class logits [batch, classes], so every method shares one loss.
+"""Task heads. Both turn a batch into one score per candidate [batch, candidates], which the task kind's loss and
+scoring read (ftkit.task_kinds).
 
 - Encoders: masked mean pooling, then a linear head. The head starts from the label phrases' embeddings
   (class prototypes) so the model is far above chance before any step; zeroth-order training cannot recover
@@ -80,27 +81,6 @@ class CausalLMScorer(nn.Module):
         scores = torch.full((len(counts), width), float("-inf"), device=mean.device)
         scores[slots] = mean
         return scores
-
-
-def candidates_loss(scores: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Classification and multiple choice: cross-entropy over the candidates' scores."""
-    return F.cross_entropy(scores, batch["labels"])
-
-
-def answer_loss(scores: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Generation: the language-model loss of the answer tokens (negative mean log-probability per example)."""
-    return -scores[:, 0].mean()
-
-
-# task kind -> loss(model output, batch)
-LOSSES = {"classification": candidates_loss, "multiple_choice": candidates_loss, "generation": answer_loss}
-
-
-def task_loss(recipe):
-    """The loss of the recipe's task kind (encoders only classify)."""
-    from ftkit.data.dataset import task_spec
-
-    return LOSSES[task_spec(recipe).kind]
 
 
 @torch.no_grad()

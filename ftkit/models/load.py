@@ -6,9 +6,8 @@ unless the recipe turns it on.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ftkit.errors import UserError
+from ftkit.quant import FORMATS
 from ftkit.recipe.schema import ModelSpec, QuantSpec
 
 transformers.logging.set_verbosity_error()
@@ -90,7 +90,7 @@ def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, qua
     random_init = random_weights(spec)
     if not random_init and spec.config is not None:
         spec = replace(spec, config=None)  # pretrained weights come with their own config
-    if quant is not None and quant.format != "none":
+    if quant is not None and FORMATS[quant.format].low_bit:
         from ftkit.quant.convert import load_quantized_backbone
 
         config = load_config(spec)

@@ -1,9 +1,8 @@
-"""Optimizers. Each builder takes (model, recipe) and returns a method object with `step(batch, lr) -> metrics`,
-`state_dict()`, `load_state_dict()`, and `begin(run_dir, resume_step)` / `end()` around a run; the loop knows
-nothing else of it."""
+"""Optimizers, declared in `OPTIMIZERS` (torch-free; see ftkit.components.Optimizer). A built method has
+`step(batch, lr) -> metrics`, `state_dict()`, `load_state_dict()`, and `begin(run_dir, resume_step)` / `end()`
+around a run; the loop knows nothing else of it."""
 
-from ftkit.optim.first_order import build_adamw, build_sgd
-from ftkit.optim.zo import build_mezo, build_quzo
+from ftkit.components import Registry
+from ftkit.optim.config import ADAMW, MEZO, QUZO, SGD
 
-# name -> builder(model, Recipe)
-OPTIMIZERS = {"adamw": build_adamw, "sgd": build_sgd, "mezo": build_mezo, "quzo": build_quzo}
+OPTIMIZERS: Registry = Registry("method.optimizer", [ADAMW, SGD, MEZO, QUZO])

@@ -10,11 +10,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ftkit.data.batches import as_shard
+from ftkit.data.dataset import task_kind
 from ftkit.distributed import SINGLE, World
-from ftkit.models.heads import task_loss
 from ftkit.optim.zo_streams import derive
 from ftkit.recipe.schema import Recipe
-
 
 DROPOUT_DOMAIN = 0xD80  # separates dropout seeds from any other use of the run seed
 
@@ -94,7 +93,7 @@ def build_adamw(model: nn.Module, recipe: Recipe, world: World = SINGLE) -> Firs
     optimizer = torch.optim.AdamW(
         decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, betas=tuple(spec.betas), eps=spec.eps
     )
-    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe), recipe.train.seed, world)
+    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_kind(recipe).loss, recipe.train.seed, world)
 
 
 def build_sgd(model: nn.Module, recipe: Recipe, world: World = SINGLE) -> FirstOrder:
@@ -103,4 +102,4 @@ def build_sgd(model: nn.Module, recipe: Recipe, world: World = SINGLE) -> FirstO
         decay_groups(model, recipe.train.weight_decay), lr=recipe.train.lr, momentum=spec.momentum,
         nesterov=spec.nesterov,
     )
-    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_loss(recipe), recipe.train.seed, world)
+    return FirstOrder(model, optimizer, recipe.train.grad_clip, task_kind(recipe).loss, recipe.train.seed, world)

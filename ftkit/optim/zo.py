@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 
 from ftkit.data.batches import Shard, as_shard
+from ftkit.data.dataset import task_kind
 from ftkit.distributed import SINGLE, World
 from ftkit.errors import UserError
-from ftkit.models.heads import task_loss
 from ftkit.optim.trace import TraceWriter, encode_tensor
 from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive
 from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget, zo_targets
@@ -57,7 +57,7 @@ class ZerothOrder:
         if name == "mezo" and any(isinstance(t, QuantTarget) for t in self.targets):
             raise UserError("method.optimizer mezo trains full-precision tensors; for a quantized model's own "
                             "weights use quzo, or train an adapter over the quantized base")
-        self.loss = task_loss(recipe)
+        self.loss = task_kind(recipe).loss
         if name == "mezo" and any(isinstance(t, FloatTarget) and t.param.dtype == torch.bfloat16 for t in self.targets):
             warnings.warn("MeZO on bfloat16 weights: in-place perturbations leave rounding noise and updates below "
                           "bf16's spacing round away; use model.dtype: float32, or quzo for low-precision weights",
@@ -77,6 +77,10 @@ class ZerothOrder:
         """Whether processes split the global batch (data parallel), or each evaluate it whole for the queries
         it owns, query i on process i mod world size (query parallel)."""
         return self.parallel == "data"
+
+    def describe_sharing(self, processes: int) -> str:
+        """How query-parallel processes share a step (see `shards_data`)."""
+        return f"{self.n_queries // processes} of {self.n_queries} queries each"
 
     def step(self, batches, lr: float) -> dict:
         """One step on a global batch: a Shard (this process's chunks of it), or one collated batch or a list of

@@ -54,9 +54,9 @@ def uniform_chunks(numel: int, seed: int, device="cpu", size: int = 0):
     CHUNK_ELEMENTS), so the noise of a large tensor never exists whole.
 
     Each element is (k + 1/2) / 2^15 in (0, 1), k from 15 random bits; each 32-bit draw of the generator feeds two
-    elements, three times cheaper than torch.rand here (3.1 against 9.2 ns per element), and a stochastic rounding
-    driven by it is unbiased to within 2^-16 of a grid step. The numbers do not depend on the chunk size: on CPU
-    the generator's draws are serial and every chunk but the last is even (two elements per draw)."""
+    elements, a fraction of torch.rand's cost (BENCHMARKS.md), and a stochastic rounding driven by it is unbiased
+    to within 2^-16 of a grid step. The numbers do not depend on the chunk size: on CPU the generator's draws are
+    serial and every chunk but the last is even (two elements per draw)."""
     size = size or CHUNK_ELEMENTS
     if size % 2:
         raise ValueError(f"noise chunks hold whole draws of two elements; got a chunk of {size}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ftkit.optim.zo_streams import Q1, Q2, U, UPDATE, derive, gaussian, quantize_direction, uniform_chunks
+from ftkit.optim.zo_streams import Q1, Q2, UPDATE, U, derive, gaussian, quantize_direction, uniform_chunks
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import group_view
 
@@ -121,14 +121,31 @@ class QuantTarget:
 
 
 def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget]:
-    """Every trainable tensor, in module order: the codes of QuantLinear layers marked `trainable_codes` (full-
-    parameter training of a quantized model, see ftkit.models.build) and parameters with requires_grad."""
+    """Every trainable tensor, in module order: the codes of QuantLinear layers whose `train_codes` is set
+    (full-parameter QuZO, see `prepare_model`) and parameters with requires_grad."""
     targets: list[FloatTarget | QuantTarget] = []
     for module_name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and getattr(module, "trainable_codes", False):
+        if isinstance(module, QuantLinear) and module.train_codes:
             targets.append(QuantTarget(module_name, module, len(targets)))
         for param_name, param in module.named_parameters(recurse=False):
             if param.requires_grad:
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 targets.append(FloatTarget(name, param, len(targets), decay=param.ndim >= 2))
     return targets
+
+
+def prepare_model(model: nn.Module, recipe) -> None:
+    """What zeroth-order methods train beyond the parameters an adapter leaves trainable (their `prepare`,
+    ftkit.components.Optimizer): without an adapter, the codes of low-bit layers themselves (QuZO), and never the
+    word embeddings unless `method.zo.train_embeddings`: a batch touches few of their rows, so a random direction
+    moves the rest with no signal (pure noise), at the cost of random numbers for much of a small model."""
+    from ftkit.adapters import ADAPTERS
+
+    if ADAPTERS[recipe.method.adapter].trains_base:
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.train_codes = True
+    if not recipe.method.zo.train_embeddings:
+        embeddings = model.backbone.get_input_embeddings()
+        if embeddings is not None:
+            embeddings.weight.requires_grad_(False)

@@ -1,21 +1,58 @@
-"""Weight formats. A format is a function that converts a model's linear layers in place (`FORMATS`).
+"""Weight formats and the engines that hold them, declared in `FORMATS` and `ENGINES` (torch-free; see
+ftkit.components).
 
-`none` keeps the weights in the model's dtype (fp32 or bf16). The low-bit formats store real codes: int8 and
-FP8 one byte per weight, int4 two weights per byte, with bf16 or fp32 scales (see ftkit.quant.linear). The
-bitsandbytes engine provides frozen nf4/fp4/int8 bases (ftkit.quant.bnb).
+A format is a grid: `none` keeps the weights in the model's dtype (fp32 or bf16); the low-bit formats store real
+codes: int8 and FP8 one byte per weight, int4 two weights per byte, with bf16 or fp32 scales (codecs.py). An engine
+converts a linear layer to hold a format: `native` (ftkit's QuantLinear, whose codes QuZO trains), `bitsandbytes`
+(frozen nf4/fp4/int8 bases) and `straight_through` (the first-order QAT baseline). Models are converted module by
+module as they are built or loaded (convert.py), so their full-precision weights never all exist at once.
 """
 
-from __future__ import annotations
+from ftkit.components import Engine, Format, Hook, Registry
 
-from ftkit.quant.codecs import CODECS
-from ftkit.quant.convert import quantize_model
+FORMATS: Registry = Registry("quant.format", [
+    Format("none", "the model's own dtype (fp32 or bf16)"),
+    Format("int8", "symmetric int8 codes, one byte per weight", codec=Hook("ftkit.quant.codecs:INT8"),
+           kernels=("int8pack", "int_mm")),
+    Format("int4", "symmetric int4 codes, two per byte", codec=Hook("ftkit.quant.codecs:INT4"), kernels=("int4pack",)),
+    Format("fp8_e4m3", "float8 with 4 exponent and 3 mantissa bits", codec=Hook("ftkit.quant.codecs:FP8_E4M3"),
+           kernels=("scaled_mm",)),
+    Format("fp8_e5m2", "float8 with 5 exponent and 2 mantissa bits", codec=Hook("ftkit.quant.codecs:FP8_E5M2"),
+           kernels=("scaled_mm",)),
+])
 
-BNB_FORMATS = ("int8", "int4")
+
+def _check_bitsandbytes(recipe, fail) -> None:
+    fmt = recipe.quant.format
+    if fmt != "none" and fmt not in BITSANDBYTES.formats:
+        fail("quant.format", f"the bitsandbytes engine provides {', '.join(BITSANDBYTES.formats)} (int4 is nf4 or fp4 "
+             f"by quant.bnb_4bit_type), not '{fmt}'; use quant.engine: native for it")
 
 
-def keep_full_precision(model, spec):
-    return model
+def _check_straight_through(recipe, fail) -> None:
+    from ftkit.adapters import ADAPTERS
+    from ftkit.optim import OPTIMIZERS
+
+    optimizer = recipe.method.optimizer
+    if not FORMATS[recipe.quant.format].low_bit:
+        fail("quant.engine", "straight_through simulates a low-bit format: set quant.format (int8, int4, fp8_*)")
+    if optimizer in OPTIMIZERS and OPTIMIZERS[optimizer].zeroth_order:
+        fail("quant.engine", f"straight_through is the first-order baseline (full-precision master weights); "
+             f"{optimizer} trains the low-bit weights themselves with quant.engine: native")
+    if recipe.method.adapter in ADAPTERS and not ADAPTERS[recipe.method.adapter].trains_base:
+        fail("quant.engine", "straight_through trains the quantized weights themselves; for an adapter over a "
+             "frozen quantized base use quant.engine: native or bitsandbytes")
 
 
-# name -> converter(model, QuantSpec) -> model
-FORMATS = {"none": keep_full_precision, **{name: quantize_model for name in CODECS}}
+NATIVE = Engine("native", "ftkit's QuantLinear: real codes + scales, no full-precision copy; QuZO trains the codes",
+                convert=Hook("ftkit.quant.convert:to_quant_linear"), zo_trains_weights=True,
+                count=Hook("ftkit.quant.linear:count_tensor"))
+BITSANDBYTES = Engine("bitsandbytes", "bitsandbytes' frozen nf4 / fp4 (int4) and LLM.int8 (int8) layers",
+                      convert=Hook("ftkit.quant.bnb:to_bnb_linear"), formats=("int8", "int4"),
+                      count=Hook("ftkit.quant.bnb:count_tensor"), validate=_check_bitsandbytes)
+STRAIGHT_THROUGH = Engine("straight_through", "first-order QAT: full-precision master weights, quantized forward, "
+                                              "rounding passed straight through",
+                          convert=Hook("ftkit.quant.straight_through:to_straight_through"), fo_trains_weights=True,
+                          validate=_check_straight_through)
+
+ENGINES: Registry = Registry("quant.engine", [NATIVE, BITSANDBYTES, STRAIGHT_THROUGH])

@@ -15,10 +15,11 @@ import torch.nn as nn
 BLOCK = 64
 
 
-def to_bnb_linear(linear: nn.Linear, spec, compute_dtype: torch.dtype) -> nn.Module:
+def to_bnb_linear(linear: nn.Linear, name: str, spec, generator=None) -> nn.Module:
+    """The bitsandbytes engine's conversion: int4 as nf4 / fp4, int8 as LLM.int8; computes in the layer's dtype."""
     import bitsandbytes as bnb
 
-    device = linear.weight.device
+    device, compute_dtype = linear.weight.device, linear.weight.dtype
     if spec.format == "int4":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, quant_type=spec.bnb_4bit_type,
@@ -49,3 +50,12 @@ def bnb_counts(module: nn.Module) -> dict | None:
     else:
         stored = weights + 4 * module.out_features  # int8 codes and one fp32 scale per row
     return {"weight_params": weights, "stored_bytes": stored}
+
+
+def count_tensor(module: nn.Module, leaf: str, tensor: torch.Tensor):
+    """The bitsandbytes engine's counting (ftkit.components.Engine.count): a weight stands for its layer's logical
+    parameters and takes its codes' and statistics' bytes; it is never trained."""
+    figures = bnb_counts(module)
+    if figures is None or leaf != "weight":
+        return None
+    return figures["weight_params"], figures["stored_bytes"], False

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(frozen=True)
 class IntCodec:
-    """Signed integers qmin..qmax; the scale maps a group's absolute maximum to qmax (symmetric)."""
+    """Signed integers qmin..qmax; the scale maps a group's absolute maximum to qmax (symmetric). `packed` codes are
+    stored two per byte (4 bits) in the layout of ftkit.quant.packing."""
 
     name: str
     bits: int
+    packed: bool = False
 
     @property
     def qmax(self) -> int:
@@ -36,7 +39,7 @@ class IntCodec:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return torch.int8  # int4 codes are packed two per byte by ftkit.quant.packing
+        return torch.int8  # packed codes are unpacked to this
 
     def round(self, x: torch.Tensor, mode: str = "nearest", generator: torch.Generator | None = None,
               noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,6 +71,7 @@ class FP8Codec:
     dtype: torch.dtype
     mantissa_bits: int
     exponent_bias: int
+    packed: bool = False
 
     @property
     def max_value(self) -> float:
@@ -121,9 +125,10 @@ def uniform_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
 
-CODECS = {
-    "int8": IntCodec("int8", 8),
-    "int4": IntCodec("int4", 4),
-    "fp8_e4m3": FP8Codec("fp8_e4m3", torch.float8_e4m3fn, mantissa_bits=3, exponent_bias=7),
-    "fp8_e5m2": FP8Codec("fp8_e5m2", torch.float8_e5m2, mantissa_bits=2, exponent_bias=15),
-}
+INT8 = IntCodec("int8", 8)
+INT4 = IntCodec("int4", 4, packed=True)
+FP8_E4M3 = FP8Codec("fp8_e4m3", torch.float8_e4m3fn, mantissa_bits=3, exponent_bias=7)
+FP8_E5M2 = FP8Codec("fp8_e5m2", torch.float8_e5m2, mantissa_bits=2, exponent_bias=15)
+
+# The built-in grids by format name (ftkit.quant.FORMATS declares them).
+CODECS = {codec.name: codec for codec in (INT8, INT4, FP8_E4M3, FP8_E5M2)}

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from ftkit.errors import UserError
+from ftkit.modules import module_names, replace_module
+from ftkit.quant import ENGINES, FORMATS
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import SCALE_DTYPES
-
 
 
 def skip_patterns(spec) -> list[re.Pattern]:
@@ -30,22 +31,12 @@ def is_skipped(name: str, patterns: list[re.Pattern]) -> bool:
 
 
 def convert_linear(linear: nn.Linear, name: str, spec, generator: torch.Generator | None = None) -> nn.Module:
-    """The low-bit replacement of one linear layer, by the recipe's engine."""
-    if spec.engine == "bitsandbytes":
-        from ftkit.quant.bnb import to_bnb_linear
-
-        return to_bnb_linear(linear, spec, compute_dtype=linear.weight.dtype)
-    if spec.engine == "straight_through":
-        from ftkit.quant.straight_through import StraightThroughLinear
-
-        try:
-            return StraightThroughLinear.from_linear(linear, spec)
-        except ValueError as err:
-            raise UserError(f"quant: cannot quantize layer {name}: {err}") from None
-    return to_quant_linear(linear, name, spec, generator)
+    """The low-bit replacement of one linear layer, by the recipe's engine (ftkit.quant.ENGINES)."""
+    return ENGINES[spec.engine].convert(linear, name, spec, generator)
 
 
 def to_quant_linear(linear: nn.Linear, name: str, spec, generator: torch.Generator | None = None) -> QuantLinear:
+    """The native engine: codes and scales of the recipe's format (nearest or stochastic first rounding)."""
     options = dict(fmt=spec.format, group_size=spec.group_size, scale_dtype=SCALE_DTYPES[spec.scale_dtype],
                    kernel=spec.kernel)
     try:
@@ -58,25 +49,18 @@ def to_quant_linear(linear: nn.Linear, name: str, spec, generator: torch.Generat
         raise UserError(f"quant: cannot quantize layer {name}: {err}") from None
 
 
-def quantize_model(model: nn.Module, spec) -> nn.Module:
-    """Replace every nn.Linear whose name matches no `quant.skip` pattern. Returns the same model."""
+def quantize_model(model: nn.Module, spec, skip_prefix: str = "") -> nn.Module:
+    """Replace every nn.Linear whose name (after `skip_prefix`) matches no `quant.skip` pattern by the engine's
+    layer. Returns the same model (unchanged for a full-precision format)."""
+    if not FORMATS[spec.format].low_bit:
+        return model
     patterns = skip_patterns(spec)
     generator = torch.Generator().manual_seed(spec.seed)
-    for name in _module_names(model):
+    for name in module_names(model):
         module = model.get_submodule(name)
-        if type(module) is nn.Linear and not is_skipped(name, patterns):
-            _replace(model, name, convert_linear(module, name, spec, generator))
+        if type(module) is nn.Linear and not is_skipped(skip_prefix + name, patterns):
+            replace_module(model, name, convert_linear(module, name, spec, generator))
     return model
-
-
-def _module_names(model: nn.Module) -> list[str]:
-    # Names, not modules: holding the modules would keep every replaced full-precision layer alive.
-    return [name for name, _ in model.named_modules()]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 # --- streaming load ---------------------------------------------------------------------------------------------
@@ -99,7 +83,7 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
     generator = torch.Generator().manual_seed(spec.seed)
     tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
     return_freed_memory_to_the_system()
-    for name in _module_names(model):
+    for name in module_names(model):
         module = model.get_submodule(name)
         own = list(module.named_parameters(recurse=False))
         if not own or not any(p.is_meta for _, p in own):
@@ -114,7 +98,7 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
         if tied and module is model.get_input_embeddings():
             model.tie_weights()  # now, so the output embedding shares this weight instead of allocating its own
         if type(module) is nn.Linear and not is_skipped(skip_prefix + name, patterns):
-            _replace(model, name, convert_linear(module, name, spec, generator))
+            replace_module(model, name, convert_linear(module, name, spec, generator))
     return model
 
 
@@ -123,8 +107,8 @@ def return_freed_memory_to_the_system() -> None:
 
     By default glibc raises its mmap threshold after large blocks are freed, so the next fp32 layers come from the
     heap and stay resident after they are freed: loading grows by a layer's size per layer. Fixed thresholds keep
-    large tensors in their own mappings, returned to the system as soon as a layer is quantized (OPT-125m shape
-    into int4: 482 MB resident after loading with the defaults, 326 MB with this).
+    large tensors in their own mappings, returned to the system as soon as a layer is quantized (BENCHMARKS.md,
+    streaming load).
     """
     try:
         import ctypes

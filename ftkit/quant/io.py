@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ftkit.modules import replace_module
 from ftkit.quant.linear import QuantLinear
 
 METADATA_KEY = "ftkit.quant"
@@ -51,8 +52,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             linear.weight.copy_(weight)
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        replace_module(model, name, linear)
     return model
 
 

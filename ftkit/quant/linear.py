@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ftkit.quant.codecs import CODECS
+from ftkit.quant import FORMATS
 from ftkit.quant.packing import BLOCK, pack_int4, padded_rows, unpack_int4
 from ftkit.quant.scales import compute_scales, group_view
 
@@ -40,15 +40,16 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int = 0, bias: bool = True,
                  scale_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", device=None):
         super().__init__()
-        if fmt == "int4" and in_features % 2:
-            raise ValueError(f"int4 needs an even number of input features, got {in_features}")
+        self.codec = FORMATS[fmt].grid()
+        if self.codec.packed and in_features % 2:
+            raise ValueError(f"{fmt} needs an even number of input features, got {in_features}")
         if group_size and in_features % group_size:
             raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.group_size, self.kernel = group_size, kernel
-        self.codec = CODECS[fmt]
+        self.format_kernels = FORMATS[fmt].kernels  # kernels that read this format's codes directly
         groups = in_features // group_size if group_size else 1
-        if fmt == "int4":
+        if self.codec.packed:
             codes = torch.zeros(padded_rows(out_features), in_features // 2, dtype=torch.uint8, device=device)
         else:
             codes = torch.zeros(out_features, in_features, dtype=self.codec.storage_dtype, device=device)
@@ -56,6 +57,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.perturbation: Optional[Callable[[QuantLinear], torch.Tensor]] = None
+        # Whether a zeroth-order method updates the codes (full-parameter QuZO; set by its `prepare`). The codes are
+        # a buffer, so this stands in for requires_grad: counting and the zeroth-order targets read it.
+        self.train_codes = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = 0, scale_method: str = "absmax",
@@ -83,7 +87,7 @@ class QuantLinear(nn.Module):
     def code_values(self, rows: slice | None = None) -> torch.Tensor:
         """Grid values [N, K] (or of `rows`) as float32 (integers for int formats, FP8 values for FP8)."""
         rows = rows or slice(0, self.out_features)
-        if self.fmt == "int4":
+        if self.codec.packed:
             _check_packed_start(rows)
             count = rows.stop - rows.start
             packed = self.codes[rows.start: rows.start + padded_rows(count)]
@@ -94,7 +98,7 @@ class QuantLinear(nn.Module):
         """Store grid values [N, K] (or of `rows`; already on the codec's grid) into the codes buffer, in place."""
         rows = rows or slice(0, self.out_features)
         codes = self.codec.encode(grid_values)
-        if self.fmt == "int4":
+        if self.codec.packed:
             _check_packed_start(rows)
             packed = pack_int4(codes)
             self.codes[rows.start: rows.start + packed.shape[0]].copy_(packed)
@@ -123,23 +127,23 @@ class QuantLinear(nn.Module):
         return KERNELS[self.kernel_for(x)](self, x)
 
     def kernel_for(self, x: torch.Tensor) -> str:
-        """The matmul path for this input. `auto` follows scripts/bench_quant.py on this CPU (BENCHMARKS.md):
-        int4's packed kernel wins for few rows (64 tokens: 1.4x fp32 against 3.4x for dequantize) and loses for
-        many (2,048 tokens: 1.8x against 1.1x), so it is used below SMALL_BATCH_ROWS rows. int8 and FP8 dequantize
-        (weight-only numerics, whatever the batch); `_int_mm` (int8 activations) is opt-in: quant.kernel=int_mm."""
+        """The matmul path for this input. `auto` follows what scripts/bench_quant.py measured (BENCHMARKS.md): on
+        CPU, int4's packed kernel below SMALL_BATCH_ROWS rows (it wins for few rows and loses for many), int8's
+        packed kernel with bf16 activations, dequantize otherwise (weight-only numerics); `_int_mm` (int8
+        activations) is opt-in: quant.kernel=int_mm."""
         if torch.is_grad_enabled() and x.requires_grad:
             return "dequantize"  # backprop to the input: the packed kernels have no derivative
         if self.kernel != "auto":
             return self.kernel
         if x.device.type == "cpu":
             rows = x.numel() // x.shape[-1]
-            if self.fmt == "int4" and rows < SMALL_BATCH_ROWS and self._int4_group() is not None:
+            if "int4pack" in self.format_kernels and rows < SMALL_BATCH_ROWS and self._int4_group() is not None:
                 return "int4pack"
             # _weight_int8pack_mm is fast only with bf16 activations (with fp32 ones it is ~40x slower than
             # dequantize + matmul; see BENCHMARKS.md).
-            if self.fmt == "int8" and self.scales.shape[1] == 1 and x.dtype == torch.bfloat16:
+            if "int8pack" in self.format_kernels and self.scales.shape[1] == 1 and x.dtype == torch.bfloat16:
                 return "int8pack"
-        if x.device.type == "cuda" and self.fmt.startswith("fp8") and self.scales.shape[1] == 1:
+        if x.device.type == "cuda" and "scaled_mm" in self.format_kernels and self.scales.shape[1] == 1:
             return "scaled_mm"
         return "dequantize"
 
@@ -238,3 +242,14 @@ KERNELS = {
     "int4pack": _int4pack_matmul,
     "scaled_mm": _scaled_mm_matmul,
 }
+
+
+def count_tensor(module: nn.Module, leaf: str, tensor: torch.Tensor):
+    """The native engine's counting (ftkit.components.Engine.count): codes stand for the layer's logical weights and
+    are trained when `train_codes` is set; scales are bytes, not parameters."""
+    if not isinstance(module, QuantLinear) or leaf not in ("codes", "scales"):
+        return None
+    nbytes = tensor.numel() * tensor.element_size()
+    if leaf == "codes":
+        return module.in_features * module.out_features, nbytes, module.train_codes
+    return 0, nbytes, False

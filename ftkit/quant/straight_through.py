@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ftkit.quant.codecs import CODECS
+from ftkit.errors import UserError
+from ftkit.quant import FORMATS
 from ftkit.quant.scales import SCALE_DTYPES, compute_scales, group_view
 
 
@@ -27,7 +28,7 @@ class StraightThroughLinear(nn.Linear):
         if group_size and in_features % group_size:
             raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
         self.fmt, self.group_size, self.scale_method = fmt, group_size, scale_method
-        self.codec, self.scale_dtype = CODECS[fmt], SCALE_DTYPES[scale_dtype]
+        self.codec, self.scale_dtype = FORMATS[fmt].grid(), SCALE_DTYPES[scale_dtype]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec) -> "StraightThroughLinear":
@@ -56,3 +57,11 @@ class StraightThroughLinear(nn.Linear):
     def extra_repr(self) -> str:
         grouping = f"group {self.group_size}" if self.group_size else "per channel"
         return f"{super().extra_repr()}, straight-through {self.fmt}, {grouping}"
+
+
+def to_straight_through(linear: nn.Linear, name: str, spec, generator=None) -> StraightThroughLinear:
+    """The straight_through engine's conversion (its first rounding is always nearest)."""
+    try:
+        return StraightThroughLinear.from_linear(linear, spec)
+    except ValueError as err:
+        raise UserError(f"quant: cannot quantize layer {name}: {err}") from None

@@ -59,8 +59,13 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", override_keys: dict[str
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain data, as recipe.yaml holds it: component sections appear as sections of `method`."""
     data = dataclasses.asdict(recipe)
     data.pop("source", None)
+    method = data["method"]
+    sections = method.pop("sections")
+    freeze = method.pop("freeze")
+    data["method"] = {**method, **sections, "freeze": freeze}
     return data
 
 
@@ -91,12 +96,20 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Context):
         raise ctx.error(prefix.rstrip("."), f"must be a mapping of keys, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    values = {}
+    # A field marked "sections" holds the options sections components declare (method.zo, method.lora, ...).
+    holder = next((f for f in dataclasses.fields(cls) if "sections" in f.metadata), None)
+    sections = holder.metadata["sections"]() if holder else {}
+    values, built = {}, {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in fields:
-            raise ctx.error(dotted, f"unknown key{_suggest(str(key), prefix, list(fields))}")
-        values[key] = _convert(hints[key], value, dotted, ctx)
+        if key in fields:
+            values[key] = _convert(hints[key], value, dotted, ctx)
+        elif key in sections:
+            built[key] = _build(sections[key].options, value, dotted + ".", ctx)
+        else:
+            raise ctx.error(dotted, f"unknown key{_suggest(str(key), prefix, list(fields) + list(sections))}")
+    if holder is not None:
+        values[holder.name] = {name: built.get(name) or section.options() for name, section in sections.items()}
     return cls(**values)
 
 
@@ -155,16 +168,25 @@ def _describe(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def _all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
+def all_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, dataclasses.Field | None, Any]]:
+    """Every recipe key as (dotted name, its field, its type), in schema order: sections (a component section such
+    as method.zo has no field), the keys inside them, and those of entries of a mapping of sections
+    (data.tasks.<name>.kind)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if "sections" in f.metadata:
+            for name, section in f.metadata["sections"]().items():
+                keys.append((prefix + name, None, section.options))
+                keys.extend(all_keys(section.options, f"{prefix}{name}."))
         if f.metadata.get("internal"):
             continue
-        dotted = prefix + f.name
-        keys.append(dotted)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], dotted + "."))
+        dotted, hint = prefix + f.name, hints[f.name]
+        keys.append((dotted, f, hint))
+        if dataclasses.is_dataclass(hint):
+            keys.extend(all_keys(hint, dotted + "."))
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            keys.extend(all_keys(typing.get_args(hint)[1], dotted + ".<name>."))
     return keys
 
 
@@ -173,7 +195,7 @@ def _suggest(key: str, prefix: str, siblings: list[str]) -> str:
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
     # The key may belong to another section: train.adapter -> method.adapter.
-    elsewhere = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == key]
+    elsewhere = [k for k, _, _ in all_keys() if k.rsplit(".", 1)[-1] == key]
     if elsewhere:
         return f" (did you mean '{elsewhere[0]}'?)"
     if siblings:

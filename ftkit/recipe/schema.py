@@ -1,8 +1,11 @@
 """The recipe schema: typed dataclasses, one per section.
 
-Every key a recipe may hold is a field here, with its type and default. `ftkit.recipe.load` checks a YAML
-file against these classes before anything heavy is imported or loaded; the names of the sections and keys
-are a contract that other tools rely on (see DESIGN.md).
+Every key is a field here, with its type, default and help line (docs/recipe.md is generated from them), or in the
+options of a component: `method.adamw`, `method.sgd`, `method.zo`, `method.lora`, `method.loretta` belong to the
+optimizers and adapters that declare them (ftkit.components). `ftkit.recipe.load` checks a YAML file against these
+classes before anything heavy is imported; the names of the sections and keys are a contract that other tools rely
+on (see DESIGN.md). Keys marked `computes=False` decide how long, how often or where, not what is computed: a
+resumed run or a replay may differ in them.
 """
 
 from __future__ import annotations
@@ -10,138 +13,92 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ftkit.components import option
+
 # Task heads, BERT's unused pooler and LM heads stay in full precision by default.
 DEFAULT_QUANT_SKIP = (r"(^|\.)head$", r"lm_head", r"pooler", r"classifier", r"(^|\.)score$")
 
 
 @dataclass
 class ModelSpec:
-    # `minilm` (the packaged MiniLM-L6 encoder), a hub id, or a local directory. Gives the tokenizer and,
-    # unless `config` is set, the weights.
-    name: str = "minilm"
-    # Architecture inline, e.g. {model_type: llama, hidden_size: 64, ...}: `validate` and `count-params` then need
-    # nothing from the hub. Training builds it with random weights unless `weights: pretrained`.
-    config: Optional[dict[str, Any]] = None
-    # auto: random when `config` is given, else the pretrained weights of `name`; pretrained: always load `name`'s
-    # weights (paper-scale recipes state their architecture inline for offline counting); random: never.
-    weights: Literal["auto", "pretrained", "random"] = "auto"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # Where the tokenizer comes from when it differs from `name` (config-only models default to minilm's).
-    tokenizer: Optional[str] = None
-    # encoder: pooled sentence embedding + classification head; causal_lm: candidates scored by log-probability.
-    kind: Literal["auto", "encoder", "causal_lm"] = "auto"
-    # Encoders: initialise the head from the label phrases' embeddings (prototype) or at random.
-    head_init: Literal["prototype", "random"] = "prototype"
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
+    name: str = option("minilm", help="`minilm` (the packaged MiniLM-L6 encoder), a hub id, or a local directory. "
+                                      "Gives the tokenizer and, unless `config` is set, the weights.")
+    config: Optional[dict[str, Any]] = option(None, help="Architecture inline, e.g. {model_type: llama, hidden_size: "
+                                              "64, ...}: `validate` and `count-params` then need nothing from the hub. "
+                                              "Training builds it with random weights unless `weights: pretrained`.")
+    weights: Literal["auto", "pretrained", "random"] = option(
+        "auto", help="auto: random when `config` is given, else the pretrained weights of `name`; pretrained: always "
+                     "load `name`'s weights (paper-scale recipes state their architecture inline for offline "
+                     "counting); random: never.")
+    dtype: Literal["float32", "bfloat16"] = option("float32", help="Dtype of the weights that stay in full precision.")
+    tokenizer: Optional[str] = option(None, help="Where the tokenizer comes from when it differs from `name` "
+                                                 "(config-only models default to minilm's).")
+    kind: Literal["auto", "encoder", "causal_lm"] = option(
+        "auto", help="encoder: pooled sentence embedding + classification head; causal_lm: candidates scored by "
+                     "log-probability; auto: from the architecture.")
+    head_init: Literal["prototype", "random"] = option(
+        "prototype", help="Encoders: initialise the head from the label phrases' embeddings (prototype) or at random.")
+    revision: Optional[str] = option(None, help="Hub revision (branch, tag or commit) of `name`.")
+    trust_remote_code: bool = option(False, help="Run code shipped with a hub model (off: loading executes nothing).")
 
 
 @dataclass
 class QuantSpec:
-    format: str = "none"
-    # native: real low-bit storage (QuantLinear); bitsandbytes: its frozen nf4/fp4/int8 layers; straight_through:
-    # full-precision master weights computed with their quantized value (first-order QAT baseline).
-    engine: Literal["native", "bitsandbytes", "straight_through"] = "native"
-    # 0 means one scale per output channel; otherwise one scale per group of this many input columns.
-    group_size: int = 0
-    scale_method: Literal["absmax", "mse"] = "absmax"
-    scale_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    # How weights are first rounded onto the grid; stochastic draws from a generator seeded with `seed`.
-    rounding: Literal["nearest", "stochastic"] = "nearest"
-    seed: int = 0
-    # Linear layers whose names match one of these regular expressions stay in full precision.
-    skip: list[str] = field(default_factory=lambda: list(DEFAULT_QUANT_SKIP))
-    # Matmul path: auto picks the fastest measured one for the format and device (see BENCHMARKS.md).
-    kernel: Literal["auto", "dequantize", "int8pack", "int_mm", "int4pack", "scaled_mm"] = "auto"
-    # bitsandbytes engine: int4 is nf4 or fp4 (optionally double-quantized), int8 is LLM.int8.
-    bnb_4bit_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_double_quant: bool = False
-    bnb_int8_threshold: float = 6.0
-
-
-@dataclass
-class AdamWSpec:
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-
-
-@dataclass
-class SGDSpec:
-    momentum: float = 0.0
-    nesterov: bool = False
-
-
-@dataclass
-class LorettaSpec:
-    """Options of both LoRETTA methods (see ftkit/adapters/loretta_adp and loretta_rep)."""
-
-    tensor_rank: int = 5
-    # Modes per factorised dimension when shapes are automatic (unset: factors of about 8).
-    modes: Optional[int] = None
-    # Explicit TT shapes by role: down / up / head (adapters), a / b (LoRA factors).
-    shapes: dict[str, list[int]] = field(default_factory=dict)
-    # Module-name suffixes or regular expressions; unset means the architecture's defaults.
-    target_modules: Optional[list[str]] = None
-    init: Literal["identity", "paper"] = "identity"
-    # LoRETTA_adp
-    bottleneck: int = 64
-    nonlinearity: Literal["relu", "gelu", "tanh", "silu"] = "relu"
-    scaling: float = 1.0
-    train_norms: bool = True
-    tt_head: bool = False
-    # LoRETTA_rep
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-
-
-@dataclass
-class LoraSpec:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: Optional[list[str]] = None
-
-
-# Optimizers that estimate gradients from forward passes only.
-ZEROTH_ORDER = ("mezo", "quzo")
-
-
-@dataclass
-class ZOSpec:
-    """Zeroth-order options (MeZO, QuZO); see ftkit/optim/zo.py."""
-
-    eps: float = 1e-3
-    n_queries: int = 1
-    # QuZO: directions are stochastically rounded onto a per-tensor grid of 2^bits - 1 levels (0: unrounded).
-    perturb_bits: int = 4
-    # QuZO: the perturbation and the update round the same Gaussian with independent random bits (unbiased);
-    # false reuses the perturbation's rounding for the update (the authors' public code).
-    independent_roundings: bool = True
-    # QuZO: how an update lands on a low-precision weight grid.
-    update_rounding: Literal["stochastic", "nearest"] = "stochastic"
-    # Decoupled weight decay, not applied to biases and norms.
-    weight_decay: float = 0.0
-    # Word embeddings stay frozen by default: a batch touches few rows, so random directions only add noise.
-    train_embeddings: bool = False
-    # Write the trajectory (seeds, projected gradients, learning rates) to <run>/trace.ftz for `ftkit replay`.
-    trace: bool = True
-    # Several processes (torchrun): split each batch between them (data), or give each the whole batch and
-    # n_queries / processes of the queries (queries; n_queries a multiple of the process count). Same result.
-    parallel: Literal["data", "queries"] = "data"
+    format: str = option("none", help="Weight format of the linear layers: none (the model's dtype), int8, int4, "
+                                      "fp8_e4m3, fp8_e5m2 (ftkit.quant.FORMATS).")
+    engine: str = option("native", help="native: real low-bit storage (QuantLinear), trainable by quzo; bitsandbytes: "
+                                        "its frozen nf4/fp4/int8 layers; straight_through: full-precision master "
+                                        "weights computed with their quantized value (first-order QAT baseline).")
+    group_size: int = option(0, help="0: one scale per output channel; otherwise one scale per group of this many "
+                                     "input columns.")
+    scale_method: Literal["absmax", "mse"] = option("absmax", help="Scales from the absolute maximum or an MSE "
+                                                                   "search over clipping ratios.")
+    scale_dtype: Literal["bfloat16", "float32"] = option("bfloat16", help="Dtype the scales are stored in.")
+    rounding: Literal["nearest", "stochastic"] = option(
+        "nearest", help="How weights are first rounded onto the grid; stochastic draws from a generator seeded "
+                        "with `seed`.")
+    seed: int = option(0, help="Seed of the stochastic first rounding.")
+    skip: list[str] = option(factory=lambda: list(DEFAULT_QUANT_SKIP),
+                             help="Linear layers whose names match one of these regular expressions stay in full "
+                                  "precision.")
+    kernel: Literal["auto", "dequantize", "int8pack", "int_mm", "int4pack", "scaled_mm"] = option(
+        "auto", help="Matmul path: auto picks the fastest measured one for the format and device (BENCHMARKS.md).")
+    bnb_4bit_type: Literal["nf4", "fp4"] = option("nf4", help="bitsandbytes engine: the 4-bit type of int4.")
+    bnb_double_quant: bool = option(False, help="bitsandbytes engine: quantize the 4-bit statistics too.")
+    bnb_int8_threshold: float = option(6.0, help="bitsandbytes engine: LLM.int8's outlier threshold.")
 
 
 @dataclass
 class MethodSpec:
-    adapter: str = "none"
-    optimizer: str = "adamw"
-    adamw: AdamWSpec = field(default_factory=AdamWSpec)
-    sgd: SGDSpec = field(default_factory=SGDSpec)
-    loretta: LorettaSpec = field(default_factory=LorettaSpec)
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    zo: ZOSpec = field(default_factory=ZOSpec)
-    # Regular expressions over parameter names that stay frozen, on top of what the method freezes.
-    freeze: list[str] = field(default_factory=list)
+    adapter: str = option("none", help="none (the model's own parameters), lora, loretta_adp, loretta_rep "
+                                       "(ftkit.adapters.ADAPTERS).")
+    optimizer: str = option("adamw", help="adamw, sgd (first-order); mezo, quzo (zeroth-order) "
+                                          "(ftkit.optim.OPTIMIZERS).")
+    freeze: list[str] = option(factory=list, help="Regular expressions over parameter names that stay frozen, on top "
+                                                  "of what the method freezes.")
+    # The options of every optimizer and adapter, by section (method.zo, method.lora, ...). They are read as
+    # attributes, recipe.method.zo.eps, and written to recipe.yaml as sections of `method`.
+    sections: dict[str, Any] = field(default_factory=lambda: default_sections(),
+                                     metadata={"internal": True, "sections": lambda: method_sections()})
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"method has no key or section '{name}'")
+
+
+def method_sections() -> dict:
+    """name -> ftkit.components.Section, for every section the registered optimizers and adapters declare."""
+    from ftkit.adapters import ADAPTERS
+    from ftkit.components import sections_of
+    from ftkit.optim import OPTIMIZERS
+
+    return sections_of(OPTIMIZERS, ADAPTERS)
+
+
+def default_sections() -> dict[str, Any]:
+    return {name: section.options() for name, section in method_sections().items()}
 
 
 @dataclass
@@ -149,73 +106,80 @@ class TaskSpec:
     """A task defined entirely in the recipe, over local files: classification (label words), multiple choice
     (candidates per row) or generation (a reference answer per row)."""
 
-    kind: Literal["classification", "multiple_choice", "generation"] = "classification"
-    train: Optional[str] = None
-    dev: Optional[str] = None
-    test: Optional[str] = None
-    format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = "auto"
-    # One column is a single sentence; two are a sentence pair (encoders read them as a pair).
-    text_columns: list[str] = field(default_factory=lambda: ["sentence"])
-    # classification: the label value; multiple_choice: the 0-based index of the correct candidate.
-    label_column: str = "label"
-    # Label value as it appears in the file -> the word that names it (scored by causal LMs).
-    label_words: dict[str, str] = field(default_factory=dict)
-    # Label value -> the phrase whose embedding initialises an encoder's head (defaults to the label word).
-    label_phrases: Optional[dict[str, str]] = None
-    # multiple_choice: the column holding each row's candidates (a list, or one string cut at the separator).
-    candidates_column: Optional[str] = None
-    candidates_separator: str = "|"
-    # generation: the column holding the reference answer (a string, or a list of acceptable answers).
-    answer_column: Optional[str] = None
-    max_new_tokens: int = 50
-    # Prompt for causal LMs; the label word, candidate or answer follows it after a space.
-    template: Optional[str] = None
-    metric: Literal["accuracy", "macro_f1", "exact_match", "f1"] = "accuracy"
+    kind: str = option("classification", help="classification, multiple_choice or generation "
+                                              "(ftkit.task_kinds.TASK_KINDS).")
+    train: Optional[str] = option(None, help="Training file (relative paths: the working directory, then beside the "
+                                             "recipe).")
+    dev: Optional[str] = option(None, help="Validation file.")
+    test: Optional[str] = option(None, help="Test file.")
+    format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = option("auto", help="File format; auto: from the "
+                                                                                    "suffix.")
+    text_columns: list[str] = option(factory=lambda: ["sentence"], help="One column is a single sentence; two are a "
+                                     "sentence pair (encoders read them as a pair).")
+    label_column: str = option("label", help="classification: the label value; multiple_choice: the 0-based index of "
+                                             "the correct candidate.")
+    label_words: dict[str, str] = option(factory=dict, help="Label value as it appears in the file -> the word that "
+                                                            "names it (scored by causal LMs).")
+    label_phrases: Optional[dict[str, str]] = option(None, help="Label value -> the phrase whose embedding "
+                                                                "initialises an encoder's head (default: the word).")
+    candidates_column: Optional[str] = option(None, help="multiple_choice: the column holding each row's candidates "
+                                                         "(a list, or one string cut at the separator).")
+    candidates_separator: str = option("|", help="multiple_choice: separator of candidates given as one string.")
+    answer_column: Optional[str] = option(None, help="generation: the column holding the reference answer (a string, "
+                                                     "or a list of acceptable answers; the first is trained on).")
+    max_new_tokens: int = option(50, help="generation: the decoding budget at evaluation.")
+    template: Optional[str] = option(None, help="Prompt for causal LMs, with {column} fields; the label word, "
+                                                "candidate or answer follows it after a space.")
+    metric: str = option("accuracy", help="The metric that selects the best checkpoint: one the kind reports "
+                                          "(classification: accuracy, macro_f1; multiple_choice: accuracy; "
+                                          "generation: exact_match, f1).")
 
 
 @dataclass
 class DataSpec:
-    task: str = "sst2"
-    max_seq_len: int = 128
-    # Explicit files for a built-in task; otherwise $FTKIT_DATA_DIR/<task>/, then the hub.
-    train_file: Optional[str] = None
-    dev_file: Optional[str] = None
-    test_file: Optional[str] = None
-    # Tasks defined in the recipe, by name; `task` may name one of them.
-    tasks: dict[str, TaskSpec] = field(default_factory=dict)
-    # MeZO's protocol: draw n_train / n_dev examples from the train split with data_seed, and evaluate the
-    # result on the validation split (reported as "test"). Unset means: train on all of train, dev = validation.
-    n_train: Optional[int] = None
-    n_dev: Optional[int] = None
-    data_seed: int = 0
-    # Examples used to calibrate the prototype head's temperature (drawn from train).
-    calibration_examples: int = 512
+    task: str = option("sst2", help="A built-in task (sst2, rte, cb, boolq, wic, wsc, multirc, copa, record, squad, "
+                                    "drop) or one defined under `tasks`.")
+    max_seq_len: int = option(128, help="Tokens per sequence; prompts are cut from the left, answers never.")
+    train_file: Optional[str] = option(None, help="Explicit train file of a built-in task; otherwise "
+                                                  "$FTKIT_DATA_DIR/<task>/, then the hub.")
+    dev_file: Optional[str] = option(None, help="Explicit validation file of a built-in task.")
+    test_file: Optional[str] = option(None, help="Explicit test file of a built-in task.")
+    tasks: dict[str, TaskSpec] = option(factory=dict, help="Tasks defined in the recipe, by name; `task` may name "
+                                                           "one of them.")
+    n_train: Optional[int] = option(None, help="MeZO's protocol: draw n_train / n_dev examples from the train split "
+                                               "with data_seed, and evaluate on the validation split (as `test`). "
+                                               "Unset: train on all of train, dev = validation.")
+    n_dev: Optional[int] = option(None, help="MeZO's protocol: examples held out from train for model selection.")
+    data_seed: int = option(0, help="Seed of MeZO's sampling and of the calibration examples.")
+    calibration_examples: int = option(512, help="Examples used to calibrate the prototype head's temperature "
+                                                 "(drawn from train).")
 
 
 @dataclass
 class TrainSpec:
-    max_steps: int = 1000
-    batch_size: int = 16
-    # Chunks of the global batch computed one after another (gradient accumulation, and the unit that
-    # multi-process runs deal to their ranks); unset: the whole batch at once.
-    micro_batch_size: Optional[int] = None
-    # Batches of sentences of similar length (far less padding); see ftkit.data.batches.TrainStream.
-    group_by_length: bool = True
-    eval_batch_size: int = 128
-    lr: float = 2e-5
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: Optional[float] = None
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_at_start: bool = True
-    save_every: int = 0  # 0: save only at the end (and on SIGINT/SIGTERM)
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
-    output_dir: Optional[str] = None  # default runs/<recipe file name>
-    tensorboard: bool = False
-    threads: Optional[int] = None  # torch intra-op threads; default: all cores
+    max_steps: int = option(1000, computes=False, help="Training steps (a resumed run may extend it).")
+    batch_size: int = option(16, help="Examples per step (the global batch, whatever the process count).")
+    micro_batch_size: Optional[int] = option(None, help="Chunks of the global batch computed one after another "
+                                             "(gradient accumulation, and the unit several processes share); unset: "
+                                             "the whole batch at once.")
+    group_by_length: bool = option(True, help="Batches of sentences of similar length (far less padding).")
+    eval_batch_size: int = option(128, computes=False, help="Examples per evaluation batch.")
+    lr: float = option(2e-5, help="Peak learning rate.")
+    schedule: Literal["constant", "linear", "cosine"] = option("constant", help="Decay after warm-up.")
+    warmup_steps: int = option(0, help="Linear warm-up steps.")
+    weight_decay: float = option(0.0, help="Decoupled weight decay of first-order optimizers (matrices only).")
+    grad_clip: Optional[float] = option(None, help="Clip the gradient norm to this (first-order); null: no clipping.")
+    eval_every: int = option(0, computes=False, help="Evaluate on dev every this many steps; 0: only at the end.")
+    eval_at_start: bool = option(True, computes=False, help="Evaluate on dev before the first step.")
+    save_every: int = option(0, computes=False, help="Save a checkpoint every this many steps; 0: only at the end "
+                                                     "(and on SIGINT/SIGTERM and a better dev metric).")
+    keep_last: int = option(2, computes=False, help="Step directories kept (plus best).")
+    log_every: int = option(10, computes=False, help="Progress lines every this many steps (off a terminal).")
+    seed: int = option(0, help="Seed of initialisation, data order, dropout and zeroth-order directions.")
+    output_dir: Optional[str] = option(None, computes=False, help="Run directory; default runs/<recipe file name>.")
+    tensorboard: bool = option(False, computes=False, help="Also log to TensorBoard (when installed).")
+    threads: Optional[int] = option(None, computes=False, help="torch intra-op threads; default: all cores. Bit-exact "
+                                    "resume needs the same count (checked when resuming).")
 
 
 @dataclass
@@ -225,6 +189,6 @@ class Recipe:
     method: MethodSpec = field(default_factory=MethodSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
-    description: Optional[str] = None
+    description: Optional[str] = option(None, computes=False, help="One line about the recipe.")
     # Where the recipe came from (set by the loader, not by the user).
     source: Optional[str] = field(default=None, metadata={"internal": True})

@@ -105,6 +105,10 @@ def load_checkpoint(step_dir: Path, model, method=None) -> dict:
             targets[name].copy_(tensor)
     if method is not None:
         method.load_state_dict(torch.load(step_dir / METHOD_STATE, weights_only=True))
+    return read_trainer_state(step_dir)
+
+
+def read_trainer_state(step_dir: Path) -> dict:
     return json.loads((step_dir / TRAINER_STATE).read_text())
 
 
@@ -117,6 +121,11 @@ def resolve(root: Path, which: str = "last") -> Path | None:
         return None
     steps = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()) if root.is_dir() else []
     return steps[-1] if steps else None
+
+
+def best_or_last(root: Path) -> Path | None:
+    """The checkpoint a finished run is judged by: the best dev metric's, else the last one."""
+    return resolve(root, "best") or resolve(root, "last")
 
 
 def remove_leftovers(root: Path) -> None:

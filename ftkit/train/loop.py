@@ -13,10 +13,11 @@ import torch
 import yaml
 from rich.console import Console
 
+from ftkit.adapters import ADAPTERS
 from ftkit.data.batches import TrainStream, encode, shard
 from ftkit.data.dataset import load_task_data
 from ftkit.distributed import BACKEND, World, close_world, init_world
-from ftkit.errors import TrainingDiverged, UserError
+from ftkit.errors import Interrupted, TrainingDiverged, UserError
 from ftkit.eval import evaluate
 from ftkit.memory import current_rss_mb, peak_rss_mb
 from ftkit.models.build import build_model
@@ -25,20 +26,11 @@ from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
 from ftkit.optim.schedules import learning_rate
 from ftkit.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from ftkit.recipe.compare import computing_differences, non_computing_keys
 from ftkit.train import checkpoint as ckpt
+from ftkit.train.environment import check_environment, environment, using_threads
 from ftkit.train.metrics import MetricsLog, NullLog, read_events, truncate_after
 from ftkit.train.progress import TrainProgress
-
-# Keys a resumed run may change: they decide how long and how often, not what is computed.
-RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
-                     "train.tensorboard", "train.eval_batch_size", "description", "method.zo.trace",
-                     "method.zo.parallel"}
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 def run_dir_for(recipe: Recipe) -> Path:
@@ -47,17 +39,21 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path("runs") / Path(recipe.source or "recipe").stem
 
 
-def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict:
+def train(recipe: Recipe, resume: bool = False, console: Console | None = None, allow_inexact: bool = False) -> dict:
     """Train `recipe` in this process, or as one of the processes torchrun started (see docs/scaling.md): every
-    process runs this same loop on the same global batches and holds identical weights; process 0 alone writes."""
+    process runs this same loop on the same global batches and holds identical weights; process 0 alone writes.
+
+    A resume continues bit-exactly where the run left off; it is refused where that cannot hold (another thread
+    count, device or torch version) unless `allow_inexact`."""
     world = init_world()
     try:
-        return _train(recipe, resume, console or Console(), world)
+        with using_threads(recipe.train.threads):
+            return _train(recipe, resume, console or Console(), world, allow_inexact)
     finally:
         close_world(world)
 
 
-def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict:
+def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_inexact: bool) -> dict:
     started, rss_at_start = time.perf_counter(), current_rss_mb()  # after imports, before data and model
     if not world.is_main:
         console = Console(quiet=True)
@@ -77,8 +73,8 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
                         f"or set train.output_dir to start another")
     if resume_from is not None:
         _check_same_recipe(run_dir, recipe)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
+        check_environment(ckpt.read_trainer_state(resume_from).get("environment"),
+                          f"cannot resume {run_dir} bit-exactly", allow_inexact)
 
     # Data, model, method.
     task = load_task_data(recipe)
@@ -86,7 +82,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
     model, kind, facts = build_model(recipe, task, tokenizer)
     features = {split: encode(examples, tokenizer, kind, task, recipe.data.max_seq_len)
                 for split, examples in task.splits.items()}
-    method = OPTIMIZERS[recipe.method.optimizer](model, recipe, world=world)
+    method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe, world=world)
     stream = TrainStream(features["train"], recipe.train.batch_size, recipe.train.seed, tokenizer.pad_token_id,
                          recipe.train.group_by_length)
     shard_world = world if method.shards_data else None
@@ -94,8 +90,8 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
     num_classes = len(task.labels)
 
     def run_eval(split: str) -> dict:
-        return evaluate(model, features[split], recipe.train.eval_batch_size, tokenizer.pad_token_id, num_classes,
-                        tokenizer, world)
+        return evaluate(model, features[split], task.spec.kind, recipe.train.eval_batch_size, tokenizer.pad_token_id,
+                        num_classes, tokenizer, world)
 
     metric = task.spec.metric
     trainable = trainable_numel(model)
@@ -124,7 +120,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
                   + ", ".join(f"{s} {len(v)}" for s, v in task.splits.items()))
     if world.size > 1:
         split = (f"chunks of {chunk_size} examples dealt round robin" if method.shards_data
-                 else f"{recipe.method.zo.n_queries // world.size} of {recipe.method.zo.n_queries} queries each")
+                 else method.describe_sharing(world.size))
         console.print(f"{world.size} processes ({BACKEND}): global batch {recipe.train.batch_size}, {split}")
 
     if state["step"] == 0 and recipe.train.eval_at_start and "dev" in features:
@@ -138,13 +134,14 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World) -> dict
     handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signum=signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
 
-    descriptions = {"adapter_config.json": adapter_description(recipe)} if recipe.method.adapter != "none" else {}
+    adapter = ADAPTERS[recipe.method.adapter]
+    descriptions = {} if adapter.trains_base else {"adapter_config.json": adapter_description(recipe)}
 
     def save(step: int, is_best: bool = False) -> None:
         """Process 0 writes; the others hold the same weights and data position."""
         if world.is_main:
             trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source,
-                             "processes": world.size}
+                             "processes": world.size, "environment": environment()}
             ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
                                  descriptions)
 
@@ -239,10 +236,10 @@ def chunk_size_for(recipe: Recipe, world: World, shards_data: bool) -> int | Non
 
 def adapter_description(recipe: Recipe) -> dict:
     """What an adapter checkpoint needs to be read without the recipe: method, options, base model, format."""
-    method = recipe_to_dict(recipe)["method"]
-    options = method["lora"] if recipe.method.adapter == "lora" else method["loretta"]
-    return {"adapter": recipe.method.adapter, "options": options, "base_model": recipe.model.name,
-            "base_config": recipe.model.config, "quant": recipe_to_dict(recipe)["quant"],
+    adapter, data = ADAPTERS[recipe.method.adapter], recipe_to_dict(recipe)
+    options = data["method"][adapter.section.name] if adapter.section else {}
+    return {"adapter": adapter.name, "options": options, "base_model": recipe.model.name,
+            "base_config": recipe.model.config, "quant": data["quant"],
             "weights": ckpt.WEIGHTS, "contents": "adapter tensors, trained norms and task head"}
 
 
@@ -250,23 +247,12 @@ def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     saved_path = run_dir / "recipe.yaml"
     if not saved_path.is_file():
         return
-    saved = _flatten(recipe_to_dict(recipe_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path))))
-    current = _flatten(recipe_to_dict(recipe))
-    for key in sorted(set(saved) | set(current)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
-            raise UserError(f"cannot resume {run_dir}: {key} was {saved.get(key)!r} and is now {current.get(key)!r}; "
-                            f"a resumed run must compute the same thing (only {', '.join(sorted(RESUMABLE_CHANGES))} "
-                            f"may change)")
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "config" and key != "tasks":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    saved = recipe_to_dict(recipe_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)))
+    differences = computing_differences(saved, recipe_to_dict(recipe))
+    if differences:
+        key, before, now = differences[0]
+        raise UserError(f"cannot resume {run_dir}: {key} was {before!r} and is now {now!r}; a resumed run must "
+                        f"compute the same thing (only {', '.join(sorted(non_computing_keys()))} may change)")
 
 
 def _last_dev(run_dir: Path) -> dict | None:

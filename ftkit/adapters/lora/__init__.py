@@ -1,29 +1,30 @@
 """LoRA, the baseline, through the PEFT library (same targets as LoRETTA_rep, so comparisons are like for like).
-
-PEFT wraps full-precision and bitsandbytes layers; ftkit's native low-bit layers are not PEFT layer types, so
-LoRA over a native quantized base is refused with a clear message (LoRETTA_rep covers that case).
-"""
+Declared here (torch-free); injected by layer.py."""
 
 from __future__ import annotations
 
-import torch.nn as nn
+from dataclasses import dataclass
+from typing import Optional
 
-from ftkit.adapters.targets import REP_TARGETS, default_targets, freeze_all_but
-from ftkit.errors import UserError
+from ftkit.components import Adapter, Hook, Section, option
 
 
-def inject(model: nn.Module, method) -> nn.Module:
-    from peft import LoraConfig, inject_adapter_in_model
+@dataclass
+class LoraSpec:
+    r: int = option(8, help="Rank of the update B A.")
+    alpha: float = option(16.0, help="The update is (alpha / r) B A x.")
+    dropout: float = option(0.0, help="Dropout on the adapter's input.")
+    target_modules: Optional[list[str]] = option(None, help="Module-name suffixes or regular expressions; unset: the "
+                                                            "architecture's query and value projections.")
 
-    spec = method.lora
-    backbone = model.backbone
-    targets = spec.target_modules or default_targets(REP_TARGETS, backbone.config.model_type,
-                                                     "method.lora.target_modules")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        bias="none")
-    try:
-        inject_adapter_in_model(config, backbone)
-    except ValueError as err:
-        raise UserError(f"method.adapter lora: {str(err).splitlines()[0]}") from None
-    freeze_all_but(model, lambda n: "lora_" in n or n.startswith(("head.", "pre_head.")))
-    return model
+
+def _check(spec: LoraSpec, recipe, fail) -> None:
+    if not 0 <= spec.dropout < 1:
+        fail("method.lora.dropout", f"must be in [0, 1), got {spec.dropout}")
+    if spec.r < 1:
+        fail("method.lora.r", f"must be at least 1, got {spec.r}")
+
+
+LORA = Adapter("lora", "LoRA through PEFT (full-precision or bitsandbytes bases)",
+               section=Section("lora", LoraSpec, _check), inject=Hook("ftkit.adapters.lora.layer:inject"),
+               unwrap=Hook("ftkit.adapters.lora.layer:unwrap"), mergeable=True, parameters=r"lora_")

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from ftkit.adapters.loretta_adp import NONLINEARITIES, TTAdapter
-from ftkit.adapters.targets import ADP_TARGETS, is_norm, matches
+from ftkit.adapters.loretta_adp.layer import NONLINEARITIES, TTAdapter
 from ftkit.adapters.peft_types import LorettaPeftConfig, add_peft_type
+from ftkit.adapters.targets import ADP_TARGETS, is_norm, matches
 
 PEFT_TYPE = add_peft_type("LORETTA_ADP")
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 
+from ftkit.adapters.peft_types import LorettaPeftConfig, add_peft_type
 from ftkit.adapters.targets import REP_TARGETS
 from ftkit.adapters.tt import TTLinear
-from ftkit.adapters.peft_types import LorettaPeftConfig, add_peft_type
 
 PEFT_TYPE = add_peft_type("LORETTA_REP")
 

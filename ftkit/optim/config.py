@@ -1,0 +1,105 @@
+"""The optimizers' declarations and options (torch-free): `method.adamw`, `method.sgd` and `method.zo`, and what each
+optimizer checks of the recipe around it. Their behaviour is in first_order.py and zo.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ftkit.components import Hook, Optimizer, Section, option
+
+
+@dataclass
+class AdamWSpec:
+    betas: list[float] = option(factory=lambda: [0.9, 0.999], help="Coefficients of the running averages of the "
+                                                                   "gradient and its square.")
+    eps: float = option(1e-8, help="Added to the denominator.")
+
+
+@dataclass
+class SGDSpec:
+    momentum: float = option(0.0, help="Momentum factor.")
+    nesterov: bool = option(False, help="Nesterov momentum (needs momentum > 0).")
+
+
+@dataclass
+class ZOSpec:
+    """Zeroth-order options (MeZO, QuZO); see ftkit/optim/zo.py."""
+
+    eps: float = option(1e-3, help="Perturbation scale: the loss is evaluated at w + eps u and w - eps u.")
+    n_queries: int = option(1, help="Random directions averaged per step (two forward passes each).")
+    perturb_bits: int = option(4, help="QuZO: directions are stochastically rounded onto a per-tensor grid of "
+                                       "2^bits - 1 levels (0: unrounded).")
+    independent_roundings: bool = option(True, help="QuZO: the perturbation and the update round the same Gaussian "
+                                                    "with independent random bits (unbiased); false reuses the "
+                                                    "perturbation's rounding for the update (the authors' public "
+                                                    "code).")
+    update_rounding: Literal["stochastic", "nearest"] = option(
+        "stochastic", help="QuZO: how an update lands on a low-precision weight grid.")
+    weight_decay: float = option(0.0, help="Decoupled weight decay, not applied to biases and norms.")
+    train_embeddings: bool = option(False, help="Train the word embeddings too (a batch touches few rows, so random "
+                                                "directions mostly add noise there).")
+    trace: bool = option(True, computes=False, help="Write the trajectory (seeds, projected gradients, learning "
+                                                    "rates) to <run>/trace.ftz for `ftkit replay`.")
+    parallel: Literal["data", "queries"] = option(
+        "data", computes=False, help="Several processes: split each batch between them (data), or give each the "
+                                     "whole batch and n_queries / processes of the queries (queries). Same result.")
+
+
+def _check_adamw(spec: AdamWSpec, recipe, fail) -> None:
+    if len(spec.betas) != 2 or not all(0 <= b < 1 for b in spec.betas):
+        fail("method.adamw.betas", f"must be two numbers in [0, 1), got {spec.betas}")
+
+
+def _check_sgd(spec: SGDSpec, recipe, fail) -> None:
+    if spec.momentum < 0:
+        fail("method.sgd.momentum", f"must be at least 0, got {spec.momentum}")
+    if spec.nesterov and spec.momentum == 0:
+        fail("method.sgd.nesterov", "Nesterov momentum needs method.sgd.momentum > 0")
+
+
+def _check_zo(zo: ZOSpec, recipe, fail) -> None:
+    if zo.eps <= 0:
+        fail("method.zo.eps", f"must be positive, got {zo.eps}")
+    if zo.n_queries < 1:
+        fail("method.zo.n_queries", f"must be at least 1, got {zo.n_queries}")
+    if zo.weight_decay < 0:
+        fail("method.zo.weight_decay", f"must be at least 0, got {zo.weight_decay}")
+    if zo.perturb_bits != 0 and not 2 <= zo.perturb_bits <= 16:
+        fail("method.zo.perturb_bits", f"must be 0 (unrounded directions) or 2..16, got {zo.perturb_bits}")
+
+
+def _check_zeroth_order(recipe, fail) -> None:
+    """What a zeroth-order optimizer needs of the rest of the recipe."""
+    from ftkit.adapters import ADAPTERS
+    from ftkit.quant import ENGINES, FORMATS
+
+    name, quant = recipe.method.optimizer, recipe.quant
+    full = ADAPTERS[recipe.method.adapter].trains_base
+    low_bit = FORMATS[quant.format].low_bit
+    if recipe.train.weight_decay:
+        fail("train.weight_decay", f"applies to first-order optimizers; set method.zo.weight_decay for {name}")
+    if name == "mezo" and full and low_bit:
+        fail("method.optimizer", f"mezo trains full-precision weights, and quant.format is {quant.format}: use quzo "
+             f"for the quantized weights themselves, or set method.adapter to train an adapter over the quantized "
+             f"base")
+    if full and low_bit and not ENGINES[quant.engine].zo_trains_weights:
+        fail("method.adapter", f"{quant.engine} weights are frozen; zeroth-order training over them needs an "
+             f"adapter (lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
+
+
+ADAMW_SECTION = Section("adamw", AdamWSpec, _check_adamw)
+SGD_SECTION = Section("sgd", SGDSpec, _check_sgd)
+ZO_SECTION = Section("zo", ZOSpec, _check_zo)
+
+ADAMW = Optimizer("adamw", "AdamW, backpropagation", build=Hook("ftkit.optim.first_order:build_adamw"),
+                  section=ADAMW_SECTION)
+SGD = Optimizer("sgd", "SGD with optional (Nesterov) momentum, backpropagation",
+                build=Hook("ftkit.optim.first_order:build_sgd"), section=SGD_SECTION)
+MEZO = Optimizer("mezo", "MeZO: zeroth-order SGD on full-precision tensors, two forward passes per query",
+                 build=Hook("ftkit.optim.zo:build_mezo"), section=ZO_SECTION, zeroth_order=True,
+                 prepare=Hook("ftkit.optim.zo_targets:prepare_model"), validate=_check_zeroth_order)
+QUZO = Optimizer("quzo", "QuZO: zeroth-order on low-precision weights, quantized directions, stochastically "
+                         "rounded updates", build=Hook("ftkit.optim.zo:build_quzo"), section=ZO_SECTION,
+                 zeroth_order=True, prepare=Hook("ftkit.optim.zo_targets:prepare_model"),
+                 validate=_check_zeroth_order)

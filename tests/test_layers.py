@@ -1,0 +1,129 @@
+"""The package's layering: lower layers never import higher ones, module-level imports have no cycles, the recipe
+layer and the component declarations import no torch, and `ftkit validate` / `ftkit --help` load neither torch nor
+transformers."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "ftkit"
+
+# Layer of each module, lowest first; a module may import its own layer and those below (docs/components.md).
+LAYERS = [
+    ("errors and component types", ["ftkit.errors", "ftkit.components"]),
+    ("declarations (torch-free)", ["ftkit.recipe.schema", "ftkit.adapters", "ftkit.adapters.lora",
+                                   "ftkit.adapters.loretta_adp", "ftkit.adapters.loretta_rep",
+                                   "ftkit.adapters.loretta_options", "ftkit.optim", "ftkit.optim.config", "ftkit.quant",
+                                   "ftkit.task_kinds", "ftkit.data", "ftkit.data.tasks"]),
+    ("recipes (torch-free)", ["ftkit.recipe", "ftkit.recipe.load", "ftkit.recipe.checks", "ftkit.recipe.compare",
+                              "ftkit.recipe.reference"]),
+    ("implementations", ["ftkit.*"]),  # every module not named elsewhere
+    ("runs", ["ftkit.train", "ftkit.train.*", "ftkit.eval", "ftkit.runs", "ftkit.replay", "ftkit.plot"]),
+    ("entry points", ["ftkit", "ftkit.cli", "ftkit.__main__", "ftkit.api", "ftkit.hf"]),
+]
+TORCH_FREE = 3  # layers below this import nothing heavy
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "numpy", "safetensors", "accelerate", "datasets")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer_of(module: str) -> int:
+    for index, (_, names) in enumerate(LAYERS):
+        if module in names:
+            return index
+    for index, (_, names) in enumerate(LAYERS):
+        if any(n.endswith(".*") and module.startswith(n[:-1]) and n != "ftkit.*" for n in names):
+            return index
+    return 3
+
+
+def imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """Modules a file imports: anywhere in it, or only in statements that run when it is imported."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names
+                         if f"{node.module}.{alias.name}" in MODULES)
+    return found
+
+
+def own(name: str) -> str | None:
+    """The ftkit module an imported name resolves to (a module, or the module that defines the name)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def test_every_module_has_a_layer_and_imports_none_above_it():
+    upward = []
+    for module, path in MODULES.items():
+        for imported in imports(path):
+            target = own(imported) if imported.startswith("ftkit") else None
+            if target and layer_of(target) > layer_of(module):
+                upward.append(f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} "
+                              f"({LAYERS[layer_of(target)][0]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_declarations_and_recipes_import_nothing_heavy():
+    heavy = [f"{module} imports {name}" for module, path in MODULES.items() if layer_of(module) < TORCH_FREE
+             for name in imports(path) if name.split(".")[0] in HEAVY]
+    assert not heavy, "\n".join(heavy)
+
+
+def test_module_level_imports_have_no_cycles():
+    graph = {m: {own(i) for i in imports(p, top_level_only=True) if i.startswith("ftkit") and own(i) != m} - {None}
+             for m, p in MODULES.items()}
+    visiting, done = set(), set()
+
+    def visit(module, chain):
+        if module in done:
+            return
+        assert module not in visiting, "import cycle: " + " -> ".join(chain + [module])
+        visiting.add(module)
+        for target in graph.get(module, ()):
+            visit(target, chain + [module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
+
+
+PROBE = """
+import runpy, sys, json
+sys.argv = ["ftkit"] + sys.argv[1:]
+code = None
+try:
+    runpy.run_module("ftkit", run_name="__main__")
+except SystemExit as stop:
+    code = stop.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "peft", "bitsandbytes"})
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["validate", str(REPO / "recipes" / "full_ft_sst2.yaml")], ["--help"],
+                                  ["validate", "--help"]], ids=["validate", "help", "validate-help"])
+def test_validate_and_help_load_no_torch(args):
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)
+    result = json.loads(done.stderr.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}, done.stderr
