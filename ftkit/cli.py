@@ -84,6 +84,10 @@ def train(
         line += f" -> {end:.4f} at step {summary['steps']}"
     if summary.get("best_step"):
         line += f" (best {summary['best_dev']:.4f} at step {summary['best_step']})"
+    line += f"; peak RSS {summary['peak_rss_mb']:,.0f} MiB"
+    if "peak_gpu_allocated_mb" in summary:
+        line += (f", GPU {summary['peak_gpu_allocated_mb']:,.0f} MiB allocated / "
+                 f"{summary['peak_gpu_reserved_mb']:,.0f} MiB reserved")
     out.print(line)
 
 
@@ -122,11 +126,13 @@ def eval_command(
     split: str = typer.Option("dev", "--split", help="dev or test"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A step directory (default: best, else last)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible), cpu, cuda or cuda:N; "
+                               "a run trained on a GPU evaluates on a CPU and the other way round"),
 ):
     """Evaluate a finished run, one of its checkpoints, or a recipe's starting point."""
     from ftkit.runs import evaluate_target
 
-    result = evaluate_target(target, split, checkpoint, overrides or [])
+    result = evaluate_target(target, split, checkpoint, overrides or [], device)
     if as_json:
         out.print(json.dumps(result), markup=False)
         return
@@ -164,6 +170,8 @@ def replay(
     trace: Path = typer.Argument(..., help="The run's trace (runs/<name>/trace.ftz)"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="Run directory to write the rebuilt checkpoint into"),
     overrides: Optional[list[str]] = OVERRIDES,
+    allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Replay even where the result cannot be "
+                                       "bit-identical (another device or torch version than the trace's)"),
 ):
     """Rebuild a zeroth-order run's weights from the base model and its trace, without a forward pass."""
     from ftkit.optim import OPTIMIZERS
@@ -179,7 +187,7 @@ def replay(
         raise UserError(f"trace not found: {trace}")
     if (out_dir / "checkpoints").exists():
         raise UserError(f"{out_dir} already holds checkpoints; choose a new directory")
-    result = run_replay(spec, trace, out_dir)
+    result = run_replay(spec, trace, out_dir, allow_inexact)
     out.print(f"replayed {result['steps']} steps from {trace} ({result['trace_bytes']:,} bytes) in "
               f"{result['seconds']:.1f} s: {result['checkpoint']}", markup=False)
 

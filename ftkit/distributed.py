@@ -17,8 +17,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-BACKEND = "gloo"  # ftkit computes on the CPU; NCCL needs tensors on a GPU
-
 # torch is imported where a collective runs, so `main_process` and `launched_by_torchrun` cost nothing to import
 # (the CLI asks them before it knows whether anything heavy will run).
 
@@ -28,12 +26,19 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: object = "cpu"  # this process's torch.device
+    backend: str = "gloo"  # NCCL when every process has a GPU of its own, else gloo (see init_world)
     # Payload bytes this process has sent through ftkit's own collectives (DDP's are counted by its comm hook).
     traffic: dict = field(default_factory=lambda: {"calls": 0, "bytes": 0})
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def collective_device(self):
+        """Where the tensors of ftkit's collectives live: NCCL reduces on the GPU, gloo on the host."""
+        return self.device if self.backend == "nccl" else "cpu"
 
     def all_sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over processes, in float64."""
@@ -42,7 +47,7 @@ class World:
         import torch
         import torch.distributed as dist
 
-        tensor = torch.tensor(list(values), dtype=torch.float64)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.collective_device)
         self._count(tensor.numel() * tensor.element_size())
         dist.all_reduce(tensor)
         return tensor.tolist()
@@ -53,7 +58,7 @@ class World:
         import torch
         import torch.distributed as dist
 
-        tensor = torch.tensor([value], dtype=torch.int64)
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.collective_device)
         self._count(8)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
@@ -91,16 +96,27 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_world() -> World:
-    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment); a plain
-    process is a world of one."""
+def init_world(device: str = "cpu") -> World:
+    """This process's place: its device (`train.device`, resolved; under torchrun `cuda` is the GPU of the local
+    rank) and, under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment), the process group it joins:
+    NCCL when each process has a GPU of its own (`cuda`, `auto`), gloo between CPUs and between processes pinned to
+    one GPU (`cuda:N`: NCCL refuses two ranks on the same GPU). A plain process is a world of one."""
+    from ftkit.devices import resolve_device
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    placed = resolve_device(device, local_rank)
     if not launched_by_torchrun():
-        return World()
+        return World(device=placed)
+    import torch
     import torch.distributed as dist
 
+    backend = "nccl" if placed.type == "cuda" and ":" not in device else "gloo"
+    if placed.type == "cuda":
+        torch.cuda.set_device(placed)  # NCCL and all_gather_object use the current device
     if not dist.is_initialized():
-        dist.init_process_group(backend=BACKEND)
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, device=placed,
+                 backend=backend)
 
 
 def close_world(world: World) -> None:

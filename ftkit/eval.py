@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ftkit.data.batches import collate, eval_chunks
+from ftkit.devices import model_device, to_device
 from ftkit.distributed import SINGLE
 from ftkit.task_kinds import TASK_KINDS
 
@@ -19,13 +20,13 @@ def evaluate(model, features: list[dict], kind: str, batch_size: int, pad_id: in
     Across processes, the length-sorted batches are dealt round robin, each process scores its own, and the
     per-batch results are gathered once and combined in batch order: the same batches, the same padding and the
     same order of additions as one process, so the figures are identical."""
-    task_kind = TASK_KINDS[kind]
+    task_kind, device = TASK_KINDS[kind], model_device(model)
     was_training = model.training
     model.eval()
     try:
         chunks = eval_chunks(features, batch_size)
-        mine = [(b, task_kind.score(model, chunk, collate([features[i] for i in chunk], pad_id), tokenizer))
-                for b, chunk in enumerate(chunks) if world.owns(b)]
+        mine = [(b, task_kind.score(model, chunk, to_device(collate([features[i] for i in chunk], pad_id), device),
+                                    tokenizer)) for b, chunk in enumerate(chunks) if world.owns(b)]
         gathered = [part for parts in world.all_gather(mine) for part in parts]
         results = [r for _, r in sorted(gathered, key=lambda part: part[0])]
         return task_kind.combine(results, len(features), num_classes)

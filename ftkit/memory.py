@@ -43,3 +43,21 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Fix glibc's mmap and trim thresholds at 128 KiB.
+
+    By default glibc raises its mmap threshold after large blocks are freed, so the next fp32 layers come from the
+    heap and stay resident after they are freed: loading grows by a layer's size per layer, and a zeroth-order step
+    by the chunks it draws. Fixed thresholds keep large tensors in their own mappings, returned to the system as soon
+    as they are freed (BENCHMARKS.md, streaming load). Process-wide; the training loop and the streaming loader set it.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give back the heap top too
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass

@@ -11,21 +11,25 @@ from pathlib import Path
 import torch
 import yaml
 
+from ftkit.devices import deterministic, resolve_device
 from ftkit.errors import UserError
 from ftkit.optim import OPTIMIZERS
 from ftkit.optim.trace import decode_tensor, read_trace
 from ftkit.recipe import Recipe, recipe_to_dict
 from ftkit.recipe.compare import computing_differences
 from ftkit.train import checkpoint as ckpt
-from ftkit.train.environment import using_threads
+from ftkit.train.environment import check_environment, using_threads
 
 
-def replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
-    with using_threads(recipe.train.threads):
-        return _replay(recipe, trace_path, out_dir)
+def replay(recipe: Recipe, trace_path: Path, out_dir: Path, allow_inexact: bool = False) -> dict:
+    """Rebuild the run on the device `train.device` names. Replays are bit-identical in the environment the trace
+    was written in (device kind and model, torch version); elsewhere they are refused unless `allow_inexact`."""
+    device = resolve_device(recipe.train.device)
+    with using_threads(recipe.train.threads), deterministic(device):
+        return _replay(recipe, trace_path, out_dir, device, allow_inexact)
 
 
-def _replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
+def _replay(recipe: Recipe, trace_path: Path, out_dir: Path, device, allow_inexact: bool) -> dict:
     from ftkit.models.build import assemble_model
     from ftkit.models.load import load_tokenizer
 
@@ -35,9 +39,12 @@ def _replay(recipe: Recipe, trace_path: Path, out_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read trace {trace_path}: {err}") from None
     _check_recipe(recipe, header["recipe"], trace_path)
+    # The update arithmetic is elementwise, so a CPU replay does not depend on the thread count.
+    check_environment(header.get("environment"), f"cannot replay {trace_path} bit-exactly", allow_inexact, device,
+                      ignore=("threads",))
     initial = {name: decode_tensor(entry) for name, entry in header["initial_tensors"].items()}
     tokenizer = load_tokenizer(recipe.model)
-    model, _ = assemble_model(recipe, tokenizer, header["num_classes"])
+    model, _ = assemble_model(recipe, tokenizer, header["num_classes"], device=device)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in initial.items():

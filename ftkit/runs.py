@@ -22,17 +22,16 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return recipe
 
 
-def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, overrides: list[str] = ()) -> dict:
+def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, overrides: list[str] = (),
+                    device: str = "auto") -> dict:
     """Evaluate a run directory (its best checkpoint, else last, or `checkpoint`) or a recipe's untrained model.
 
     For a run directory, `quant.*` overrides quantize the trained model after loading it (post-training
-    quantization), e.g. quant.format=int4 quant.group_size=128.
+    quantization), e.g. quant.format=int4 quant.group_size=128. `device` is where to evaluate (auto: a GPU when one
+    is visible), whatever device the run trained on: checkpoints are read onto the CPU and copied there.
     """
-    from ftkit.data.batches import encode
     from ftkit.data.dataset import load_task_data
-    from ftkit.eval import evaluate
-    from ftkit.models.build import build_model
-    from ftkit.models.load import load_tokenizer
+    from ftkit.devices import deterministic, resolve_device
 
     if split not in ("dev", "test"):
         raise UserError(f"--split must be dev or test, got {split!r}")
@@ -57,8 +56,19 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
     task = load_task_data(recipe, splits=("train", split))
     if split not in task.splits:
         raise UserError(f"task {task.name} has no {split} split here (found: {', '.join(task.splits)})")
+    placed = resolve_device(device)
+    with deterministic(placed):
+        return _evaluate(recipe, task, split, step_dir, ptq, target, placed)
+
+
+def _evaluate(recipe: Recipe, task, split: str, step_dir, ptq, target: Path, device) -> dict:
+    from ftkit.data.batches import encode
+    from ftkit.eval import evaluate
+    from ftkit.models.build import build_model
+    from ftkit.models.load import load_tokenizer
+
     tokenizer = load_tokenizer(recipe.model)
-    model, kind, _ = build_model(recipe, task, tokenizer)
+    model, kind, _ = build_model(recipe, task, tokenizer, device)
     if step_dir is not None:
         ckpt.load_checkpoint(Path(step_dir), model)
     if ptq is not None:

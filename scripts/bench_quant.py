@@ -2,6 +2,7 @@
 
     python scripts/bench_quant.py                 # linear 4096x4096 (batch 64) + OPT-125m shape (16 x 128 tokens)
     python scripts/bench_quant.py --llama-7b      # also: LLaMA-2-7B shape loaded straight into int4, one forward
+    python scripts/bench_quant.py --device cuda --sections linear   # each GPU path against a bf16 dense matmul
 
 Times are medians of repeated forwards after a warm-up, as ratios to fp32 measured in the same process. Memory is
 peak RSS minus the RSS after imports, each configuration in its own process (raw peaks are printed too).
@@ -47,8 +48,29 @@ LINEAR_CASES = [
 ]
 
 
-def round_robin_medians(cases: list[tuple[str, object]], repeats: int, warmup: int = 2) -> list[tuple[str, float]]:
-    """Median time of each case's call, timing the cases in turn so machine noise falls on all of them alike."""
+# On a GPU: (label, format, group size, kernel) against a bf16 dense matmul (None format).
+GPU_LINEAR_CASES = [
+    ("bf16 dense", None, 0, None),
+    ("int4 per-channel, dequantize", "int4", 0, "dequantize"),
+    ("int4 per-channel, _weight_int4pack_mm (tiled copy)", "int4", 0, "int4pack"),
+    ("int4 group 128, _weight_int4pack_mm (tiled copy)", "int4", 128, "int4pack"),
+    ("int8 per-channel, dequantize", "int8", 0, "dequantize"),
+    ("int8 per-channel, _int_mm (int8 activations)", "int8", 0, "int_mm"),
+    ("fp8_e4m3 per-channel, dequantize", "fp8_e4m3", 0, "dequantize"),
+    ("fp8_e4m3 per-channel, _scaled_mm (e4m3 activations)", "fp8_e4m3", 0, "scaled_mm"),
+    ("fp8_e5m2 per-channel, _scaled_mm (e4m3 activations)", "fp8_e5m2", 0, "scaled_mm"),
+]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin_medians(cases: list[tuple[str, object]], repeats: int, warmup: int = 2,
+                        device: torch.device = torch.device("cpu")) -> list[tuple[str, float]]:
+    """Median time of each case's call, timing the cases in turn so machine noise falls on all of them alike (the
+    device synchronised around each call, so a GPU's queued work is timed too)."""
     times = {label: [] for label, _ in cases}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -56,21 +78,29 @@ def round_robin_medians(cases: list[tuple[str, object]], repeats: int, warmup: i
                 call()
         for _ in range(repeats):
             for label, call in cases:
+                synchronize(device)
                 start = time.perf_counter()
                 call()
+                synchronize(device)
                 times[label].append(time.perf_counter() - start)
     return [(label, statistics.median(times[label])) for label, _ in cases]
 
 
-def bench_linear(repeats: int) -> list[tuple[str, float]]:
+def bench_linear(repeats: int, device: torch.device = torch.device("cpu"), rows: int = 64) -> list[tuple[str, float]]:
+    """A 4096 x 4096 layer: each path's median time (on a GPU, against bf16; on the CPU, against fp32)."""
     torch.manual_seed(0)
-    reference = nn.Linear(4096, 4096)
-    x = torch.randn(64, 4096)
+    reference = nn.Linear(4096, 4096).to(device)
+    x = torch.randn(rows, 4096, device=device)
     cases = []
-    for label, fmt, group, kernel in LINEAR_CASES:
-        layer = reference if fmt is None else QuantLinear.from_linear(reference, fmt, group_size=group, kernel=kernel)
+    for label, fmt, group, kernel in (GPU_LINEAR_CASES if device.type == "cuda" else LINEAR_CASES):
+        if fmt is None:
+            dense = reference.to(torch.bfloat16) if device.type == "cuda" else reference
+            xs = x.to(torch.bfloat16) if device.type == "cuda" else x
+            cases.append((label, lambda dense=dense, xs=xs: dense(xs)))
+            continue
+        layer = QuantLinear.from_linear(reference, fmt, group_size=group, kernel=kernel)
         cases.append((label, lambda layer=layer: layer(x)))
-    return round_robin_medians(cases, repeats)
+    return round_robin_medians(cases, repeats, device=device)
 
 
 def bench_model(repeats: int) -> list[tuple[str, float]]:
@@ -129,9 +159,9 @@ def run_child(config_name: str, fmt: str, forward_tokens: int = 0) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def table(rows: list[tuple[str, float]], title: str) -> str:
+def table(rows: list[tuple[str, float]], title: str, reference: str = "fp32") -> str:
     base = rows[0][1]
-    lines = [f"| {title} | ms | ratio to fp32 |", "| --- | --- | --- |"]
+    lines = [f"| {title} | ms | ratio to {reference} |", "| --- | --- | --- |"]
     lines += [f"| {label} | {1000 * t:.1f} | {t / base:.2f} |" for label, t in rows]
     return "\n".join(lines)
 
@@ -142,8 +172,10 @@ def main() -> None:
     parser.add_argument("--llama-7b", action="store_true", help="also load a LLaMA-2-7B shape into int4 (minutes)")
     parser.add_argument("--sections", default="bytes,linear,model,memory",
                         help="comma-separated subset of bytes,linear,model,memory")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the linear section's paths there")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.child:
         print(json.dumps(memory_child(args.child[0], args.child[1], int(args.child[2]))))
         return
@@ -156,7 +188,12 @@ def main() -> None:
             print(f"| {label} | {value:.4f} |")
         print()
     if "linear" in sections:
-        print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
+        if device.type == "cuda":
+            for rows in (16, 2048):
+                title = f"4096x4096 layer on {torch.cuda.get_device_name()}, {rows} rows"
+                print(table(bench_linear(args.repeats, device, rows), title, "bf16 dense") + "\n")
+        else:
+            print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
     if "model" in sections:
         print(table(bench_model(max(3, args.repeats // 4)), "OPT-125m shape, 16 x 128 tokens") + "\n")
     if "memory" in sections:
@@ -168,8 +205,9 @@ def main() -> None:
         print(f"\nint4 / fp32 load memory above imports: {ratio:.2f}\n")
     if args.llama_7b:
         r = run_child("llama-2-7b", "int4", forward_tokens=16)
-        print(f"LLaMA-2-7B shape straight into int4: load {r['load_seconds']:.0f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB "
-              f"({r['peak_above_imports_mb'] / 1024:.2f} GiB above imports), one forward of 16 tokens "
+        print(f"LLaMA-2-7B shape straight into int4: load {r['load_seconds']:.0f} s, peak RSS "
+              f"{r['peak_rss_mb'] / 1024:.2f} GiB ({r['peak_above_imports_mb'] / 1024:.2f} GiB above imports), "
+              f"one forward of 16 tokens "
               f"{r['forward_seconds']:.1f} s, logits finite: {r['forward_finite']}")
 
 

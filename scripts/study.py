@@ -137,12 +137,16 @@ def dev_curve(run_dir: Path) -> tuple[list[int], list[float]]:
 
 
 def table(names: list[str], results: dict) -> str:
+    """One row per method; runs on a GPU add its peak memory (allocated / reserved by the caching allocator)."""
+    gpu = any("peak_gpu_allocated_mb" in r for name in names for r in results.get(name) or [])
+    extra = (" peak GPU MiB, allocated / reserved |", " ---: |") if gpu else ("", "")
     lines = ["| method | trainable | dev acc, step 0 | dev acc, end: mean +- std (seeds) | best (mean) | "
-             "peak RSS above start, MiB | s/step |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"peak RSS above start, MiB | s/step |{extra[0]}",
+             f"| --- | ---: | ---: | ---: | ---: | ---: | ---: |{extra[1]}"]
     for name in names:
         runs = results.get(name) or []
         if not runs:
-            lines.append(f"| {name} | not run | | | | | |")
+            lines.append(f"| {name} | not run | | | | | |" + (" |" if gpu else ""))
             continue
         final = [100 * r["dev"]["accuracy"] for r in runs]
         best = [100 * r["best_dev"] for r in runs]
@@ -150,9 +154,12 @@ def table(names: list[str], results: dict) -> str:
         spread = f" +- {statistics.stdev(final):.1f}" if len(final) > 1 else ""
         memory = statistics.median(r["peak_rss_mb"] - r.get("rss_at_start_mb", 0.0) for r in runs)
         speed = statistics.median(r["seconds_per_step"] for r in runs)
+        on_gpu = [r for r in runs if "peak_gpu_allocated_mb" in r]
+        gpu_cell = (f" {statistics.median(r['peak_gpu_allocated_mb'] for r in on_gpu):,.0f} / "
+                    f"{statistics.median(r['peak_gpu_reserved_mb'] for r in on_gpu):,.0f} |" if on_gpu else " |")
         lines.append(f"| {name} | {runs[0]['trainable_params']:,} | {start:.1f} | "
                      f"{statistics.mean(final):.1f}{spread} ({len(runs)}) | {statistics.mean(best):.1f} | "
-                     f"{memory:,.0f} | {speed:.3f} |")
+                     f"{memory:,.0f} | {speed:.3f} |" + (gpu_cell if gpu else ""))
     return "\n".join(lines)
 
 

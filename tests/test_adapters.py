@@ -6,7 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY_LLAMA, TINY_OPT, assert_sums_close, tiny_recipe, tt_magnitude, tt_terms
+from conftest import (
+    REPO,
+    TINY_LLAMA,
+    TINY_OPT,
+    assert_sums_close,
+    tiny_recipe,
+    tt_magnitude,
+    tt_terms,
+)
 
 from ftkit.adapters.loretta_rep.layer import LorettaRepLinear
 from ftkit.adapters.tt import TTLinear, balanced_factors, default_modes

@@ -38,6 +38,11 @@ def test_table_gives_mean_and_spread_over_seeds_and_marks_rows_not_run():
     lines = study.table(["MeZO fp32", "QuZO int4"], results).splitlines()
     assert lines[2] == "| MeZO fp32 | 100 | 70.0 | 72.0 +- 2.0 (3) | 73.0 | 600 | 0.500 |"
     assert lines[3].startswith("| QuZO int4 | not run |")
+    on_gpu = {name: [{**r, "peak_gpu_allocated_mb": 900.0 + i, "peak_gpu_reserved_mb": 1024.0} for i, r in
+                     enumerate(runs)] for name, runs in results.items()}
+    lines = study.table(["MeZO fp32"], on_gpu).splitlines()
+    assert lines[0].endswith("| peak GPU MiB, allocated / reserved |")
+    assert lines[2] == "| MeZO fp32 | 100 | 70.0 | 72.0 +- 2.0 (3) | 73.0 | 600 | 0.500 | 901 / 1,024 |"
 
 
 def write_run(root: Path, name: str, seed: int, dev: dict[int, float]) -> None:

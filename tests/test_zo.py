@@ -202,6 +202,67 @@ print(json.dumps({"reset": reset, "above_mb": peak_rss_mb() - before}))
     assert measured["above_mb"] < 2 * weight_mb, measured
 
 
+@pytest.mark.parametrize("numel", [15_000, 3 * 1024 + 5])  # many chunks; a tail under 16 joins the last
+@pytest.mark.parametrize("bits, independent, decay", [(0, True, 0.0), (4, True, 0.0), (4, True, 0.1), (4, False, 0.0),
+                                                      (2, True, 0.1)])
+def test_full_precision_tensors_move_a_chunk_at_a_time_with_the_bits_of_whole_tensor_arithmetic(
+        monkeypatch, numel, bits, independent, decay):
+    """A large full-precision tensor (a 32000 x 4096 head) is perturbed and updated a chunk of its direction at a time:
+    the same numbers, bit for bit, as whole-tensor arithmetic on the whole direction (here with 1,024-element chunks)."""
+    from ftkit.optim import zo_streams
+
+    monkeypatch.setattr(zo_streams, "CHUNK_ELEMENTS", 1024)
+    d = Directions(bits=bits, independent=independent, update_rounding="stochastic")
+    param = nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
+    expected = param.detach().clone()
+    target = FloatTarget("w", param, 3, decay=True)
+    seeds, coefs, eps = [11, 12], [-0.05, 0.02], 1e-3
+    with torch.no_grad():
+        target.move(d, seeds[1], 0.0, eps)
+        target.move(d, seeds[1], eps, -eps)
+        target.update(d, 7, seeds, coefs, restore=eps, decay=decay)
+    u1 = d.perturbation(seeds[1], 3, (numel,), "cpu")
+    expected.add_(u1, alpha=eps).add_(u1, alpha=-2 * eps)
+    first, second = d.both(seeds[1], 3, (numel,), "cpu")
+    if decay:
+        expected.add_(first, alpha=eps).mul_(1.0 - decay).add_(second, alpha=coefs[1])
+    elif first is second:
+        expected.add_(first, alpha=eps + coefs[1])
+    else:
+        expected.add_(first, alpha=eps).add_(second, alpha=coefs[1])
+    expected.add_(d.update_direction(seeds[0], 3, (numel,), "cpu"), alpha=coefs[0])
+    assert len(zo_streams.chunk_slices(numel)) > 1 and torch.equal(param.detach(), expected)
+
+
+def test_a_zeroth_order_update_of_a_large_full_precision_tensor_holds_a_few_chunks_not_copies():
+    """An 8192 x 4096 fp32 tensor (128 MiB, eight chunks): perturbing and updating it with QuZO's rounded directions
+    adds a few 16 MiB chunks to memory, whatever its size, not the two whole float copies (256 MiB) whole-tensor
+    directions took."""
+    script = """
+import json, torch
+from ftkit.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+from ftkit.optim.zo_targets import Directions, FloatTarget
+from ftkit.memory import return_freed_memory_to_the_system
+torch.set_num_threads(1)
+return_freed_memory_to_the_system()  # as training does: freed chunks go back to the system, so RSS measures use
+param = torch.nn.Parameter(torch.ones(8192, 4096))  # written, so its pages are resident before measuring
+target, d = FloatTarget("w", param, 0, decay=True), Directions(bits=4, independent=True, update_rounding="stochastic")
+before, reset = current_rss_mb(), reset_peak_rss()
+with torch.no_grad():
+    target.move(d, 1, 0.0, 1e-3); target.move(d, 1, 1e-3, -1e-3)
+    target.update(d, 2, [1], [1e-3], 1e-3, 0.01)
+print(json.dumps({"reset": reset, "above_mb": peak_rss_mb() - before}))
+"""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["reset"], "the high-water mark could not be reset (/proc/self/clear_refs)"
+    assert measured["above_mb"] < 96, measured  # a few chunks: well under one whole float copy (128 MiB)
+
+
 # --- MeZO on full-precision tensors -------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ftkit.data.dataset import Example, TaskData
+from ftkit.devices import to_device
 from ftkit.task_kinds import TASK_KINDS
 
 
@@ -157,6 +158,11 @@ class Shard:
     num_chunks: int
     total: int  # examples in the global batch
     step: int = 0  # the step this batch trains (seeds dropout per chunk)
+
+    def to(self, device) -> "Shard":
+        """The same chunks with their tensors on `device`."""
+        return Shard([to_device(b, device) for b in self.batches], self.positions, self.num_chunks, self.total,
+                     self.step)
 
 
 def shard(features: list[dict], micro_batch_size: int | None, pad_id: int, world=None, step: int = 0) -> Shard:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ftkit.adapters import ADAPTERS
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import Example, TaskData
+from ftkit.devices import CPU, model_device, to_device
 from ftkit.errors import UserError
 from ftkit.models.heads import CausalLMScorer, EncoderClassifier, init_prototype_head
 from ftkit.models.load import DTYPES, load_backbone, load_config, model_kind
@@ -51,9 +52,9 @@ def freeze(model: nn.Module, patterns: list[re.Pattern]) -> None:
             module.train_codes = False
 
 
-def build_model(recipe: Recipe, task: TaskData, tokenizer) -> tuple[nn.Module, str, dict]:
-    """The trainable model with real weights. Returns (model, kind, facts worth logging)."""
-    model, kind = assemble_model(recipe, tokenizer, len(task.labels), finish=False)
+def build_model(recipe: Recipe, task: TaskData, tokenizer, device: torch.device = CPU) -> tuple[nn.Module, str, dict]:
+    """The trainable model with real weights, on `device`. Returns (model, kind, facts worth logging)."""
+    model, kind = assemble_model(recipe, tokenizer, len(task.labels), finish=False, device=device)
     if kind == "encoder" and not TASK_KINDS[task.spec.kind].encoders:
         raise UserError(f"data.task {task.name}: {task.spec.kind} tasks need a causal language model; "
                         f"{recipe.model.name} is an encoder (it classifies with a head over label phrases)")
@@ -68,14 +69,15 @@ def build_model(recipe: Recipe, task: TaskData, tokenizer) -> tuple[nn.Module, s
     return finish_model(model, recipe), kind, facts
 
 
-def assemble_model(recipe: Recipe, tokenizer, num_classes: int, finish: bool = True) -> tuple[nn.Module, str]:
+def assemble_model(recipe: Recipe, tokenizer, num_classes: int, finish: bool = True,
+                   device: torch.device = CPU) -> tuple[nn.Module, str]:
     """Backbone (built or loaded straight into its weight format) and head with their initial weights, without the
     data-dependent prototype head (replay restores that from the trace); `finish` applies the adapter and decides
     what is trained."""
     config = load_config(recipe.model)
     kind = model_kind(recipe.model, config)
     torch.manual_seed(recipe.train.seed)  # config-built weights and a random head depend on the seed only
-    backbone = load_backbone(recipe.model, kind, vocab_size=len(tokenizer), quant=recipe.quant)
+    backbone = load_backbone(recipe.model, kind, vocab_size=len(tokenizer), quant=recipe.quant, device=device)
     model = wrap_backbone(backbone, kind, num_classes)
     return (finish_model(model, recipe) if finish else model), kind
 
@@ -98,10 +100,13 @@ def build_meta_model(recipe: Recipe, num_classes: int, vocab_size: int | None) -
 
 def _init_prototypes(model: EncoderClassifier, recipe: Recipe, task: TaskData, tokenizer) -> float:
     phrases = [Example(texts=(p,), label=i) for i, p in enumerate(task.label_phrases)]
-    phrase_batch = collate(encode(phrases, tokenizer, "encoder", task, recipe.data.max_seq_len), tokenizer.pad_token_id)
+    device = model_device(model)
+    phrase_batch = to_device(collate(encode(phrases, tokenizer, "encoder", task, recipe.data.max_seq_len),
+                                     tokenizer.pad_token_id), device)
     train = task.splits["train"]
     generator = torch.Generator().manual_seed(recipe.data.data_seed)
     picked = torch.randperm(len(train), generator=generator)[: recipe.data.calibration_examples].tolist()
     features = encode([train[i] for i in picked], tokenizer, "encoder", task, recipe.data.max_seq_len)
-    batches = [collate(features[i : i + 128], tokenizer.pad_token_id) for i in range(0, len(features), 128)]
+    batches = [to_device(collate(features[i : i + 128], tokenizer.pad_token_id), device)
+               for i in range(0, len(features), 128)]
     return init_prototype_head(model, phrase_batch, batches)

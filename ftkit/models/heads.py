@@ -26,7 +26,7 @@ class EncoderClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes, dtype=encoder.dtype)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes, dtype=encoder.dtype, device=encoder.device)
         self.pre_head: nn.Module | None = None  # an adapter may put a hidden layer before the head
         # Mean pooling replaces BERT's pooler: it receives no gradient and does not change the loss.
         pooler = getattr(encoder, "pooler", None)
@@ -69,15 +69,17 @@ class CausalLMScorer(nn.Module):
         # Project only the positions that are scored: the full [rows, tokens, vocab] logits are never built.
         logits = self.lm.get_output_embeddings()(hidden[scored]).float()
         token_logprob = logits.log_softmax(-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-        rows = torch.arange(scored.shape[0], device=scored.device).unsqueeze(1).expand_as(scored)[scored]
-        total = torch.zeros(scored.shape[0], device=logits.device).index_add_(0, rows, token_logprob)
-        mean = total / scored.sum(1).clamp(min=1)
-        counts = batch["num_candidates"]
+        # Back into [rows, tokens] and summed per row: a plain assignment and a sum, deterministic on every device
+        # (an index_add_ of the positions into their rows would use atomic additions on a GPU).
+        per_token = torch.zeros(scored.shape, device=logits.device, dtype=token_logprob.dtype)
+        per_token[scored] = token_logprob
+        mean = per_token.sum(1) / scored.sum(1).clamp(min=1)
+        counts = batch["num_candidates"]  # on the host (ftkit.devices.HOST_KEYS)
         if bool((counts == counts[0]).all()):
             return mean.view(len(counts), int(counts[0]))
         # Rows of examples with fewer candidates are padded with -inf: never predicted, no probability mass.
         width = int(counts.max())
-        slots = torch.arange(width, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        slots = (torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)).to(mean.device)
         scores = torch.full((len(counts), width), float("-inf"), device=mean.device)
         scores[slots] = mean
         return scores

@@ -7,6 +7,7 @@ unless the recipe turns it on.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from ftkit.devices import CPU
 from ftkit.errors import UserError
 from ftkit.quant import FORMATS
 from ftkit.recipe.schema import ModelSpec, QuantSpec
@@ -79,11 +81,13 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, quant: QuantSpec | None = None):
-    """The transformer without a task head (encoders) or with its LM head (causal LMs).
+def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, quant: QuantSpec | None = None,
+                  device: torch.device = CPU):
+    """The transformer without a task head (encoders) or with its LM head (causal LMs), built or loaded straight
+    onto `device`.
 
-    With a low-bit `quant` format the model is built and quantized module by module (ftkit.quant.convert), so its
-    full-precision weights never all exist at once.
+    With a low-bit `quant` format the model is built and quantized module by module on the device (ftkit.quant.convert),
+    so its full-precision weights never all exist at once, on the host or on the device.
     """
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     dtype = DTYPES[spec.dtype]
@@ -98,17 +102,19 @@ def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, qua
             config.vocab_size = vocab_size
         weights = None if random_init else weights_directory(spec)
         model = load_quantized_backbone(auto, config, quant, dtype, weights,
-                                        skip_prefix="encoder." if kind == "encoder" else "lm.")
+                                        skip_prefix="encoder." if kind == "encoder" else "lm.", device=device)
     elif random_init:
         config = load_config(spec)
         if vocab_size is not None and (spec.config is None or "vocab_size" not in spec.config):
             config.vocab_size = vocab_size
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        with torch.device(device) if device != CPU else nullcontext():  # initialised where it will live
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     else:
         source = resolve_source(spec.name)
+        placement = {} if device == CPU else {"device_map": {"": device}}
         try:
             model = auto.from_pretrained(
-                source, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+                source, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **placement
             )
         except OSError as err:
             raise UserError(f"model.name: cannot load '{spec.name}': {_first_line(err)}") from None

@@ -34,7 +34,11 @@ class FirstOrder:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # Codes of quantized layers are buffers that never change in first-order training: no need to
         # broadcast them at every forward (DDP still syncs everything once, when it wraps the model).
-        self.forward = DistributedDataParallel(model, broadcast_buffers=False) if world.size > 1 else model
+        if world.size == 1:
+            self.forward = model
+        else:  # one GPU per process, or CPUs
+            ids = [world.device.index] if getattr(world.device, "type", "cpu") == "cuda" else None
+            self.forward = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def step(self, batches, lr: float) -> dict:
         """One optimizer step over a global batch: a Shard (this process's chunks), or one collated batch or a list

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ftkit.data.batches import Shard, as_shard
 from ftkit.data.dataset import task_kind
+from ftkit.devices import describe, model_device
 from ftkit.distributed import SINGLE, World
 from ftkit.errors import UserError
 from ftkit.optim.trace import TraceWriter, encode_tensor
@@ -163,7 +164,8 @@ class ZerothOrder:
         from ftkit.recipe import recipe_to_dict
 
         head = {n: encode_tensor(p) for n, p in self.model.named_parameters() if n.startswith("head.")}
-        return {"version": 1, "method": self.name, "n_queries": self.n_queries, "eps": self.eps,
+        return {"version": 1, "environment": describe(model_device(self.model)),
+                "method": self.name, "n_queries": self.n_queries, "eps": self.eps,
                 "perturb_bits": self.directions.bits, "independent_roundings": self.directions.independent,
                 "update_rounding": self.directions.update_rounding, "weight_decay": self.weight_decay,
                 "seed": self.seed, "num_classes": _num_classes(self.model),

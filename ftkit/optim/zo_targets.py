@@ -16,7 +16,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ftkit.optim.zo_streams import Q1, Q2, UPDATE, U, derive, gaussian, quantize_direction, uniform_chunks
+from ftkit.optim.zo_streams import (
+    Q1,
+    Q2,
+    UPDATE,
+    U,
+    chunk_slices,
+    derive,
+    direction_step,
+    gaussian,
+    gaussian_chunks,
+    quantize_direction,
+    round_onto,
+    uniform_chunks,
+)
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import group_view
 
@@ -45,7 +58,34 @@ class Directions:
 
     def update_direction(self, query_seed: int, index: int, shape, device) -> torch.Tensor:
         u = gaussian(shape, derive(query_seed, index, U), device)
-        return quantize_direction(u, self.bits, derive(query_seed, index, Q2 if self.independent else Q1))
+        return quantize_direction(u, self.bits, derive(query_seed, index, self.update_stream))
+
+    @property
+    def update_stream(self) -> int:
+        return Q2 if self.independent else Q1
+
+    def chunks(self, query_seed: int, index: int, numel: int, device, streams: tuple[int, ...]):
+        """The directions of `streams` (Q1, Q2) for a tensor of `numel` elements, a chunk at a time: (slice, [u_s
+        over the slice]), each u_s the one `perturbation` / `update_direction` / `both` give, flattened. What a
+        chunk holds exists once (16 MiB), not the whole tensor's direction; the grid of a rounded direction needs
+        max|u| first, so a tensor of several chunks draws its Gaussian twice."""
+        u_seed, slices = derive(query_seed, index, U), chunk_slices(numel)
+        if self.bits == 0:
+            for part, u in gaussian_chunks(numel, u_seed, device):
+                yield part, [u] * len(streams)
+            return
+        step = None
+        if len(slices) > 1:
+            bounds = [torch.aminmax(u) for _, u in gaussian_chunks(numel, u_seed, device)]
+            step = direction_step(torch.stack([b[0] for b in bounds]).min(),
+                                  torch.stack([b[1] for b in bounds]).max(), self.bits)
+        noises = [uniform_chunks(numel, derive(query_seed, index, s), device, slices=slices) for s in streams]
+        for part, u in gaussian_chunks(numel, u_seed, device):
+            here = step if step is not None else direction_step(*torch.aminmax(u), self.bits)
+            rounded = [round_onto(u if k == len(noises) - 1 else u.clone(), here, next(noise)[1])
+                       for k, noise in enumerate(noises)]
+            yield part, rounded
+            del u, rounded  # a chunk at a time: nothing of this one is held while the next is drawn
 
 
 class FloatTarget:
@@ -57,25 +97,34 @@ class FloatTarget:
         return self.param.numel()
 
     def move(self, d: Directions, query_seed: int, current: float, to: float) -> None:
-        """From w + current * u1 to w + to * u1, in place."""
-        p = self.param.data
-        p.add_(d.perturbation(query_seed, self.index, p.shape, p.device).to(p.dtype), alpha=to - current)
+        """From w + current * u1 to w + to * u1, in place, a chunk of the direction at a time."""
+        p = self.param.data.view(-1)
+        for part, (u1,) in d.chunks(query_seed, self.index, p.numel(), p.device, (Q1,)):
+            p[part].add_(u1.to(p.dtype), alpha=to - current)
+            del u1
 
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
                decay: float) -> None:
-        """Undo the last query's perturbation (+restore * u1) and apply sum_i coef_i * u2_i and weight decay."""
-        p = self.param.data
-        *earlier, last = list(zip(query_seeds, coefs))
-        u1, u2 = d.both(last[0], self.index, p.shape, p.device)
-        if decay and self.decay:
-            p.add_(u1.to(p.dtype), alpha=restore).mul_(1.0 - decay)
-            p.add_(u2.to(p.dtype), alpha=last[1])
-        elif u1 is u2:
-            p.add_(u1.to(p.dtype), alpha=restore + last[1])  # MeZO: restore and update in one pass
-        else:
-            p.add_(u1.to(p.dtype), alpha=restore).add_(u2.to(p.dtype), alpha=last[1])
+        """Undo the last query's perturbation (+restore * u1) and apply sum_i coef_i * u2_i and weight decay, a chunk
+        at a time (each element sees the same operations in the same order as whole-tensor arithmetic)."""
+        p = self.param.data.view(-1)
+        *earlier, (last_seed, last_coef) = list(zip(query_seeds, coefs))
+        streams = (Q1, Q2) if d.bits and d.independent else (Q1,)
+        for part, directions in d.chunks(last_seed, self.index, p.numel(), p.device, streams):
+            u1, u2 = directions[0].to(p.dtype), directions[-1].to(p.dtype)
+            chunk = p[part]
+            if decay and self.decay:
+                chunk.add_(u1, alpha=restore).mul_(1.0 - decay)
+                chunk.add_(u2, alpha=last_coef)
+            elif len(directions) == 1:
+                chunk.add_(u1, alpha=restore + last_coef)  # u1 = u2: restore and update in one pass
+            else:
+                chunk.add_(u1, alpha=restore).add_(u2, alpha=last_coef)
+            del directions, u1, u2
         for seed, coef in earlier:
-            p.add_(d.update_direction(seed, self.index, p.shape, p.device).to(p.dtype), alpha=coef)
+            for part, (u2,) in d.chunks(seed, self.index, p.numel(), p.device, (d.update_stream,)):
+                p[part].add_(u2.to(p.dtype), alpha=coef)
+                del u2
 
 
 class QuantTarget:

@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ftkit import devices
+from ftkit.devices import model_device
 from ftkit.errors import UserError
+from ftkit.memory import return_freed_memory_to_the_system
 from ftkit.modules import module_names, replace_module
 from ftkit.quant import ENGINES, FORMATS
 from ftkit.quant.linear import QuantLinear
@@ -40,9 +43,6 @@ def to_quant_linear(linear: nn.Linear, name: str, spec, generator: torch.Generat
     options = dict(fmt=spec.format, group_size=spec.group_size, scale_dtype=SCALE_DTYPES[spec.scale_dtype],
                    kernel=spec.kernel)
     try:
-        if linear.weight.is_meta:
-            return QuantLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                               device="meta", **options)
         return QuantLinear.from_linear(linear, scale_method=spec.scale_method, rounding=spec.rounding,
                                        generator=generator, **options)
     except ValueError as err:
@@ -55,7 +55,7 @@ def quantize_model(model: nn.Module, spec, skip_prefix: str = "") -> nn.Module:
     if not FORMATS[spec.format].low_bit:
         return model
     patterns = skip_patterns(spec)
-    generator = torch.Generator().manual_seed(spec.seed)
+    generator = devices.generator(spec.seed, model_device(model))
     for name in module_names(model):
         module = model.get_submodule(name)
         if type(module) is nn.Linear and not is_skipped(skip_prefix + name, patterns):
@@ -67,12 +67,13 @@ def quantize_model(model: nn.Module, spec, skip_prefix: str = "") -> nn.Module:
 
 
 def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weights_dir: Path | None,
-                            skip_prefix: str = "") -> nn.Module:
-    """Build `auto_class` from `config` and quantize it module by module.
+                            skip_prefix: str = "", device: torch.device | str = "cpu") -> nn.Module:
+    """Build `auto_class` from `config` and quantize it module by module, on `device`.
 
-    With `weights_dir` the weights come from its safetensors files (sharded or not); without it, from the model's
-    own random initialisation. `skip_prefix` is prepended to module names when matching `quant.skip`, so patterns
-    see the same names as in the assembled model.
+    Each module is materialised on the device, filled from the safetensors files of `weights_dir` (sharded or not,
+    read one tensor at a time) or by the model's own random initialisation, and its linear layers quantized there:
+    neither host memory nor the device ever holds the full-precision model. `skip_prefix` is prepended to module
+    names when matching `quant.skip`, so patterns see the same names as in the assembled model.
     """
     from accelerate import init_empty_weights
 
@@ -80,7 +81,7 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
         model = auto_class.from_config(config, dtype=dtype)
     reader = _CheckpointReader(weights_dir, getattr(model, "base_model_prefix", "")) if weights_dir else None
     patterns = skip_patterns(spec)
-    generator = torch.Generator().manual_seed(spec.seed)
+    generator = devices.generator(spec.seed, device)
     tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
     return_freed_memory_to_the_system()
     for name in module_names(model):
@@ -88,7 +89,7 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
         own = list(module.named_parameters(recurse=False))
         if not own or not any(p.is_meta for _, p in own):
             continue
-        module.to_empty(device="cpu", recurse=False)
+        module.to_empty(device=device, recurse=False)
         if reader is not None:
             with torch.no_grad():
                 for leaf, param in module.named_parameters(recurse=False):
@@ -99,25 +100,7 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
             model.tie_weights()  # now, so the output embedding shares this weight instead of allocating its own
         if type(module) is nn.Linear and not is_skipped(skip_prefix + name, patterns):
             replace_module(model, name, convert_linear(module, name, spec, generator))
-    return model
-
-
-def return_freed_memory_to_the_system() -> None:
-    """Fix glibc's mmap and trim thresholds at 128 KiB.
-
-    By default glibc raises its mmap threshold after large blocks are freed, so the next fp32 layers come from the
-    heap and stay resident after they are freed: loading grows by a layer's size per layer. Fixed thresholds keep
-    large tensors in their own mappings, returned to the system as soon as a layer is quantized (BENCHMARKS.md,
-    streaming load).
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give back the heap top too
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+    return model.to(device)  # buffers built with the config (rotary tables, position ids) join the weights
 
 
 class _CheckpointReader:

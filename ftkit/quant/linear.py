@@ -4,8 +4,9 @@ Storage (buffers, saved in checkpoints): int8 codes as torch.int8 [N, K]; int4 c
 CPU kernel's layout (ftkit.quant.packing); FP8 codes as torch.float8_e4m3fn / float8_e5m2 [N, K]; scales [N, groups]
 in bf16 or fp32. The bias stays in full precision.
 
-Forward runs one of the matmul kernels below, chosen per format by `scripts/bench_quant.py` (see BENCHMARKS.md);
-the dequantize path materialises only this layer's weight, and only for the duration of the matmul.
+Forward runs one of the matmul paths of ftkit.quant.kernels, chosen per format and device from what
+`scripts/bench_quant.py` measured (see BENCHMARKS.md); the dequantize path materialises only this layer's weight,
+and only for the duration of the matmul.
 
 For zeroth-order methods the layer exposes its codes, scales and codec (`code_values`, `set_code_values`,
 `scales`, `codec`) and a `perturbation` hook: a function of the layer returning an additive weight delta (a fresh
@@ -25,15 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftkit.quant import FORMATS
+from ftkit.quant.kernels import kernel_for, matmul
 from ftkit.quant.packing import BLOCK, pack_int4, padded_rows, unpack_int4
 from ftkit.quant.scales import compute_scales, group_view
 
-# Below this many input rows (tokens) the packed int4 kernel beats dequantize + fp32 matmul on CPU.
-SMALL_BATCH_ROWS = 512
 # Elements per block of rows when dequantizing or rewriting codes: temporaries of about 16 MiB.
 BLOCK_ELEMENTS = 1 << 22
-# Group sizes PyTorch's CPU int4 kernel accepts.
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 class QuantLinear(nn.Module):
@@ -60,6 +58,7 @@ class QuantLinear(nn.Module):
         # Whether a zeroth-order method updates the codes (full-parameter QuZO; set by its `prepare`). The codes are
         # a buffer, so this stands in for requires_grad: counting and the zeroth-order targets read it.
         self.train_codes = False
+        self._derived: dict = {}  # kernel layouts of the codes and scales (ftkit.quant.kernels), rebuilt on demand
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = 0, scale_method: str = "absmax",
@@ -98,6 +97,7 @@ class QuantLinear(nn.Module):
         """Store grid values [N, K] (or of `rows`; already on the codec's grid) into the codes buffer, in place."""
         rows = rows or slice(0, self.out_features)
         codes = self.codec.encode(grid_values)
+        self.drop_derived()
         if self.codec.packed:
             _check_packed_start(rows)
             packed = pack_int4(codes)
@@ -123,36 +123,17 @@ class QuantLinear(nn.Module):
             weight = self.perturbation(self)
             for block in self.row_blocks():  # W + delta, added into the delta: no second full-size tensor
                 weight[block].add_(self.dequantize(block))
-            return F.linear(x, weight.to(x.dtype), _cast(self.bias, x.dtype))
-        return KERNELS[self.kernel_for(x)](self, x)
+            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return matmul(self, x)
 
     def kernel_for(self, x: torch.Tensor) -> str:
-        """The matmul path for this input. `auto` follows what scripts/bench_quant.py measured (BENCHMARKS.md): on
-        CPU, int4's packed kernel below SMALL_BATCH_ROWS rows (it wins for few rows and loses for many), int8's
-        packed kernel with bf16 activations, dequantize otherwise (weight-only numerics); `_int_mm` (int8
-        activations) is opt-in: quant.kernel=int_mm."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            return "dequantize"  # backprop to the input: the packed kernels have no derivative
-        if self.kernel != "auto":
-            return self.kernel
-        if x.device.type == "cpu":
-            rows = x.numel() // x.shape[-1]
-            if "int4pack" in self.format_kernels and rows < SMALL_BATCH_ROWS and self._int4_group() is not None:
-                return "int4pack"
-            # _weight_int8pack_mm is fast only with bf16 activations (with fp32 ones it is ~40x slower than
-            # dequantize + matmul; see BENCHMARKS.md).
-            if "int8pack" in self.format_kernels and self.scales.shape[1] == 1 and x.dtype == torch.bfloat16:
-                return "int8pack"
-        if x.device.type == "cuda" and "scaled_mm" in self.format_kernels and self.scales.shape[1] == 1:
-            return "scaled_mm"
-        return "dequantize"
+        """The matmul path `forward` takes for `x` (ftkit.quant.kernels)."""
+        return kernel_for(self, x)
 
-    def _int4_group(self) -> int | None:
-        if self.group_size in INT4_KERNEL_GROUPS:
-            return self.group_size
-        if self.group_size == 0:  # per channel: repeat the row's scale over kernel-sized groups
-            return next((g for g in reversed(INT4_KERNEL_GROUPS) if self.in_features % g == 0), None)
-        return None
+    def drop_derived(self) -> None:
+        """Forget copies derived from the codes or scales (a kernel's packed layout, its scale table): they are
+        rebuilt from the stored ones when next needed. Called whenever the codes or scales are rewritten."""
+        self._derived.clear()
 
     def extra_repr(self) -> str:
         grouping = f"group {self.group_size}" if self.group_size else "per channel"
@@ -167,81 +148,6 @@ def _check_packed_start(rows: slice) -> None:
     if rows.start % BLOCK:
         raise ValueError(f"int4 codes are packed in blocks of {BLOCK} rows; a row range must start at a multiple of "
                          f"{BLOCK}, got {rows.start}")
-
-
-def _cast(bias, dtype):
-    return None if bias is None else bias.to(dtype)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
-
-
-def _dequantize_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, layer.dequantize().to(x.dtype), _cast(layer.bias, x.dtype))
-
-
-def _int8pack_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    out = torch.ops.aten._weight_int8pack_mm(_flat(x), layer.codes, layer.scales[:, 0].to(x.dtype))
-    out = out.view(*x.shape[:-1], layer.out_features)
-    return out if layer.bias is None else out + layer.bias.to(x.dtype)
-
-
-def _int_mm_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """int8 x int8 -> int32 with activations quantized per row on the fly (W8A8 numerics)."""
-    flat = _flat(x).to(torch.float32)
-    x_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-    x_codes = torch.round(flat / x_scale).to(torch.int8)
-    acc = torch._int_mm(x_codes, layer.codes.t())
-    out = acc.to(torch.float32) * x_scale * layer.scales[:, 0].to(torch.float32)
-    out = out.to(x.dtype).view(*x.shape[:-1], layer.out_features)
-    return out if layer.bias is None else out + layer.bias.to(x.dtype)
-
-
-def _int4_scales_and_zeros(layer: QuantLinear, group: int) -> torch.Tensor:
-    """The kernel's [groups, padded N, 2] bf16 table of scales and zero points (zero: codes are symmetric).
-
-    Cached on the layer until its scales change (tracked by the tensor's version counter)."""
-    cached = getattr(layer, "_int4_table", None)
-    if cached is not None and cached[0] == (layer.scales._version, layer.scales.data_ptr()):
-        return cached[1]
-    scales = layer.scales.to(torch.bfloat16)
-    if layer.group_size == 0:
-        scales = scales.expand(-1, layer.in_features // group)
-    rows = layer.codes.shape[0]
-    if rows != layer.out_features:  # padded rows get scale 0
-        scales = torch.cat([scales, scales.new_zeros(rows - layer.out_features, scales.shape[1])])
-    table = torch.stack([scales, torch.zeros_like(scales)], dim=2).transpose(0, 1).contiguous()
-    layer._int4_table = ((layer.scales._version, layer.scales.data_ptr()), table)
-    return table
-
-
-def _int4pack_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    group = layer._int4_group()
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(_flat(x).to(torch.bfloat16), layer.codes, group,
-                                                     _int4_scales_and_zeros(layer, group))
-    out = out[:, : layer.out_features].to(x.dtype).view(*x.shape[:-1], layer.out_features)
-    return out if layer.bias is None else out + layer.bias.to(x.dtype)
-
-
-def _scaled_mm_matmul(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """FP8 on GPUs: activations quantized per row to the weight's format, one fused scaled matmul."""
-    flat = _flat(x).to(torch.float32)
-    x_scale = (flat.abs().amax(dim=1, keepdim=True) / layer.codec.max_value).clamp(min=1e-12)
-    x_fp8 = (flat / x_scale).to(layer.codec.storage_dtype)
-    out = torch._scaled_mm(x_fp8, layer.codes.t(), scale_a=x_scale, scale_b=layer.scales.to(torch.float32).t(),
-                           out_dtype=torch.bfloat16)
-    out = out.to(x.dtype).view(*x.shape[:-1], layer.out_features)
-    return out if layer.bias is None else out + layer.bias.to(x.dtype)
-
-
-KERNELS = {
-    "dequantize": _dequantize_matmul,
-    "int8pack": _int8pack_matmul,
-    "int_mm": _int_mm_matmul,
-    "int4pack": _int4pack_matmul,
-    "scaled_mm": _scaled_mm_matmul,
-}
 
 
 def count_tensor(module: nn.Module, leaf: str, tensor: torch.Tensor):

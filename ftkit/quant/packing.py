@@ -27,7 +27,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"int4 packing needs an even number of input columns, got {cols}")
     nibbles = (codes.to(torch.int16) + OFFSET).to(torch.uint8)
     if padded_rows(rows) != rows:
-        pad = torch.full((padded_rows(rows) - rows, cols), OFFSET, dtype=torch.uint8)
+        pad = torch.full((padded_rows(rows) - rows, cols), OFFSET, dtype=torch.uint8, device=codes.device)
         nibbles = torch.cat([nibbles, pad])
     blocks = nibbles.view(-1, BLOCK, cols).transpose(1, 2)  # [blocks, K, 64]
     packed = blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)

@@ -67,6 +67,8 @@ def _check_train(recipe: Recipe, fail) -> None:
         fail("train.grad_clip", f"must be positive (or null for no clipping), got {t.grad_clip}")
     if t.warmup_steps > t.max_steps:
         fail("train.warmup_steps", f"{t.warmup_steps} is more than train.max_steps ({t.max_steps})")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        fail("train.device", f"{t.device!r} is not one of: auto, cpu, cuda, cuda:N (N the GPU's index)")
 
 
 def _check_data(recipe: Recipe, fail, where: str) -> None:

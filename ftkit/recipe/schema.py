@@ -180,6 +180,10 @@ class TrainSpec:
     tensorboard: bool = option(False, computes=False, help="Also log to TensorBoard (when installed).")
     threads: Optional[int] = option(None, computes=False, help="torch intra-op threads; default: all cores. Bit-exact "
                                     "resume needs the same count (checked when resuming).")
+    device: str = option("auto", computes=False, help="auto (a GPU when one is visible, else the CPU), cpu, cuda or "
+                                                      "cuda:N. Under torchrun each process takes the GPU of its local "
+                                                      "rank. Results are bit-identical on the same device kind (CPU "
+                                                      "thread count, or GPU model), checked when resuming.")
 
 
 @dataclass

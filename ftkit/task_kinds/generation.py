@@ -9,6 +9,7 @@ import torch
 from ftkit.data.batches import left_truncated
 from ftkit.data.dataset import Example, text_list, texts_of
 from ftkit.data.files import LINE
+from ftkit.devices import model_device
 from ftkit.errors import DataError
 from ftkit.textmetrics import exact_match, token_f1
 
@@ -60,10 +61,10 @@ def combine(results: list[dict], n: int, num_classes: int) -> dict:
 def greedy_answers(model, prompts: list[list[int]], tokenizer) -> list[str]:
     """Greedy decoding after each prompt (left-padded into one batch, KV cache on), cut at the first newline."""
     lm = model.backbone
-    width = max(len(p) for p in prompts)
+    width, device = max(len(p) for p in prompts), model_device(lm)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     out = lm.generate(input_ids=input_ids, attention_mask=attention, do_sample=False, use_cache=True,
                       max_new_tokens=model.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -95,7 +95,7 @@ def load_checkpoint(step_dir: Path, model, method=None) -> dict:
     """Restore the trained tensors into `model` (and the method's state); return trainer_state."""
     with safe_open(str(step_dir / WEIGHTS), framework="pt") as handle:
         check_layout(model, handle.metadata(), str(step_dir))
-    weights = load_file(str(step_dir / WEIGHTS))
+    weights = load_file(str(step_dir / WEIGHTS), device="cpu")  # copied onto the model's device below
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     missing = [name for name in weights if name not in targets]
     if missing:
@@ -104,7 +104,8 @@ def load_checkpoint(step_dir: Path, model, method=None) -> dict:
         for name, tensor in weights.items():
             targets[name].copy_(tensor)
     if method is not None:
-        method.load_state_dict(torch.load(step_dir / METHOD_STATE, weights_only=True))
+        # Read onto the CPU whatever device wrote it: optimizers move their state to their parameters' device.
+        method.load_state_dict(torch.load(step_dir / METHOD_STATE, weights_only=True, map_location="cpu"))
     return read_trainer_state(step_dir)
 
 

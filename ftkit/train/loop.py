@@ -16,10 +16,11 @@ from rich.console import Console
 from ftkit.adapters import ADAPTERS
 from ftkit.data.batches import TrainStream, encode, shard
 from ftkit.data.dataset import load_task_data
-from ftkit.distributed import BACKEND, World, close_world, init_world
+from ftkit.devices import deterministic, peak_memory_mb, reset_peak_memory, synchronize
+from ftkit.distributed import World, close_world, init_world
 from ftkit.errors import Interrupted, TrainingDiverged, UserError
 from ftkit.eval import evaluate
-from ftkit.memory import current_rss_mb, peak_rss_mb
+from ftkit.memory import current_rss_mb, peak_rss_mb, return_freed_memory_to_the_system
 from ftkit.models.build import build_model
 from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
@@ -45,9 +46,9 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None, 
 
     A resume continues bit-exactly where the run left off; it is refused where that cannot hold (another thread
     count, device or torch version) unless `allow_inexact`."""
-    world = init_world()
+    world = init_world(recipe.train.device)
     try:
-        with using_threads(recipe.train.threads):
+        with using_threads(recipe.train.threads), deterministic(world.device):
             return _train(recipe, resume, console or Console(), world, allow_inexact)
     finally:
         close_world(world)
@@ -55,6 +56,9 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None, 
 
 def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_inexact: bool) -> dict:
     started, rss_at_start = time.perf_counter(), current_rss_mb()  # after imports, before data and model
+    return_freed_memory_to_the_system()  # zeroth-order chunks and streamed layers go back to the system when freed
+    device = world.device
+    reset_peak_memory(device)
     if not world.is_main:
         console = Console(quiet=True)
     run_dir = run_dir_for(recipe)
@@ -74,12 +78,12 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
     if resume_from is not None:
         _check_same_recipe(run_dir, recipe)
         check_environment(ckpt.read_trainer_state(resume_from).get("environment"),
-                          f"cannot resume {run_dir} bit-exactly", allow_inexact)
+                          f"cannot resume {run_dir} bit-exactly", allow_inexact, device)
 
     # Data, model, method.
     task = load_task_data(recipe)
     tokenizer = load_tokenizer(recipe.model)
-    model, kind, facts = build_model(recipe, task, tokenizer)
+    model, kind, facts = build_model(recipe, task, tokenizer, device)
     features = {split: encode(examples, tokenizer, kind, task, recipe.data.max_seq_len)
                 for split, examples in task.splits.items()}
     method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe, world=world)
@@ -121,7 +125,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
     if world.size > 1:
         split = (f"chunks of {chunk_size} examples dealt round robin" if method.shards_data
                  else method.describe_sharing(world.size))
-        console.print(f"{world.size} processes ({BACKEND}): global batch {recipe.train.batch_size}, {split}")
+        console.print(f"{world.size} processes ({world.backend}): global batch {recipe.train.batch_size}, {split}")
 
     if state["step"] == 0 and recipe.train.eval_at_start and "dev" in features:
         dev = run_eval("dev")
@@ -141,7 +145,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
         """Process 0 writes; the others hold the same weights and data position."""
         if world.is_main:
             trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source,
-                             "processes": world.size, "environment": environment()}
+                             "processes": world.size, "environment": environment(device)}
             ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
                                  descriptions)
 
@@ -156,7 +160,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
     try:
         for step in range(state["step"], recipe.train.max_steps):
             lr = learning_rate(step, recipe.train)
-            batch = shard(stream.next_features(), chunk_size, tokenizer.pad_token_id, shard_world, step)
+            batch = shard(stream.next_features(), chunk_size, tokenizer.pad_token_id, shard_world, step).to(device)
             metrics = method.step(batch, lr)
             done = step + 1
             if not math.isfinite(metrics["loss"]):
@@ -191,6 +195,8 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
         log.close()
 
     # Final figures: test split (if any) on the best checkpoint's weights.
+    synchronize(device)
+    seconds_per_step = (time.perf_counter() - loop_started) / max(1, state["step"] - first_step)
     steps_run = state["step"] - first_step
     world.barrier()  # process 0's last checkpoint is on disk before anyone reads it
     test = None
@@ -206,9 +212,9 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
         "dev_at_start": state["dev_at_start"], "dev": _last_dev(run_dir), "metric": metric,
         "best_step": state["best_step"], "best_dev": state["best_metric"],
         "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
-        "processes": world.size, "peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": rss_at_start,
-        "wall_seconds": time.perf_counter() - started,
-        "seconds_per_step": (time.perf_counter() - loop_started) / steps_run if steps_run else None,
+        "processes": world.size, "environment": environment(device),
+        "peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": rss_at_start, **peak_memory_mb(device),
+        "wall_seconds": time.perf_counter() - started, "seconds_per_step": seconds_per_step if steps_run else None,
     }
     if test is not None:
         summary["test"] = test

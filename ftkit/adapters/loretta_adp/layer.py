@@ -14,8 +14,15 @@ import torch
 import torch.nn as nn
 
 from ftkit.adapters.export import unwrap_layers
-from ftkit.adapters.targets import ADP_TARGETS, default_targets, find_linears, freeze_all_but, is_norm
+from ftkit.adapters.targets import (
+    ADP_TARGETS,
+    default_targets,
+    find_linears,
+    freeze_all_but,
+    is_norm,
+)
 from ftkit.adapters.tt import TTLinear
+from ftkit.devices import model_device
 from ftkit.errors import UserError
 from ftkit.modules import replace_module
 
@@ -79,7 +86,7 @@ def inject(model: nn.Module, spec) -> nn.Module:
         for name in find_linears(backbone, placement.get(where, [])):
             base = backbone.get_submodule(name)
             hidden = base.out_features if where == "output" else base.in_features
-            device = "meta" if any(p.is_meta for p in base.parameters()) else None
+            device = model_device(base)  # the adapter lives where its base layer does (meta when counting)
             try:
                 adapter = TTAdapter(hidden, spec, device)
             except ValueError as err:
@@ -91,7 +98,7 @@ def inject(model: nn.Module, spec) -> nn.Module:
     if spec.tt_head:
         if not hasattr(model, "head"):
             raise UserError("method.loretta.tt_head: only encoder classifiers have a classification head")
-        device = "meta" if model.head.weight.is_meta else None
+        device = model.head.weight.device
         model.pre_head = ResidualTTHead(model.head.in_features, spec, device)
     freeze_all_but(model, lambda n: "loretta_" in n or n.startswith(("head.", "pre_head."))
                    or (spec.train_norms and is_norm(n)))

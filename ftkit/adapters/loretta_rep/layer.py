@@ -11,8 +11,14 @@ import torch
 import torch.nn as nn
 
 from ftkit.adapters.export import unwrap_layers
-from ftkit.adapters.targets import REP_TARGETS, default_targets, find_linears, freeze_all_but
+from ftkit.adapters.targets import (
+    REP_TARGETS,
+    default_targets,
+    find_linears,
+    freeze_all_but,
+)
 from ftkit.adapters.tt import TTLinear
+from ftkit.devices import model_device
 from ftkit.errors import UserError
 from ftkit.modules import replace_module
 
@@ -25,7 +31,7 @@ class LorettaRepLinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling = alpha / r
-        device = "meta" if any(p.is_meta for p in base.parameters()) else None
+        device = model_device(base)  # the adapter lives where its base layer does (meta when counting)
         # Identity init: B's last core is zero, so the update starts at exactly zero and gradients reach it.
         self.loretta_a = TTLinear(self.in_features, r, tensor_rank, shape_a, init="paper", device=device, modes=modes)
         self.loretta_b = TTLinear(r, self.out_features, tensor_rank, shape_b, init="paper",
