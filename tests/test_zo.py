@@ -511,3 +511,32 @@ def test_zeroth_order_loss_over_micro_batches_is_the_batch_mean(write_recipe, tm
     # the projected gradient divides a loss difference by 2 eps: the losses' relative 1e-6 becomes this
     eps = recipe.method.zo.eps
     assert found[1]["projected_grad"] == pytest.approx(found[0]["projected_grad"], abs=2e-6 * found[0]["loss"] / eps)
+
+
+@pytest.mark.parametrize("adapter", ["loretta_rep", "loretta_adp"])
+def test_zeroth_order_moves_tensor_train_adapters_whose_layers_cache_their_matrix(write_recipe, tmp_path, adapter):
+    """A tensor-train layer caches its built matrix outside autograd, keyed on its cores' version counters; a
+    perturbation must bump them, or every forward reuses the step-0 matrix and the adapter never trains."""
+    from ftkit.data.batches import collate, encode
+    from ftkit.data.dataset import load_task_data
+    from ftkit.models.build import build_model
+    from ftkit.models.load import load_tokenizer
+
+    recipe = zo_recipe(write_recipe, tmp_path, "run", "mezo", method={"adapter": adapter,
+                                                                     "loretta": {"bottleneck": 8, "init": "paper"}})
+    task, tokenizer = load_task_data(recipe, splits=("train",)), load_tokenizer(recipe.model)
+    model, kind, _ = build_model(recipe, task, tokenizer)
+    method = ZerothOrder(model, recipe, "mezo")
+    batch = collate(encode(task.splits["train"][:8], tokenizer, kind, task, 32), tokenizer.pad_token_id)
+    adapters = [t for t in method.targets if "loretta_" in t.name]
+    with torch.inference_mode():
+        model.eval()
+        before = model(batch).clone()
+        for target in adapters:
+            target.move(method.directions, 5, 0.0, 1e-2)
+        moved = model(batch).clone()
+        for target in adapters:
+            target.move(method.directions, 5, 1e-2, 0.0)
+        back = model(batch)
+    assert not torch.equal(moved, before)  # the perturbation reached the forward
+    assert torch.allclose(back, before, atol=1e-5 * before.abs().max().item())  # and left with the restore

@@ -96,9 +96,15 @@ class FloatTarget:
     def numel(self) -> int:
         return self.param.numel()
 
+    def flat(self) -> torch.Tensor:
+        """The parameter's storage as one vector, written in place. Through `detach()`, not `.data`: writes through
+        `.data` leave the parameter's version counter unchanged, and layers that cache what they compute from their
+        weights (a tensor-train layer's built matrix) rely on it to notice the weights moved."""
+        return self.param.detach().view(-1)
+
     def move(self, d: Directions, query_seed: int, current: float, to: float) -> None:
         """From w + current * u1 to w + to * u1, in place, a chunk of the direction at a time."""
-        p = self.param.data.view(-1)
+        p = self.flat()
         for part, (u1,) in d.chunks(query_seed, self.index, p.numel(), p.device, (Q1,)):
             p[part].add_(u1.to(p.dtype), alpha=to - current)
             del u1
@@ -107,7 +113,7 @@ class FloatTarget:
                decay: float) -> None:
         """Undo the last query's perturbation (+restore * u1) and apply sum_i coef_i * u2_i and weight decay, a chunk
         at a time (each element sees the same operations in the same order as whole-tensor arithmetic)."""
-        p = self.param.data.view(-1)
+        p = self.flat()
         *earlier, (last_seed, last_coef) = list(zip(query_seeds, coefs))
         streams = (Q1, Q2) if d.bits and d.independent else (Q1,)
         for part, directions in d.chunks(last_seed, self.index, p.numel(), p.device, streams):
