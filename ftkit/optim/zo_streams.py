@@ -9,6 +9,9 @@ of the update onto the weight grid.
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from ftkit import devices
@@ -36,14 +39,67 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return devices.generator(seed, device)
 
 
-def gaussian(shape, seed: int, device="cpu") -> torch.Tensor:
-    return torch.randn(shape, generator=generator(seed, device), device=device, dtype=torch.float32)
-
-
+# A stream of random numbers for a tensor (its Gaussian direction, a rounding's bits) is cut into blocks of BLOCK
+# elements, block b drawn from its own generator seeded with (stream seed, b): any range of elements is drawn by
+# itself, and on the CPU the blocks are drawn by every core at once, each number the same whatever the thread count.
+# On a GPU one generator draws a tensor's stream (chunk after chunk): a single kernel per chunk, and numbers that
+# are a function of the seed on that device kind.
+BLOCK = 1 << 16
 # Elements per pass when noise is added to a large tensor: noise exists a chunk at a time (16 MiB), so perturbing
 # a 32000 x 4096 matrix costs its direction and one chunk, not 1.5 more float copies of the matrix.
-# Chunks stay large because every pass is one parallel region: thousands of small ones cost more than they save.
 CHUNK_ELEMENTS = 1 << 22
+
+_pool: list = [None, 0]  # a thread pool for drawing blocks, and its size
+
+
+def _workers() -> ThreadPoolExecutor | None:
+    """A pool of torch's intra-op thread count (None for one thread): the threads draw blocks side by side (torch
+    releases the GIL while it fills a tensor)."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    if _pool[1] != threads:
+        if _pool[0] is not None:
+            _pool[0].shutdown(wait=False)
+        _pool[:] = [ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ftkit-rng"), threads]
+    return _pool[0]
+
+
+def _draw_blocks(seed: int, start: int, stop: int, dtype: torch.dtype, fill) -> torch.Tensor:
+    """Elements [start, stop) of the CPU stream `seed`: the blocks covering them are drawn (in parallel), each by
+    `fill(out, generator)`, then the range is cut out of them."""
+    first, last = start // BLOCK, (stop - 1) // BLOCK
+    out = torch.empty((last - first + 1) * BLOCK, dtype=dtype)
+
+    def draw(block: int) -> None:
+        offset = (block - first) * BLOCK
+        fill(out[offset: offset + BLOCK], devices.generator(derive(seed, block)))
+
+    pool = _workers()
+    if pool is None or last == first:
+        for block in range(first, last + 1):
+            draw(block)
+    else:
+        list(pool.map(draw, range(first, last + 1)))
+    return out[start - first * BLOCK: stop - first * BLOCK]
+
+
+def _normal(out: torch.Tensor, gen: torch.Generator) -> None:
+    torch.randn(out.shape, generator=gen, out=out)
+
+
+def _words(out: torch.Tensor, gen: torch.Generator) -> None:
+    out.random_(generator=gen)
+
+
+def gaussian(shape, seed: int, device="cpu") -> torch.Tensor:
+    """N(0, 1) numbers of the stream `seed`, shaped `shape`, drawn on `device`."""
+    numel = math.prod(shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
+    if torch.device(device).type in ("cpu", "meta"):
+        if torch.device(device).type == "meta":
+            return torch.empty(shape, device="meta")
+        return _draw_blocks(seed, 0, numel, torch.float32, _normal).view(shape) if numel else torch.empty(shape)
+    return torch.randn(shape, generator=generator(seed, device), device=device, dtype=torch.float32)
 
 
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
@@ -52,19 +108,18 @@ def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_slices(numel: int, size: int = 0) -> list[slice]:
-    """Consecutive ranges of `size` (default CHUNK_ELEMENTS) elements covering `numel`; a tail shorter than 16 joins
-    the range before it. The CPU generator draws normals 16 at a time, so ranges on multiples of 16 ending in one of
-    16 or more give the numbers of one whole draw; even sizes do the same for the rounding noise (two per draw)."""
+    """Consecutive ranges of `size` (default CHUNK_ELEMENTS) elements covering `numel`."""
     size = size or CHUNK_ELEMENTS
-    starts = list(range(0, numel, size))
-    if len(starts) > 1 and numel - starts[-1] < 16:
-        starts.pop()
-    return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [numel])]
+    return [slice(start, min(start + size, numel)) for start in range(0, numel, size)]
 
 
 def gaussian_chunks(numel: int, seed: int, device="cpu"):
-    """N(0, 1) numbers for `numel` elements as (slice, values) pairs over `chunk_slices`: on the CPU the numbers of
-    `gaussian(numel, seed)`, drawn a chunk at a time."""
+    """The numbers of `gaussian(numel, seed, device)` as (slice, values) pairs over `chunk_slices`, a chunk at a
+    time."""
+    if torch.device(device).type == "cpu":
+        for part in chunk_slices(numel):
+            yield part, _draw_blocks(seed, part.start, part.stop, torch.float32, _normal)
+        return
     gen = generator(seed, device)
     for part in chunk_slices(numel):
         yield part, torch.randn(part.stop - part.start, generator=gen, device=device, dtype=torch.float32)
@@ -72,23 +127,32 @@ def gaussian_chunks(numel: int, seed: int, device="cpu"):
 
 def uniform_chunks(numel: int, seed: int, device="cpu", size: int = 0, slices: list[slice] | None = None):
     """Uniform rounding noise for `numel` elements, as (slice, noise) pairs in chunks of `size` (default
-    CHUNK_ELEMENTS), so the noise of a large tensor never exists whole.
+    CHUNK_ELEMENTS) or over `slices`, so the noise of a large tensor never exists whole.
 
-    Each element is (k + 1/2) / 2^15 in (0, 1), k from 15 random bits; each 32-bit draw of the generator feeds two
-    elements, a fraction of torch.rand's cost (BENCHMARKS.md), and a stochastic rounding driven by it is unbiased
-    to within 2^-16 of a grid step. The numbers do not depend on the chunk size: on CPU the generator's draws are
-    serial and every chunk but the last is even (two elements per draw). `slices` gives the chunks explicitly."""
-    size = size or CHUNK_ELEMENTS
-    if size % 2 or any((part.stop - part.start) % 2 for part in (slices or [])[:-1]):
-        raise ValueError(f"noise chunks hold whole draws of two elements; got a chunk of {size}")
+    Each element is (k + 1/2) / 2^15 in (0, 1), k from 15 random bits; each 32-bit draw feeds two elements, a
+    fraction of torch.rand's cost (BENCHMARKS.md), and a stochastic rounding driven by it is unbiased to within
+    2^-16 of a grid step. Element i takes half of word i // 2 of the stream, so the numbers do not depend on how
+    the range is cut (on the CPU; on a GPU the chunks must be even but for the last)."""
+    cuts = slices or chunk_slices(numel, size)
+    if torch.device(device).type == "cpu":
+        for part in cuts:
+            words = _draw_blocks(seed, part.start // 2, (part.stop + 1) // 2, torch.int32, _words)
+            halves = words.view(torch.int16)[part.start % 2: part.start % 2 + part.stop - part.start]
+            noise = bits_to_uniform(halves)
+            del words, halves  # not held while the caller uses the chunk
+            yield part, noise
+            del noise  # nor while the next one is drawn
+        return
+    if any((part.stop - part.start) % 2 for part in cuts[:-1]):
+        raise ValueError("noise chunks hold whole draws of two elements: every chunk but the last must be even")
     gen = generator(seed, device)
-    for part in slices or [slice(start, min(start + size, numel)) for start in range(0, numel, size)]:
+    for part in cuts:
         count = part.stop - part.start
         words = torch.empty((count + 1) // 2, dtype=torch.int32, device=device).random_(generator=gen)
         noise = bits_to_uniform(words.view(torch.int16)[:count])
-        del words  # not held while the caller uses the chunk
+        del words
         yield part, noise
-        del noise  # nor while the next one is drawn
+        del noise
 
 
 def direction_step(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
@@ -105,7 +169,7 @@ def quantize_direction(u: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     """Q(u): u stochastically rounded onto a symmetric per-tensor grid of 2^bits - 1 levels (int4: -7..7 times
     max|u| / 7). Unbiased, E[Q(u) | u] = u, and never clipped, since the grid spans max|u|. bits = 0: u itself.
 
-    In place on a contiguous u, a chunk of noise at a time (the numbers of the whole noise tensor at once)."""
+    In place on a contiguous u, a chunk of noise at a time."""
     if bits == 0:
         return u
     step = direction_step(*torch.aminmax(u), bits)  # max|u| without a full-size |u|
