@@ -104,36 +104,26 @@ class ZerothOrder:
     def step_seed(self, step: int) -> int:
         return derive(self.seed, STEP_DOMAIN, step)
 
-    @torch.no_grad()
     def _run(self, step_seed: int, lr: float, shard: Shard | None = None, gradients: list[float] | None = None):
         """The step's arithmetic on the weights, identical on every process and in a replay (shard None, the
         gradients given): every process moves the weights through every query, in order, and evaluates the ones
         it owns; the chunks' losses of all queries then cross processes in one all-reduce."""
-        eps, n = self.eps, self.n_queries
-        query_seeds = [derive(step_seed, i) for i in range(n)]
-        local, width = [], shard.num_chunks if shard is not None else 0
-        for i, seed in enumerate(query_seeds):
-            evaluate = shard is not None and (self.parallel == "data" or self.world.owns(i))
-            self._move(seed, 0.0, eps)
-            local += self._chunk_losses(shard) if evaluate else [0.0] * width
-            self._move(seed, eps, -eps)
-            local += self._chunk_losses(shard) if evaluate else [0.0] * width
-            if i < n - 1:
-                self._move(seed, -eps, 0.0)  # the last query's restore is folded into the update
-        losses = []
-        if shard is not None:
-            summed, k = self.world.all_sum(local), shard.num_chunks
-            pairs = [(_batch_loss(summed[2 * i * k : (2 * i + 1) * k], shard),
-                      _batch_loss(summed[(2 * i + 1) * k : (2 * i + 2) * k], shard)) for i in range(n)]
-            gradients = [(plus - minus) / (2 * eps) for plus, minus in pairs]
-            losses = [(plus + minus) / 2 for plus, minus in pairs]
-        if not all(math.isfinite(g) for g in gradients):
-            self._move(query_seeds[-1], -eps, 0.0)  # leave the weights as they were; the loop stops the run
-            return gradients, [math.nan]
-        coefs = [-lr * g / n for g in gradients]
-        for target in self.targets:
-            target.update(self.directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * self.weight_decay)
-        return gradients, losses
+        if shard is None:
+            return zeroth_order_step(self.targets, self.directions, step_seed, lr, self.eps, self.n_queries,
+                                     self.weight_decay, gradients=gradients)
+        width = shard.num_chunks
+
+        def evaluate(query: int) -> list[float]:
+            owned = self.parallel == "data" or self.world.owns(query)
+            return self._chunk_losses(shard) if owned else [0.0] * width
+
+        def combine(local: list[float]) -> list[tuple[float, float]]:
+            summed, k = self.world.all_sum(local), width
+            return [(_batch_loss(summed[2 * i * k: (2 * i + 1) * k], shard),
+                     _batch_loss(summed[(2 * i + 1) * k: (2 * i + 2) * k], shard)) for i in range(self.n_queries)]
+
+        return zeroth_order_step(self.targets, self.directions, step_seed, lr, self.eps, self.n_queries,
+                                 self.weight_decay, evaluate, combine)
 
     def _chunk_losses(self, shard: Shard) -> list[float]:
         """The loss of each chunk this process holds, at the chunk's place in the global batch (0.0 for chunks
@@ -146,8 +136,7 @@ class ZerothOrder:
         return values
 
     def _move(self, query_seed: int, current: float, to: float) -> None:
-        for target in self.targets:
-            target.move(self.directions, query_seed, current, to)
+        _move(self.targets, self.directions, query_seed, current, to)
 
     # --- run integration: trace and state -----------------------------------------------------------------------
 
@@ -183,6 +172,42 @@ class ZerothOrder:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["steps_done"])
+
+
+@torch.no_grad()
+def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr: float, eps: float, n_queries: int,
+                      weight_decay: float, evaluate=None, combine=None, gradients: list[float] | None = None):
+    """One zeroth-order step on `targets`: for each query i, from w to w + eps u1_i (evaluate), to w - eps u1_i
+    (evaluate), then w <- w - lr (sum_i g_i u2_i / n + wd w) with the last restore folded in. `evaluate(i)` returns
+    the losses computed at the current weights (a list); `combine` turns all of them, in order, into one (L+, L-)
+    pair per query. A replay passes the projected `gradients` instead and evaluates nothing. Returns (gradients,
+    mean losses); with a non-finite gradient the weights are left as they were and the losses are [nan]."""
+    query_seeds = [derive(step_seed, i) for i in range(n_queries)]
+    local = []
+    for i, seed in enumerate(query_seeds):
+        _move(targets, directions, seed, 0.0, eps)
+        local += evaluate(i) if evaluate else []
+        _move(targets, directions, seed, eps, -eps)
+        local += evaluate(i) if evaluate else []
+        if i < n_queries - 1:
+            _move(targets, directions, seed, -eps, 0.0)  # the last query's restore is folded into the update
+    losses = []
+    if evaluate is not None:
+        pairs = combine(local)
+        gradients = [(plus - minus) / (2 * eps) for plus, minus in pairs]
+        losses = [(plus + minus) / 2 for plus, minus in pairs]
+    if not all(math.isfinite(g) for g in gradients):
+        _move(targets, directions, query_seeds[-1], -eps, 0.0)  # leave the weights as they were
+        return gradients, [math.nan]
+    coefs = [-lr * g / n_queries for g in gradients]
+    for target in targets:
+        target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay)
+    return gradients, losses
+
+
+def _move(targets: list, directions: Directions, query_seed: int, current: float, to: float) -> None:
+    for target in targets:
+        target.move(directions, query_seed, current, to)
 
 
 def _batch_loss(chunk_losses: list[float], shard: Shard) -> float:
