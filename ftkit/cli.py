@@ -63,7 +63,7 @@ def train(
     """Train a recipe; writes checkpoints and metrics to its run directory."""
     from ftkit.distributed import launched_by_torchrun
     from ftkit.recipe import load_recipe
-    from ftkit.train.loop import train as run_training
+    from ftkit.training.loop import train as run_training
 
     spec = load_recipe(recipe, overrides or [])
     if nproc < 1:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftkit.errors import UserError
-from ftkit.train.metrics import read_events
+from ftkit.training.metrics import read_events
 
 
 @dataclass

@@ -17,8 +17,8 @@ from ftkit.optim import OPTIMIZERS
 from ftkit.optim.trace import decode_tensor, read_trace
 from ftkit.recipe import Recipe, recipe_to_dict
 from ftkit.recipe.compare import computing_differences
-from ftkit.train import checkpoint as ckpt
-from ftkit.train.environment import check_environment, using_threads
+from ftkit.training import checkpoint as ckpt
+from ftkit.training.environment import check_environment, using_threads
 
 
 def replay(recipe: Recipe, trace_path: Path, out_dir: Path, allow_inexact: bool = False) -> dict:

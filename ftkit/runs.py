@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from ftkit.errors import UserError
 from ftkit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
 from ftkit.recipe.load import check_recipe
-from ftkit.train import checkpoint as ckpt
+from ftkit.training import checkpoint as ckpt
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

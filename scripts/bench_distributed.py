@@ -38,7 +38,7 @@ from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
 from ftkit.recipe import recipe_from_dict
-from ftkit.train.loop import chunk_size_for
+from ftkit.training.loop import chunk_size_for
 
 MINILM = {"head_init": "prototype"}
 OPT = {"name": "minilm", "config": dict(OPT_125M), "weights": "random", "head_init": "random"}

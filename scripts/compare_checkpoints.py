@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ftkit.train import checkpoint as ckpt
+from ftkit.training import checkpoint as ckpt
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:

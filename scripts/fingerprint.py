@@ -105,7 +105,7 @@ def fingerprint(name: str, recipe_data: dict, work: Path) -> dict:
     from safetensors.torch import load_file
 
     from ftkit.recipe import load_recipe
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     recipe_data = json.loads(json.dumps(recipe_data))
     recipe_data["train"]["output_dir"] = str(work / name)

@@ -375,8 +375,8 @@ def determinism(check: Check) -> dict:
     from ftkit.optim.trace import read_trace
     from ftkit.recipe import load_recipe
     from ftkit.replay import replay
-    from ftkit.train import checkpoint as ckpt
-    from ftkit.train.loop import train
+    from ftkit.training import checkpoint as ckpt
+    from ftkit.training.loop import train
 
     work = check.out / "determinism"
     shutil.rmtree(work, ignore_errors=True)
@@ -430,7 +430,7 @@ def processes(check: Check) -> dict:
     """The same QuZO run in one process and in two processes sharing the GPU (gloo): the same bits."""
     from safetensors.torch import load_file
 
-    from ftkit.train import checkpoint as ckpt
+    from ftkit.training import checkpoint as ckpt
 
     work = check.out / "processes"
     shutil.rmtree(work, ignore_errors=True)

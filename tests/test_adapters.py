@@ -148,8 +148,8 @@ def test_wrong_explicit_shape_is_a_user_error_naming_the_key():
 
 
 def test_adapter_checkpoint_round_trip_restores_outputs_with_norms_and_head(write_recipe, tmp_path):
-    from ftkit.train import checkpoint as ckpt
-    from ftkit.train.loop import train
+    from ftkit.training import checkpoint as ckpt
+    from ftkit.training.loop import train
 
     recipe = load_recipe(write_recipe(tiny_recipe(
         method={"adapter": "loretta_adp", "loretta": {"tt_head": True}},
@@ -200,7 +200,7 @@ def test_export_merge_gives_a_plain_model_with_the_same_outputs(write_recipe, tm
 
     from ftkit.cli import app
     from ftkit.models.heads import mean_pool
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     recipe = load_recipe(write_recipe(tiny_recipe(
         method={"adapter": adapter}, quant={"format": quant},
@@ -209,7 +209,7 @@ def test_export_merge_gives_a_plain_model_with_the_same_outputs(write_recipe, tm
     result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "hf"), "--merge"])
     assert result.exit_code == 0, result.output
     _, model, batch = built(adapter, quant=quant)
-    from ftkit.train import checkpoint as ckpt
+    from ftkit.training import checkpoint as ckpt
 
     ckpt.load_checkpoint(ckpt.resolve(tmp_path / "run" / "checkpoints", "best"), model)
     model.eval()
@@ -227,7 +227,7 @@ def test_loretta_adp_refuses_to_merge_and_exports_its_tensors(write_recipe, tmp_
     from typer.testing import CliRunner
 
     from ftkit.cli import app
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     recipe = load_recipe(write_recipe(tiny_recipe(method={"adapter": "loretta_adp"},
                                                   train={"max_steps": 2, "output_dir": str(tmp_path / "run")})))

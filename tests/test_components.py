@@ -25,8 +25,8 @@ from ftkit.modules import replace_module
 from ftkit.quant import FORMATS
 from ftkit.quant.codecs import IntCodec
 from ftkit.recipe import load_recipe
-from ftkit.train import checkpoint as ckpt
-from ftkit.train.loop import train
+from ftkit.training import checkpoint as ckpt
+from ftkit.training.loop import train
 
 # --- the toy adapter: y = base(x) * s, one trained scale per output channel ---------------------------------------
 

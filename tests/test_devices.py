@@ -116,7 +116,7 @@ CASES = {  # name: (model config, quant, method)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_format_and_method_trains_on_a_device_without_touching_the_host(case, on_meta, write_recipe, tmp_path):
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     config, quant, method = CASES[case]
     recipe = load_recipe(write_recipe(tiny_recipe(
@@ -135,7 +135,7 @@ def test_generation_trains_on_the_device(on_meta, write_recipe, tmp_path):
     """The answer's language-model loss on the device (decoding, a loop on values, is left to real devices)."""
     from conftest import REPO
 
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     qa = {"kind": "generation", "train": str(REPO / "tests" / "fixtures" / "qa.jsonl"), "text_columns": ["question"],
           "answer_column": "answers", "template": "{question}", "metric": "f1", "max_new_tokens": 2}

@@ -24,9 +24,9 @@ from ftkit.errors import UserError
 from ftkit.optim.trace import read_trace
 from ftkit.optim.zo import TRACE_FILE, ZerothOrder
 from ftkit.recipe import load_recipe
-from ftkit.train import checkpoint as ckpt
-from ftkit.train.loop import chunk_size_for, train
-from ftkit.train.metrics import read_events
+from ftkit.training import checkpoint as ckpt
+from ftkit.training.loop import chunk_size_for, train
+from ftkit.training.metrics import read_events
 
 FIXTURES = REPO / "tests" / "fixtures"
 # Global batch 8 in chunks of 4: one chunk per process on 2 processes, two chunks in turn on one. Evaluation in

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from ftkit.cli import app
 from ftkit.plot import read_curves, smooth
 from ftkit.recipe import load_recipe
-from ftkit.train.loop import train
+from ftkit.training.loop import train
 
 
 def test_smooth_is_a_trailing_mean():

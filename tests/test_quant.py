@@ -276,7 +276,7 @@ def test_quantized_run_checkpoints_codes_evaluates_and_exports(write_recipe, tmp
 
     from ftkit.cli import app
     from ftkit.recipe import load_recipe
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     recipe = load_recipe(write_recipe(tiny_recipe(quant={"format": "int4", "group_size": 32},
                                                   train={"max_steps": 4, "output_dir": str(tmp_path / "run")})))
@@ -290,7 +290,7 @@ def test_quantized_run_checkpoints_codes_evaluates_and_exports(write_recipe, tmp
     assert evaluated.exit_code == 0, evaluated.output
     import json
 
-    from ftkit.train.metrics import read_events
+    from ftkit.training.metrics import read_events
 
     logged = [e for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["split"] == "dev"][-1]
     assert json.loads(evaluated.output)["accuracy"] == logged["accuracy"]
@@ -308,7 +308,7 @@ def test_eval_applies_post_training_quantization_to_a_full_precision_run(write_r
 
     from ftkit.cli import app
     from ftkit.recipe import load_recipe
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     recipe = load_recipe(write_recipe(tiny_recipe(train={"max_steps": 4, "output_dir": str(tmp_path / "run")})))
     train(recipe)
@@ -424,14 +424,14 @@ def test_straight_through_int4_training_learns_and_exports_the_quantized_weights
 
     from ftkit.cli import app
     from ftkit.recipe import load_recipe
-    from ftkit.train.loop import train
+    from ftkit.training.loop import train
 
     recipe = load_recipe(write_recipe(tiny_recipe(
         quant={"format": "int4", "engine": "straight_through"},
         train={"max_steps": 40, "eval_every": 0, "lr": 3e-3, "output_dir": str(tmp_path / "run")})))
     summary = train(recipe)
     assert summary["trainable_params"] > 20_000  # the master weights of every linear layer train
-    from ftkit.train.metrics import read_events
+    from ftkit.training.metrics import read_events
 
     losses = [e["loss"] for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["split"] == "train"]
     assert sum(losses[-8:]) < 0.8 * sum(losses[:8])

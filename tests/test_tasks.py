@@ -16,8 +16,8 @@ from ftkit.models.build import build_model
 from ftkit.models.load import load_tokenizer
 from ftkit.recipe import load_recipe
 from ftkit.textmetrics import exact_match, normalize_answer, token_f1
-from ftkit.train.loop import train
-from ftkit.train.metrics import read_events
+from ftkit.training.loop import train
+from ftkit.training.metrics import read_events
 
 FIXTURES = REPO / "tests" / "fixtures"
 CHOICE = {"kind": "multiple_choice", "train": str(FIXTURES / "choice.jsonl"), "dev": str(FIXTURES / "choice.jsonl"),

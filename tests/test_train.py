@@ -22,9 +22,9 @@ from ftkit.optim.first_order import FirstOrder
 from ftkit.optim.schedules import learning_rate
 from ftkit.recipe import load_recipe
 from ftkit.recipe.schema import TrainSpec
-from ftkit.train import checkpoint as ckpt
-from ftkit.train.loop import train
-from ftkit.train.metrics import read_events
+from ftkit.training import checkpoint as ckpt
+from ftkit.training.loop import train
+from ftkit.training.metrics import read_events
 
 
 def run(write_recipe, tmp_path, name="run", **sections):

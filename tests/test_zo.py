@@ -22,8 +22,8 @@ from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget
 from ftkit.quant.linear import QuantLinear
 from ftkit.recipe import load_recipe
 from ftkit.replay import replay
-from ftkit.train import checkpoint as ckpt
-from ftkit.train.loop import train
+from ftkit.training import checkpoint as ckpt
+from ftkit.training.loop import train
 
 QUZO = Directions(bits=4, independent=True, update_rounding="stochastic")
 SHARED = Directions(bits=4, independent=False, update_rounding="stochastic")
@@ -497,7 +497,7 @@ def test_zeroth_order_lowers_the_loss_of_tiny_causal_lms(write_recipe, tmp_path,
     """Candidate scoring on causal LMs (MeZO's protocol): 80 steps lower both the train and the held-out loss."""
     from conftest import TINY_LLAMA, TINY_OPT
 
-    from ftkit.train.metrics import read_events
+    from ftkit.training.metrics import read_events
 
     architecture = {"llama": TINY_LLAMA, "opt": TINY_OPT}[config]
     recipe = zo_recipe(write_recipe, tmp_path, "run", optimizer, quant=quant,

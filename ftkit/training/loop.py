@@ -28,10 +28,10 @@ from ftkit.optim import OPTIMIZERS
 from ftkit.optim.schedules import learning_rate
 from ftkit.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from ftkit.recipe.compare import computing_differences, non_computing_keys
-from ftkit.train import checkpoint as ckpt
-from ftkit.train.environment import check_environment, environment, using_threads
-from ftkit.train.metrics import MetricsLog, NullLog, read_events, truncate_after
-from ftkit.train.progress import TrainProgress
+from ftkit.training import checkpoint as ckpt
+from ftkit.training.environment import check_environment, environment, using_threads
+from ftkit.training.metrics import MetricsLog, NullLog, read_events, truncate_after
+from ftkit.training.progress import TrainProgress
 
 
 def run_dir_for(recipe: Recipe) -> Path:
