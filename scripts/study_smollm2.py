@@ -37,7 +37,7 @@ ROOT = REPO / "runs" / "study-smollm2"
 # tokens, and how many validation rows are its test set (all, or the first N where evaluating is slow).
 TASKS = {
     "sst2": {"data": {"task": "sst2", "n_train": 1000, "n_dev": 500, "max_seq_len": 128}, "metric": "accuracy"},
-    "cb": {"data": {"task": "cb", "n_train": 150, "n_dev": 100, "max_seq_len": 256}, "metric": "macro_f1"},
+    "cb": {"data": {"task": "cb", "n_train": 150, "n_dev": 100, "max_seq_len": 320}, "metric": "macro_f1"},
     "copa": {"data": {"task": "copa", "n_train": 300, "n_dev": 100, "max_seq_len": 64}, "metric": "accuracy"},
     "boolq": {"data": {"task": "boolq", "n_train": 1000, "n_dev": 200, "max_seq_len": 320}, "metric": "accuracy",
               "test_rows": 500},

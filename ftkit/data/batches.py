@@ -52,7 +52,7 @@ def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len):
 
 
 def prompt_text(task: TaskData, example: Example) -> str:
-    """The prompt a causal LM reads; the label word, candidate or answer follows it after one space."""
+    """The prompt a causal LM reads; the label word, candidate or answer follows it (dataset.after_prompt)."""
     template = task.spec.template or " ".join("{" + c + "}" for c in task.spec.text_columns)
     return template.format(**dict(zip(task.spec.text_columns, example.texts)))
 

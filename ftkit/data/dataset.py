@@ -176,6 +176,13 @@ def _examples(rows: list[dict], spec: TaskSpec, labels: list[str], source: str, 
     return [make_example(row, spec, labels, source, task) for row in rows]
 
 
+def after_prompt(task, text: str) -> str:
+    """A label word, candidate or answer as it follows the prompt: after one space, or directly where the template
+    ends a line (MeZO's templates: "...Yes or No?\n" is followed by "Yes", "...It was" by " great")."""
+    template = task.spec.template or ""
+    return text if template.endswith("\n") else " " + text
+
+
 def texts_of(row: dict, spec: TaskSpec) -> tuple[str, ...]:
     return tuple(str(row[c]).strip() for c in spec.text_columns)
 

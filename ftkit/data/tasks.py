@@ -1,7 +1,7 @@
 """Built-in tasks: where their data lives, how a row reads, and how labels are worded.
 
 The prompts follow MeZO's templates (princeton-nlp/MeZO, large_models/templates.py); the label word, candidate or
-answer always follows the prompt after one space. A task whose raw rows (hub or file) need reshaping first has a
+answer follows the prompt after one space, or directly where the template ends a line, as in MeZO's code. A task whose raw rows (hub or file) need reshaping first has a
 `prepare` step, e.g. COPA's two choice columns become one candidate list and its question picks the connective.
 """
 

@@ -21,8 +21,9 @@ DEFAULT_QUANT_SKIP = (r"(^|\.)head$", r"lm_head", r"pooler", r"classifier", r"(^
 
 @dataclass
 class ModelSpec:
-    name: str = option("minilm", help="`minilm` (the packaged MiniLM-L6 encoder), a hub id, or a local directory. "
-                                      "Gives the tokenizer and, unless `config` is set, the weights.")
+    name: str = option("minilm", help="A packaged model (`minilm`: the MiniLM-L6 encoder; `smollm2-135m`: "
+                                      "SmolLM2-135M-Instruct, a causal LM), a hub id, or a local directory. Gives the "
+                                      "tokenizer and, unless `config` is set, the weights.")
     config: Optional[dict[str, Any]] = option(None, help="Architecture inline, e.g. {model_type: llama, hidden_size: "
                                               "64, ...}: `validate` and `count-params` then need nothing from the hub. "
                                               "Training builds it with random weights unless `weights: pretrained`.")
@@ -129,7 +130,8 @@ class TaskSpec:
                                                      "or a list of acceptable answers; the first is trained on).")
     max_new_tokens: int = option(50, help="generation: the decoding budget at evaluation.")
     template: Optional[str] = option(None, help="Prompt for causal LMs, with {column} fields; the label word, "
-                                                "candidate or answer follows it after a space.")
+                                                "candidate or answer follows it after a space (directly after a "
+                                                "template that ends with a newline).")
     metric: str = option("accuracy", help="The metric that selects the best checkpoint: one the kind reports "
                                           "(classification: accuracy, macro_f1; multiple_choice: accuracy; "
                                           "generation: exact_match, f1).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ftkit.data.dataset import Example, label_text, texts_of
+from ftkit.data.dataset import Example, after_prompt, label_text, texts_of
 from ftkit.data.files import LINE
 from ftkit.errors import DataError
 from ftkit.task_kinds.scoring import combine_candidates, gather_predictions
@@ -20,8 +20,8 @@ def make_example(row: dict, spec, labels: list[str], source: str, task: str) -> 
 
 
 def candidates(task, tokenizer):
-    """Every example is scored on the label words, each after a space."""
-    words = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in task.label_words]
+    """Every example is scored on the label words, each as it follows the prompt (ftkit.data.dataset.after_prompt)."""
+    words = [tokenizer(after_prompt(task, word), add_special_tokens=False)["input_ids"] for word in task.label_words]
     return lambda example: words
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ftkit.data.batches import left_truncated
-from ftkit.data.dataset import Example, text_list, texts_of
+from ftkit.data.dataset import Example, after_prompt, text_list, texts_of
 from ftkit.data.files import LINE
 from ftkit.devices import model_device
 from ftkit.errors import DataError
@@ -22,9 +22,10 @@ def make_example(row: dict, spec, labels: list[str], source: str, task: str) -> 
 
 
 def candidates(task, tokenizer):
-    """The first answer, after a space, then end-of-sequence."""
+    """The first answer as it follows the prompt (ftkit.data.dataset.after_prompt), then end-of-sequence."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return lambda example: [tokenizer(" " + example.answers[0], add_special_tokens=False)["input_ids"] + eos]
+    return lambda example: [tokenizer(after_prompt(task, example.answers[0]), add_special_tokens=False)["input_ids"]
+                            + eos]
 
 
 def extra_features(example: Example, prompt_ids: list[int], task, tokenizer, max_seq_len: int) -> dict:

@@ -3,7 +3,7 @@ index of the correct one. Scored like classification, by the candidates' mean lo
 
 from __future__ import annotations
 
-from ftkit.data.dataset import Example, label_text, text_list, texts_of
+from ftkit.data.dataset import Example, after_prompt, label_text, text_list, texts_of
 from ftkit.data.files import LINE
 from ftkit.errors import DataError
 
@@ -21,5 +21,6 @@ def make_example(row: dict, spec, labels: list[str], source: str, task: str) -> 
 
 
 def candidates(task, tokenizer):
-    """An example's own candidates, each after a space."""
-    return lambda example: [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in example.candidates]
+    """An example's own candidates, each as it follows the prompt (ftkit.data.dataset.after_prompt)."""
+    return lambda example: [tokenizer(after_prompt(task, c), add_special_tokens=False)["input_ids"]
+                            for c in example.candidates]
