@@ -448,8 +448,9 @@ def test_straight_through_int4_training_learns_and_exports_the_quantized_weights
      "straight_through is the first-order baseline"),
     ({"quant": {"engine": "straight_through", "format": "int8"}, "method": {"adapter": "lora"}},
      "straight_through trains the quantized weights themselves"),
+    ({"quant": {"format": "int4"}, "method": {"adapter": "lora"}}, "lora wraps the layer types PEFT knows"),
 ])
-def test_straight_through_mistakes_are_named(write_recipe, sections, message):
+def test_engine_and_adapter_mistakes_are_named(write_recipe, sections, message):
     from ftkit.errors import RecipeError
     from ftkit.recipe import load_recipe
 

@@ -457,6 +457,7 @@ def test_word_embeddings_are_frozen_for_zeroth_order_by_default(write_recipe, tm
 @pytest.mark.parametrize("sections, message", [
     ({"method": {"optimizer": "mezo"}, "quant": {"format": "int4"}}, "mezo trains full-precision weights"),
     ({"method": {"optimizer": "quzo"}, "train": {"weight_decay": 0.1}}, "set method.zo.weight_decay"),
+    ({"method": {"optimizer": "mezo"}, "train": {"grad_clip": 1.0}}, "train.grad_clip: clips a backpropagated"),
     ({"method": {"optimizer": "quzo", "zo": {"eps": 0}}}, "method.zo.eps: must be positive"),
     ({"method": {"optimizer": "quzo", "zo": {"perturb_bits": 1}}}, "method.zo.perturb_bits"),
     ({"method": {"optimizer": "quzo"}, "quant": {"format": "int4", "engine": "bitsandbytes"}},

@@ -79,6 +79,9 @@ def _check_zeroth_order(recipe, fail) -> None:
     low_bit = FORMATS[quant.format].low_bit
     if recipe.train.weight_decay:
         fail("train.weight_decay", f"applies to first-order optimizers; set method.zo.weight_decay for {name}")
+    if recipe.train.grad_clip is not None:
+        fail("train.grad_clip", f"clips a backpropagated gradient's norm, which {name} does not have; remove it (a "
+             f"zeroth-order run that blows up wants a lower train.lr or method.zo.eps)")
     if name == "mezo" and full and low_bit:
         fail("method.optimizer", f"mezo trains full-precision weights, and quant.format is {quant.format}: use quzo "
              f"for the quantized weights themselves, or set method.adapter to train an adapter over the quantized "

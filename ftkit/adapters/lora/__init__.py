@@ -23,6 +23,13 @@ def _check(spec: LoraSpec, recipe, fail) -> None:
         fail("method.lora.dropout", f"must be in [0, 1), got {spec.dropout}")
     if spec.r < 1:
         fail("method.lora.r", f"must be at least 1, got {spec.r}")
+    from ftkit.quant import FORMATS
+
+    quant = recipe.quant
+    if recipe.method.adapter == "lora" and FORMATS[quant.format].low_bit and quant.engine == "native":
+        fail("method.adapter", f"lora wraps the layer types PEFT knows, and ftkit's native {quant.format} "
+             f"layers are not one of them: use quant.engine: bitsandbytes (QLoRA), or loretta_rep / loretta_adp, "
+             f"which work over every format")
 
 
 LORA = Adapter("lora", "LoRA through PEFT (full-precision or bitsandbytes bases)",
