@@ -44,9 +44,13 @@ def find_linears(root: nn.Module, targets: list[str]) -> list[str]:
 
 
 def freeze_all_but(model: nn.Module, keep) -> None:
-    """Freeze every parameter whose name does not satisfy keep(name)."""
+    """Freeze every parameter whose name does not satisfy keep(name), and the codes of quantized layers likewise
+    (a layer's `train_codes` flag stands for requires_grad on its codes, see ftkit.quant.linear)."""
     for name, param in model.named_parameters():
         param.requires_grad_(bool(keep(name)))
+    for name, module in model.named_modules():
+        if hasattr(module, "train_codes"):
+            module.train_codes = bool(keep(f"{name}.codes"))
 
 
 def is_norm(name: str) -> bool:

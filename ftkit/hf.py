@@ -1,0 +1,89 @@
+"""`ZOTrainer`: a `transformers.Trainer` whose training step is zeroth-order (QuZO or MeZO), with the Trainer's data,
+logging, evaluation, callbacks, learning-rate schedule and checkpoints. An existing fine-tuning script switches by
+changing two lines:
+
+    model = ftkit.quantize(model, "int4", group_size=64)        # optional: low-bit weights that QuZO trains
+    trainer = ZOTrainer(model=model, args=args, train_dataset=..., method="quzo", eps=1e-3)   # was: Trainer(...)
+
+Each training step evaluates `compute_loss` (the model's loss on the batch, unless you override it) twice per query
+direction with autograd off and dropout off, and updates the weights (ftkit.optim.MeZO / QuZO: the same arithmetic
+and random streams as `ftkit train`). The optimizer's state is its step count, which the Trainer saves with every
+checkpoint: a resumed run continues bit-exactly. Gradient accumulation has no meaning here (set it to 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from ftkit.optim.optimizers import MeZO, QuZO
+
+
+class _SteppedInTrainingStep(torch.optim.Optimizer):
+    """What the Trainer steps after `training_step`: the zeroth-order step has already happened there (it needs the
+    batch). Sharing the real optimizer's parameter groups, the Trainer's learning-rate schedule still sets its rate;
+    its state is the real optimizer's, so checkpoints save and restore it."""
+
+    def __init__(self, zeroth_order: torch.optim.Optimizer):
+        super().__init__([torch.zeros(1)], {})
+        self.zeroth_order = zeroth_order
+        self.param_groups = zeroth_order.param_groups
+        self.state = zeroth_order.state
+
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return self.zeroth_order.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.zeroth_order.load_state_dict(state_dict)
+
+
+class ZOTrainer(Trainer):
+    """A Trainer whose step is QuZO (`method="quzo"`, the default: low-bit codes and full-precision parameters alike)
+    or MeZO (`method="mezo"`, full-precision parameters). The rate, weight decay and seed come from the
+    TrainingArguments; `eps`, `n_queries` and QuZO's `perturb_bits`, `independent_roundings`, `update_rounding` are
+    keyword arguments."""
+
+    def __init__(self, *args, method: str = "quzo", eps: float = 1e-3, n_queries: int = 1, perturb_bits: int = 4,
+                 independent_roundings: bool = True, update_rounding: str = "stochastic", **kwargs):
+        if method not in ("quzo", "mezo"):
+            raise ValueError(f"method must be 'quzo' or 'mezo', got {method!r}")
+        self.zo_options = {"method": method, "eps": eps, "n_queries": n_queries, "perturb_bits": perturb_bits,
+                           "independent_roundings": independent_roundings, "update_rounding": update_rounding}
+        self.zeroth_order = None
+        super().__init__(*args, **kwargs)
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError("ZOTrainer: gradient_accumulation_steps must be 1 (a zeroth-order step evaluates the "
+                             "whole batch; use a larger per-device batch)")
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            options, target = self.zo_options, model or self.model
+            common = {"lr": self.args.learning_rate, "eps": options["eps"], "n_queries": options["n_queries"],
+                      "weight_decay": self.args.weight_decay, "seed": self.args.seed}
+            if options["method"] == "mezo":
+                self.zeroth_order = MeZO(target, **common)
+            else:
+                self.zeroth_order = QuZO(target, perturb_bits=options["perturb_bits"],
+                                         independent_roundings=options["independent_roundings"],
+                                         update_rounding=options["update_rounding"], **common)
+            self.optimizer = _SteppedInTrainingStep(self.zeroth_order)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        inputs = self._prepare_inputs(inputs)
+        loss = self.zeroth_order.step(lambda: self.compute_loss(model, inputs))
+        return torch.tensor(loss, device=self.args.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs carry the last step's projected gradient (its first query's) in place of a gradient norm,
+        which a zeroth-order step does not have."""
+        if "loss" in logs and self.zeroth_order is not None and self.zeroth_order.steps_done:
+            logs.pop("grad_norm", None)
+            logs["projected_grad"] = self.zeroth_order.last_projected_gradients[0]
+        super().log(logs, start_time)
