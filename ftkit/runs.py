@@ -32,12 +32,13 @@ def checkpoint_to_use(run_dir: Path, checkpoint: Path | None = None, warn: Calla
             raise ckpt.DamagedCheckpoint(f"--checkpoint {checkpoint} is not usable: {problem}")
         return Path(checkpoint)
     found, skipped = ckpt.find(run_dir / rundir.CHECKPOINTS, "best")
-    for line in skipped:
-        warn(f"warning: {line}")
     if found is None:
         if skipped:
-            raise ckpt.DamagedCheckpoint(f"{run_dir} has no intact checkpoint (all {len(skipped)} are damaged)")
+            raise ckpt.DamagedCheckpoint(f"{run_dir} has no intact checkpoint: all {len(skipped)} are damaged (the "
+                                         f"first tried, {skipped[0]})")
         raise UserError(f"{run_dir} has no checkpoint yet")
+    for line in skipped:
+        warn(f"warning: skipping damaged checkpoint {line}")
     return found
 
 

@@ -116,8 +116,8 @@ def fsync(path: Path) -> None:
 
 def storage_error(error: BaseException) -> OSError | None:
     """The OSError behind `error` when writing failed for a reason of the storage (full, over quota, read-only,
-    I/O), else None: libraries report it their own way (torch.save as a RuntimeError whose context is the OSError, safetensors as
-    "I/O error: ... (os error 28)")."""
+    I/O), else None. Libraries report it their own way: torch.save as a RuntimeError whose context is the OSError,
+    safetensors as "I/O error: ... (os error 28)"."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

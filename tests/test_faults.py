@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DATA_DIR, REPO, TINY_BERT, tiny_recipe
+from conftest import DATA_DIR, REPO, tiny_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -229,8 +229,9 @@ def test_an_output_dir_that_is_a_file_is_refused_before_anything_loads(tmp_path,
     assert taken.read_text() == "mine"
 
 
-@pytest.mark.parametrize("planted", ["recipe.yaml", "summary.json", "metrics.jsonl", "run.lock", "checkpoints/step-000016",
-                                     "checkpoints/step-000002", "checkpoints/last", "checkpoints/step-000008/method.pt"])
+@pytest.mark.parametrize("planted", ["recipe.yaml", "summary.json", "metrics.jsonl", "run.lock", "checkpoints/last",
+                                     "checkpoints/step-000016", "checkpoints/step-000002",
+                                     "checkpoints/step-000008/method.pt"])
 def test_a_link_planted_in_a_run_directory_is_never_followed(finished, tmp_path, data_files, planted, monkeypatch):
     run_dir = copy_run(finished, tmp_path / "run")
     victim = tmp_path / "victim"
@@ -365,6 +366,17 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_ends_bit_identical(fini
     assert f"resuming {run_dir} from step 8" in lines
     assert_same_run(run_dir, finished)
     assert not marker.exists()
+
+
+def test_resume_refuses_when_no_checkpoint_is_intact(finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path / "run")
+    for step in ckpt.step_dirs(run_dir / "checkpoints"):
+        flip_byte(step / ckpt.WEIGHTS, 100)
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    one_error_line(["train", run_dir, "--resume"], f"cannot resume {run_dir}: none of its 3 checkpoints is intact")
+    one_error_line(["train", run_dir, "--resume", "auto"], "none of its 3 checkpoints is intact")  # not a fresh start
+    one_error_line(["eval", run_dir], f"{run_dir} has no intact checkpoint: all 3 are damaged (the first tried, ")
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
 def test_a_zeroth_order_resume_past_a_deleted_state_rewrites_the_same_trace(finished_zo, tmp_path):
@@ -534,13 +546,14 @@ def test_a_full_disk_while_logging_names_the_last_intact_checkpoint(tmp_path, da
 
     monkeypatch.setattr(MetricsLog, "write", write)
     run_dir = tmp_path / "run"
-    one_error_line(["train", tiny(tmp_path, data_files)], f"cannot write {run_dir / 'metrics.jsonl'}: No space left on "
-                                                          f"device; the last intact checkpoint is {step_dir(run_dir, 4)}")
+    one_error_line(["train", tiny(tmp_path, data_files)], f"cannot write {run_dir / 'metrics.jsonl'}: No space "
+                                                          f"left on device; the last intact checkpoint is "
+                                                          f"{step_dir(run_dir, 4)}")
 
 
 def test_a_real_full_filesystem(tmp_path, data_files):
-    """A 16 MiB tmpfs: the first checkpoint (12 MiB: the weights and AdamW's moments) fits, the second does not. Needs mount rights (root);
-    elsewhere the injected errors above stand in for it."""
+    """A 16 MiB tmpfs: the first checkpoint (12 MiB: the weights and AdamW's moments) fits, the second does not.
+    Needs mount rights (root); elsewhere the injected errors above stand in for it."""
     mount = tmp_path / "small"
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
@@ -549,7 +562,7 @@ def test_a_real_full_filesystem(tmp_path, data_files):
     try:
         run_dir = mount / "run"
         path = tiny(tmp_path, data_files, "run", train={"output_dir": str(run_dir), "keep_last": 1, "eval_every": 0})
-        line = one_error_line(["train", path], f"cannot save checkpoint {step_dir(run_dir, 8)}: No space left on device")
+        line = one_error_line(["train", path], f"cannot save checkpoint {step_dir(run_dir, 8)}: No space left")
         assert f"the last intact checkpoint is {step_dir(run_dir, 4)}" in line
         root = run_dir / "checkpoints"
         assert os.readlink(root / "last") == "step-000004" and ckpt.verify(step_dir(run_dir, 4)) is None
@@ -570,14 +583,14 @@ class _Method:
 
 def test_kill_9_at_random_points_of_saves_never_loses_or_mixes_checkpoints(tmp_path):
     """A child process saves checkpoints in a loop (the first of a step saved before, which replaces it whole) and is
-    killed at a random moment once it has finished two saves, 25 times. After each kill every intact checkpoint
+    killed at a random moment once it has finished two saves, 20 times. After each kill every intact checkpoint
     holds exactly its own step's data, the newest is the last one finished, and `last` points to an intact one."""
     root = tmp_path / "checkpoints"
     # Under torch's grain size, so the forked child never enters a parallel region (OpenMP's pool does not survive
     # a fork).
     model = torch.nn.Linear(100, 100)
     draw, newest = random.Random(0), 0
-    for _ in range(25):
+    for _ in range(20):
         done, told = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: save steps newest, newest + 1, ... until killed, telling each one finished
@@ -649,7 +662,8 @@ def test_a_model_that_ships_its_own_code_is_refused_by_its_recipe_key(tmp_path, 
     marker = tmp_path / "ran"
     (model / "configuration_thing.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     path = tiny(tmp_path, data_files, model={"name": str(model), "config": None, "tokenizer": "minilm"})
-    one_error_line(["train", path], f"model.trust_remote_code: '{model}' ships its own code, which loading it would run")
+    one_error_line(["train", path], f"model.trust_remote_code: '{model}' ships its own code, which loading it "
+                                    f"would run")
     assert not marker.exists()
 
 

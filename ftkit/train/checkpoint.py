@@ -156,15 +156,15 @@ def _fingerprint(path: Path) -> dict:
 # --- finding and verifying -----------------------------------------------------------------------------------------
 
 def find(root: Path, prefer: str = "last", need_method: bool = False) -> tuple[Path | None, list[str]]:
-    """The checkpoint to use and one line for each damaged one skipped on the way. `prefer` "best": the step `best`
-    points to, when intact; then (and for "last") the newest intact step directory. `need_method`: method.pt must
-    load too (a resume)."""
+    """The checkpoint to use, and a line for each damaged one passed over on the way. `prefer` "best": the step
+    `best` points to, when intact; then (and for "last") the newest intact step directory. `need_method`: method.pt
+    must load too (a resume)."""
     skipped = []
     for candidate in _candidates(root, prefer):
         problem = verify(candidate, need_method)
         if problem is None:
             return candidate, skipped
-        skipped.append(f"skipping damaged checkpoint {candidate}: {problem}")
+        skipped.append(f"{candidate}: {problem}")
     return None, skipped
 
 

@@ -43,7 +43,8 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path("runs") / Path(recipe.source or "recipe").stem
 
 
-def train(recipe: Recipe, resume: bool | str = False, console: Console | None = None, allow_inexact: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool | str = False, console: Console | None = None,
+          allow_inexact: bool = False) -> dict:
     """Train `recipe` in this process, or as one of the processes torchrun started (see docs/scaling.md): every
     process runs this same loop on the same global batches and holds identical weights; process 0 alone writes.
 
@@ -123,13 +124,13 @@ def _claim(run_dir: Path, recipe: Recipe, resume: bool | str, world: World, cons
                 raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue that run "
                                 f"({continue_with}), or set train.output_dir to start another")
             return held, None
-        found, skipped = ckpt.find(ckpt_root, need_method=True)
-        for line in skipped:
-            console.print(f"warning: {line}", markup=False)
-        if found is None:
-            raise UserError(f"cannot resume {run_dir}: none of its checkpoints is intact ({skipped[0]}); start "
-                            f"another run with another train.output_dir")
         _check_same_recipe(run_dir, recipe)
+        found, skipped = ckpt.find(ckpt_root, need_method=True)
+        if found is None:
+            raise UserError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints is intact (the newest, "
+                            f"{skipped[0]}); start the run again with another train.output_dir")
+        for line in skipped:
+            console.print(f"warning: skipping damaged checkpoint {line}", markup=False)
         return held, found
     except BaseException:
         held.release()

@@ -113,7 +113,8 @@ def claim(run_dir: Path, source: str | None, elsewhere: str) -> RunLock:
     (e.g. "set train.output_dir to another directory")."""
     if os.path.lexists(run_dir):
         if not run_dir.is_dir():
-            raise RunDirError(f"{run_dir} is a file, not a directory: {elsewhere}")
+            what = "a file, not a directory" if run_dir.is_file() else "not a directory"
+            raise RunDirError(f"{run_dir} is {what}: {elsewhere}")
         refuse_foreign(run_dir, elsewhere)
     else:
         try:
@@ -127,7 +128,7 @@ def claim(run_dir: Path, source: str | None, elsewhere: str) -> RunLock:
         check_links(run_dir)
         refuse_foreign(run_dir, elsewhere)  # again, now that no other ftkit process writes here
         for entry in os.scandir(run_dir):
-            if entry.name.startswith(".") and ".tmp-" in entry.name:  # an atomic write that never finished
+            if entry.name.startswith(tuple(f".{name}.tmp-" for name in OWN)):  # an atomic write that never finished
                 remove(Path(entry.path))
         if not os.path.lexists(run_dir / MARKER):
             write_atomic(run_dir / MARKER, json.dumps(
