@@ -19,7 +19,7 @@ from ftkit.train import rundir
 
 def load_run_recipe(run_dir: Path) -> Recipe:
     """The recipe of a run directory, after checking that nothing in it is a link."""
-    rundir.check_links(run_dir)
+    rundir.check_layout(run_dir)
     return rundir.read_recipe(run_dir)
 
 

@@ -106,8 +106,9 @@ def remove(path: Path) -> None:
 
 
 def fsync(path: Path) -> None:
-    """Flush a file or a directory (its entries: a rename into it) to storage."""
-    fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
+    """Flush a file or a directory (its entries: a rename into it) to storage. Reading nothing, it may follow a link:
+    the run directory itself may be one."""
+    fd = os.open(path, os.O_RDONLY | CLOEXEC)
     try:
         os.fsync(fd)
     finally:

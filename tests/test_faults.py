@@ -188,6 +188,8 @@ def test_replay_and_export_write_one_at_a_time(finished_zo, tmp_path, data_files
     code, lines = cli("replay", recipe, finished_zo / TRACE_FILE, "-o", out)
     assert code == 0, lines
     assert same_bits(weights_at(out, 12), weights_at(finished_zo, 12))
+    one_error_line(["train", out, "--resume"], "holds no data position or random state to resume from (ftkit replay "
+                                               "rebuilds weights only)")
     one_error_line(["replay", recipe, finished_zo / TRACE_FILE, "-o", out], "already holds checkpoints")
     # Export writes beside its target and renames it into place whole: the loser of a race says so.
     target = tmp_path / "export"
@@ -249,6 +251,15 @@ def test_a_link_planted_in_a_run_directory_is_never_followed(finished, tmp_path,
     one_error_line(["eval", run_dir], expected)
     assert sorted(p.name for p in victim.iterdir()) == ["precious"] and (victim / "precious").read_text() == "keep me"
     assert link.is_symlink()  # not replaced, not pruned
+
+
+@pytest.mark.parametrize("name, kind", [("metrics.jsonl", "a directory"), ("checkpoints", "a file")])
+def test_a_directory_where_ftkit_keeps_a_file_or_the_other_way_round_is_refused(finished, tmp_path, data_files, name,
+                                                                                kind):
+    run_dir = copy_run(finished, tmp_path / "run")
+    (shutil.rmtree if (run_dir / name).is_dir() else os.unlink)(run_dir / name)
+    (run_dir / name).mkdir() if kind == "a directory" else (run_dir / name).write_text("mine")
+    one_error_line(["train", run_dir, "--resume", "auto", "train.max_steps=16"], f"{run_dir / name} is {kind}, where")
 
 
 # --- 3. verified checkpoints ----------------------------------------------------------------------------------------
@@ -373,8 +384,10 @@ def test_resume_refuses_when_no_checkpoint_is_intact(finished, tmp_path):
     for step in ckpt.step_dirs(run_dir / "checkpoints"):
         flip_byte(step / ckpt.WEIGHTS, 100)
     before = (run_dir / "metrics.jsonl").read_bytes()
-    one_error_line(["train", run_dir, "--resume"], f"cannot resume {run_dir}: none of its 3 checkpoints is intact")
-    one_error_line(["train", run_dir, "--resume", "auto"], "none of its 3 checkpoints is intact")  # not a fresh start
+    one_error_line(["train", run_dir, "--resume"], f"cannot resume {run_dir}: none of its 3 checkpoints can be resumed "
+                                                   f"from (the newest, {step_dir(run_dir, 12)}: weights.safetensors is "
+                                                   f"not what was saved")
+    one_error_line(["train", run_dir, "--resume", "auto"], "none of its 3 checkpoints can be")  # not a fresh start
     one_error_line(["eval", run_dir], f"{run_dir} has no intact checkpoint: all 3 are damaged (the first tried, ")
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
@@ -426,10 +439,12 @@ def test_a_copied_run_directory_continues_where_it_is_now(finished, tmp_path, da
     shutil.rmtree(step_dir(copied, 12))  # copied when the run had reached step 8
     before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
     one_error_line(["train", copied, "--resume", f"train.output_dir={finished}"], "is trained where it is")
-    code, lines = cli("train", copied, "--resume")
-    assert code == 0 and f"resuming {copied} from step 8" in lines, lines
+    kept_here = tmp_path / "kept-here"  # the run directory itself may be a link: where it is kept is the user's
+    kept_here.symlink_to(copied)
+    code, lines = cli("train", kept_here, "--resume")
+    assert code == 0 and f"resuming {kept_here} from step 8" in lines, lines
     assert_same_run(copied, finished)
-    assert load_recipe(copied / "recipe.yaml").train.output_dir == str(copied)
+    assert load_recipe(copied / "recipe.yaml").train.output_dir == str(kept_here)
     assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before  # the original is untouched
 
 

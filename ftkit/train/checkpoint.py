@@ -208,7 +208,7 @@ def verify(step_dir: Path, need_method: bool = False) -> str | None:
     try:
         info = os.lstat(step_dir)
     except FileNotFoundError:
-        return "it no longer exists"
+        return "it does not exist"
     if not stat.S_ISDIR(info.st_mode):
         return "not a directory"
     problem = _check_manifest(step_dir)
@@ -220,8 +220,12 @@ def verify(step_dir: Path, need_method: bool = False) -> str | None:
         return f"{TRAINER_STATE} is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return f"{TRAINER_STATE} is unreadable ({_first_line(err)})"
-    if not isinstance(state, dict) or not isinstance(state.get("loop"), dict):
+    if not isinstance(state, dict) or not isinstance(state.get("loop"), dict) or not isinstance(
+            state["loop"].get("step"), int):
         return f"{TRAINER_STATE} does not hold a trainer state"
+    if need_method and not all(isinstance(state.get(key), dict) for key in ("stream", "rng")):
+        return (f"{TRAINER_STATE} holds no data position or random state to resume from"
+                + (" (ftkit replay rebuilds weights only)" if "replayed_from" in state else ""))
     if state.get("checkpoint_format", 1) >= 2 and not os.path.lexists(step_dir / MANIFEST):
         return f"{MANIFEST} is missing (the save did not finish, or it was deleted)"
     problem = _check_safetensors(step_dir / WEIGHTS)

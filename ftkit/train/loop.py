@@ -127,8 +127,8 @@ def _claim(run_dir: Path, recipe: Recipe, resume: bool | str, world: World, cons
         _check_same_recipe(run_dir, recipe)
         found, skipped = ckpt.find(ckpt_root, need_method=True)
         if found is None:
-            raise UserError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints is intact (the newest, "
-                            f"{skipped[0]}); start the run again with another train.output_dir")
+            raise UserError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints can be resumed from (the "
+                            f"newest, {skipped[0]}); start the run again with another train.output_dir")
         for line in skipped:
             console.print(f"warning: skipping damaged checkpoint {line}", markup=False)
         return held, found

@@ -33,6 +33,7 @@ RECIPE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
 # Everything ftkit writes at the top of a run directory.
 OWN = (RECIPE, "metrics.jsonl", "summary.json", "trace.ftz", CHECKPOINTS, "tensorboard", LOCK, MARKER)
+FOLDERS = (CHECKPOINTS, "tensorboard")
 STEP = re.compile(r"step-\d{6}")
 POINTERS = ("last", "best")
 
@@ -125,7 +126,7 @@ def claim(run_dir: Path, source: str | None, elsewhere: str) -> RunLock:
             raise RunDirError(f"cannot create {run_dir}: {err.strerror}: {elsewhere}") from None
     held = lock(run_dir, elsewhere)
     try:
-        check_links(run_dir)
+        check_layout(run_dir)
         refuse_foreign(run_dir, elsewhere)  # again, now that no other ftkit process writes here
         for entry in os.scandir(run_dir):
             if entry.name.startswith(tuple(f".{name}.tmp-" for name in OWN)):  # an atomic write that never finished
@@ -153,12 +154,18 @@ def refuse_foreign(run_dir: Path, elsewhere: str) -> None:
                           f"directory, or into a run directory of its own: {elsewhere}")
 
 
-def check_links(run_dir: Path) -> None:
-    """Refuse a symbolic link where ftkit keeps its files: at the top of the run directory, among the checkpoints
-    (other than `last` / `best` naming a step directory beside them) and inside step directories."""
+def check_layout(run_dir: Path) -> None:
+    """Refuse a symbolic link where ftkit keeps its files (at the top of the run directory, among the checkpoints
+    other than `last` / `best` naming a step directory beside them, inside step directories), and a directory where
+    ftkit keeps a file or the other way round."""
     for name in OWN:
-        if (run_dir / name).is_symlink():
-            raise link_error(run_dir / name)
+        path = run_dir / name
+        if path.is_symlink():
+            raise link_error(path)
+        if os.path.lexists(path) and path.is_dir() != (name in FOLDERS):
+            kind = "a directory" if path.is_dir() else "a file"
+            raise RunDirError(f"{path} is {kind}, where ftkit keeps {'a directory' if name in FOLDERS else 'a file'}: "
+                              f"move it out of the run directory")
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return
