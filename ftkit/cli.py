@@ -76,8 +76,8 @@ def train(
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not launched_by_torchrun():
-        flags = (["--resume"] + (["auto"] if mode == "auto" else []) if resume else []) + \
-            (["--allow-inexact"] if allow_inexact else [])
+        flags = ["--resume", "auto"] if mode == "auto" else ["--resume"] if resume else []
+        flags += ["--allow-inexact"] if allow_inexact else []
         raise typer.Exit(_torchrun(nproc, ["train", str(recipe), *overrides, *flags]))
     summary = run_training(spec, resume=mode, console=out, allow_inexact=allow_inexact)
     if not main_process():
@@ -179,8 +179,7 @@ def eval_command(
         out.print(table)
     if not math.isfinite(result["loss"]):
         err.print(f"error: the loss of {result['source']} on {split} is {result['loss']}: these weights do not give "
-                  f"finite outputs (the run diverged, or the checkpoint was damaged before it was verified)",
-                  markup=False)
+                  f"finite outputs (the run diverged, or the checkpoint is damaged)", markup=False)
         raise typer.Exit(1)
 
 
