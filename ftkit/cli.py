@@ -52,9 +52,12 @@ def friendly(command):
 @app.command()
 @friendly
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file"),
+    recipe: Path = typer.Argument(..., help="Recipe YAML file, or a run directory (its recipe.yaml, as run: "
+                                  "`ftkit train RUN_DIR --resume` continues it wherever it is now)"),
     overrides: Optional[list[str]] = OVERRIDES,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its newest intact checkpoint (an "
+                                "error when it has none); `--resume auto`: continue it when it has one, else start "
+                                "it (for schedulers that requeue jobs)"),
     allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Resume even where the result cannot be "
                                        "bit-identical (another thread count, device or torch version)"),
     nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (runs torchrun --standalone; for "
@@ -62,16 +65,21 @@ def train(
 ):
     """Train a recipe; writes checkpoints and metrics to its run directory."""
     from ftkit.distributed import launched_by_torchrun
-    from ftkit.recipe import load_recipe
     from ftkit.training.loop import train as run_training
 
-    spec = load_recipe(recipe, overrides or [])
+    overrides = list(overrides or [])
+    mode = resume
+    if resume and "auto" in overrides:  # `--resume auto`: the word lands among the positional arguments
+        overrides.remove("auto")
+        mode = "auto"
+    spec = _train_recipe(recipe, overrides)
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not launched_by_torchrun():
-        flags = (["--resume"] if resume else []) + (["--allow-inexact"] if allow_inexact else [])
-        raise typer.Exit(_torchrun(nproc, ["train", str(recipe), *(overrides or []), *flags]))
-    summary = run_training(spec, resume=resume, console=out, allow_inexact=allow_inexact)
+        flags = ["--resume", "auto"] if mode == "auto" else ["--resume"] if resume else []
+        flags += ["--allow-inexact"] if allow_inexact else []
+        raise typer.Exit(_torchrun(nproc, ["train", str(recipe), *overrides, *flags]))
+    summary = run_training(spec, resume=mode, console=out, allow_inexact=allow_inexact)
     if not main_process():
         return
     metric = summary["metric"]
@@ -91,6 +99,25 @@ def train(
     out.print(line)
 
 
+def _train_recipe(target: Path, overrides: list[str]):
+    """The recipe to train: a recipe file with overrides, or a run directory's own recipe.yaml (the run continues
+    in that directory, wherever it has been moved or copied)."""
+    from ftkit.recipe import load_recipe
+    from ftkit.training import rundir
+
+    if "auto" in overrides:
+        raise UserError("'auto' is not an override (key=value); did you mean --resume auto?")
+    if not target.is_dir():
+        return load_recipe(target, overrides)
+    moved = [item for item in overrides if item.partition("=")[0].strip() == "train.output_dir"]
+    if moved:
+        raise UserError(f"override {moved[0]!r}: a run directory is trained where it is ({target}); copy it to "
+                        f"move the run")
+    spec = rundir.read_recipe(target, overrides)
+    spec.train.output_dir = str(target)
+    return spec
+
+
 def _torchrun(nproc: int, args: list[str]) -> int:
     """Run `ftkit ARGS` in `nproc` processes on this machine, as `torchrun --standalone` does (torch's elastic
     launcher, in this process); the exit status of the first process that failed, else 0.
@@ -104,7 +131,10 @@ def _torchrun(nproc: int, args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from ftkit.distributed import NPROC_ENV
+
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[NPROC_ENV] = str(nproc)  # the workers name `--nproc N` in the command that continues the run
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0,
                           shutdown_timeout=int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")))
@@ -130,20 +160,31 @@ def eval_command(
                                "a run trained on a GPU evaluates on a CPU and the other way round"),
 ):
     """Evaluate a finished run, one of its checkpoints, or a recipe's starting point."""
+    import math
+
     from ftkit.runs import evaluate_target
+    from ftkit.training.metrics import to_json
 
-    result = evaluate_target(target, split, checkpoint, overrides or [], device)
+    result = evaluate_target(target, split, checkpoint, overrides or [], device, warn=_warn)
     if as_json:
-        out.print(json.dumps(result), markup=False)
-        return
-    from ftkit.task_kinds import TASK_KINDS
+        out.print(to_json(result), markup=False)
+    else:
+        from ftkit.task_kinds import TASK_KINDS
 
-    columns = [*TASK_KINDS[result["kind"]].metrics, "loss"]
-    table = Table(title=f"{result['task']} {result['split']} ({result['n']} examples)")
-    for column in ("source", *columns):
-        table.add_column(column)
-    table.add_row(result["source"], *(f"{result[column]:.4f}" for column in columns))
-    out.print(table)
+        columns = [*TASK_KINDS[result["kind"]].metrics, "loss"]
+        table = Table(title=f"{result['task']} {result['split']} ({result['n']} examples)")
+        for column in ("source", *columns):
+            table.add_column(column)
+        table.add_row(result["source"], *(f"{result[column]:.4f}" for column in columns))
+        out.print(table)
+    if not math.isfinite(result["loss"]):
+        err.print(f"error: the loss of {result['source']} on {split} is {result['loss']}: these weights do not give "
+                  f"finite outputs (the run diverged, or the checkpoint is damaged)", markup=False)
+        raise typer.Exit(1)
+
+
+def _warn(line: str) -> None:
+    err.print(line, markup=False)
 
 
 @app.command()
@@ -159,7 +200,7 @@ def export(
 
     if not run_dir.is_dir():
         raise UserError(f"not a run directory: {run_dir}")
-    written = export_run(run_dir, out_dir, checkpoint, merge)
+    written = export_run(run_dir, out_dir, checkpoint, merge, warn=_warn)
     out.print(f"exported {run_dir} to {written} (load with transformers' from_pretrained)", markup=False)
 
 
@@ -185,8 +226,6 @@ def replay(
                         f"({', '.join(zeroth_order)}) have traces")
     if not trace.is_file():
         raise UserError(f"trace not found: {trace}")
-    if (out_dir / "checkpoints").exists():
-        raise UserError(f"{out_dir} already holds checkpoints; choose a new directory")
     result = run_replay(spec, trace, out_dir, allow_inexact)
     out.print(f"replayed {result['steps']} steps from {trace} ({result['trace_bytes']:,} bytes) in "
               f"{result['seconds']:.1f} s: {result['checkpoint']}", markup=False)

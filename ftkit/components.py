@@ -116,6 +116,9 @@ class Adapter:
     parameters: Optional[str] = None
     # Roles of tensor-train shapes it reads from its options (`method.loretta.shapes.<role>`).
     tt_roles: tuple[str, ...] = ()
+    # tt_dims(options, architecture) -> {role: [(in, out), ...]}: the matrices a role's TT shape must factor, for the
+    # roles the architecture (a model config as plain data) tells; recipe checks compare explicit shapes with them.
+    tt_dims: Optional[Callable] = None
 
     @property
     def trains_base(self) -> bool:

@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
+# Set by `ftkit train --nproc N` for the processes it starts, so a run can name the command that continues it.
+NPROC_ENV = "FTKIT_NPROC"
+
 # torch is imported where a collective runs, so `main_process` and `launched_by_torchrun` cost nothing to import
 # (the CLI asks them before it knows whether anything heavy will run).
 

@@ -5,6 +5,7 @@ without a forward pass, bit-identical to the trained ones. DIR becomes a run dir
 from __future__ import annotations
 
 import json
+import struct
 import time
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from ftkit.optim import OPTIMIZERS
 from ftkit.optim.trace import decode_tensor, read_trace
 from ftkit.recipe import Recipe, recipe_to_dict
 from ftkit.recipe.compare import computing_differences
+from ftkit.safe_files import write_atomic
 from ftkit.training import checkpoint as ckpt
+from ftkit.training import rundir
 from ftkit.training.environment import check_environment, using_threads
 
 
@@ -30,31 +33,46 @@ def replay(recipe: Recipe, trace_path: Path, out_dir: Path, allow_inexact: bool 
 
 
 def _replay(recipe: Recipe, trace_path: Path, out_dir: Path, device, allow_inexact: bool) -> dict:
-    from ftkit.models.build import assemble_model
-    from ftkit.models.load import load_tokenizer
-
     started = time.perf_counter()
     try:
         header, records = read_trace(trace_path)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        initial = {name: decode_tensor(entry) for name, entry in header["initial_tensors"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, struct.error,
+            json.JSONDecodeError) as err:
         raise UserError(f"cannot read trace {trace_path}: {err}") from None
     _check_recipe(recipe, header["recipe"], trace_path)
     # The update arithmetic is elementwise, so a CPU replay does not depend on the thread count.
-    check_environment(header.get("environment"), f"cannot replay {trace_path} bit-exactly", allow_inexact, device,
-                      ignore=("threads",))
-    initial = {name: decode_tensor(entry) for name, entry in header["initial_tensors"].items()}
+    environment = header.get("environment")
+    check_environment(environment if isinstance(environment, dict) else None,
+                      f"cannot replay {trace_path} bit-exactly", allow_inexact, device, ignore=("threads",))
+    held = rundir.claim(out_dir, recipe.source, "choose another -o directory")  # replays write one at a time
+    try:
+        if rundir.has_checkpoints(out_dir):
+            raise UserError(f"{out_dir} already holds checkpoints; choose a new directory")
+        return _rebuild(recipe, header, records, initial, trace_path, out_dir, device, started)
+    finally:
+        held.release()
+
+
+def _rebuild(recipe: Recipe, header: dict, records: list, initial: dict, trace_path: Path, out_dir: Path, device,
+             started: float) -> dict:
+    from ftkit.models.build import assemble_model
+    from ftkit.models.load import load_tokenizer
+
     tokenizer = load_tokenizer(recipe.model)
     model, _ = assemble_model(recipe, tokenizer, header["num_classes"], device=device)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in initial.items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise UserError(f"cannot replay {trace_path}: its initial tensor {name} does not fit this recipe's "
+                                f"model")
             params[name].copy_(tensor)
     method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe)
     for record in records:
         method.replay_step(record["seed"], record["lr"], record["gradients"])
     steps = records[-1]["step"] if records else 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    write_atomic(out_dir / rundir.RECIPE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     state = {"loop": {"step": steps, "best_metric": None, "best_step": None, "dev_at_start": None},
              "replayed_from": str(trace_path), "recipe_source": recipe.source}
     step_dir = ckpt.save_checkpoint(out_dir / "checkpoints", steps, model, method, state, keep_last=1)

@@ -2,36 +2,58 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+from typing import Callable
 
-import yaml
 from omegaconf import OmegaConf
 
 from ftkit.errors import UserError
 from ftkit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
 from ftkit.recipe.load import check_recipe
+from ftkit.safe_files import remove, storage_error
 from ftkit.training import checkpoint as ckpt
+from ftkit.training import rundir
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no recipe.yaml); give a run directory or a recipe file")
-    recipe = recipe_from_dict(yaml.safe_load(path.read_text()), str(path))
-    recipe.source = str(path)
-    return recipe
+    """The recipe of a run directory, after checking that nothing in it is a link."""
+    rundir.check_layout(run_dir)
+    return rundir.read_recipe(run_dir)
+
+
+def checkpoint_to_use(run_dir: Path, checkpoint: Path | None = None, warn: Callable[[str], None] = print) -> Path:
+    """`checkpoint` when given and intact; else the run's best checkpoint when intact, else its newest intact one.
+    Each damaged checkpoint passed over is told to `warn`, in one line."""
+    if checkpoint is not None:
+        problem = ckpt.verify(Path(checkpoint))
+        if problem is not None:
+            raise ckpt.DamagedCheckpoint(f"--checkpoint {checkpoint} is not usable: {problem}")
+        return Path(checkpoint)
+    found, skipped = ckpt.find(run_dir / rundir.CHECKPOINTS, "best")
+    if found is None:
+        if skipped:
+            raise ckpt.DamagedCheckpoint(f"{run_dir} has no intact checkpoint: all {len(skipped)} are damaged (the "
+                                         f"first tried, {skipped[0]})")
+        raise UserError(f"{run_dir} has no checkpoint yet")
+    for line in skipped:
+        warn(f"warning: skipping damaged checkpoint {line}")
+    return found
 
 
 def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, overrides: list[str] = (),
-                    device: str = "auto") -> dict:
+                    device: str = "auto", warn: Callable[[str], None] = print) -> dict:
     """Evaluate a run directory (its best checkpoint, else last, or `checkpoint`) or a recipe's untrained model.
 
     For a run directory, `quant.*` overrides quantize the trained model after loading it (post-training
     quantization), e.g. quant.format=int4 quant.group_size=128. `device` is where to evaluate (auto: a GPU when one
-    is visible), whatever device the run trained on: checkpoints are read onto the CPU and copied there.
+    is visible), whatever device the run trained on: checkpoints are read onto the CPU and copied there. A damaged
+    checkpoint is passed over for the newest intact one, with a line to `warn`.
     """
     from ftkit.data.dataset import load_task_data
     from ftkit.devices import deterministic, resolve_device
+    from ftkit.training.environment import using_threads
 
     if split not in ("dev", "test"):
         raise UserError(f"--split must be dev or test, got {split!r}")
@@ -40,12 +62,7 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
         recipe = load_run_recipe(target)
         if overrides:
             ptq = _ptq_spec(recipe, overrides)
-        root = target / "checkpoints"
-        step_dir = checkpoint or ckpt.best_or_last(root)
-        if step_dir is None:
-            raise UserError(f"{target} has no checkpoint yet")
-        if not (Path(step_dir) / ckpt.TRAINER_STATE).is_file():
-            raise UserError(f"{step_dir} is not a checkpoint directory (no {ckpt.TRAINER_STATE})")
+        step_dir = checkpoint_to_use(target, checkpoint, warn)
     elif target.is_file():
         recipe, step_dir = load_recipe(target, overrides), None
         if checkpoint is not None:
@@ -57,7 +74,7 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
     if split not in task.splits:
         raise UserError(f"task {task.name} has no {split} split here (found: {', '.join(task.splits)})")
     placed = resolve_device(device)
-    with deterministic(placed):
+    with using_threads(recipe.train.threads), deterministic(placed):  # as fast as the run trained
         return _evaluate(recipe, task, split, step_dir, ptq, target, placed)
 
 
@@ -102,38 +119,64 @@ def _ptq_spec(recipe: Recipe, overrides: list[str]):
     return updated.quant
 
 
-def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, merge: bool = False) -> Path:
+def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, merge: bool = False,
+               warn: Callable[[str], None] = print) -> Path:
     """Write the run's model as a plain Hugging Face directory: weights (dequantized when quantized), config,
     tokenizer. With `merge`, LoRETTA_rep / LoRA updates are merged into the weights; otherwise adapters are written
     beside the model in `ftkit_adapter.safetensors`. An encoder's task head (and TT hidden layer) goes in
-    `ftkit_head.safetensors`, described by `ftkit_task.json`."""
-    import json
+    `ftkit_head.safetensors`, described by `ftkit_task.json`.
 
-    from safetensors.torch import save_file
-
+    The directory is written beside `out_dir` under a temporary name and renamed into place whole, so an export
+    that fails (a full disk) leaves nothing, and of two exports to the same place one wins and the other says so."""
     from ftkit.adapters import ADAPTERS
     from ftkit.data.dataset import load_task_data
     from ftkit.models.build import build_model
     from ftkit.models.load import load_tokenizer
-    from ftkit.quant.io import export_hf
 
     recipe = load_run_recipe(run_dir)
     adapter = ADAPTERS[recipe.method.adapter]
     if merge and not adapter.mergeable:
         raise UserError(f"{adapter.name} adapters cannot be merged into the base weights (they are not a weight "
                         f"update); export without --merge to keep them as their own tensors")
-    root = run_dir / "checkpoints"
-    step_dir = checkpoint or ckpt.best_or_last(root)
-    if step_dir is None:
-        raise UserError(f"{run_dir} has no checkpoint yet")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} exists and is not empty; choose another -o")
+    step_dir = checkpoint_to_use(run_dir, checkpoint, warn)
+    _check_export_target(out_dir)
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
     ckpt.load_checkpoint(Path(step_dir), model)
     adapters = adapter.unwrap(model.backbone, merge) if adapter.unwrap is not None else {}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        remove(staging)
+        staging.mkdir(parents=True)
+        _write_export(staging, model, kind, tokenizer, adapters, task, step_dir, recipe, merge)
+        os.rename(staging, out_dir)  # onto nothing or an empty directory; fails if another export got there first
+    except Exception as error:
+        remove(staging)
+        failure = storage_error(error)
+        if failure is None:
+            raise
+        if failure.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise UserError(f"{out_dir} was written by another process meanwhile; choose another -o") from None
+        raise UserError(f"cannot write {out_dir}: {failure.strerror or failure}; nothing was left behind") from None
+    return out_dir
+
+
+def _check_export_target(out_dir: Path) -> None:
+    if out_dir.is_symlink():
+        raise UserError(f"-o {out_dir} is a symbolic link; give the directory itself")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} exists and is not an empty directory; choose another -o")
+
+
+def _write_export(out_dir: Path, model, kind: str, tokenizer, adapters: dict, task, step_dir, recipe: Recipe,
+                  merge: bool) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from ftkit.quant.io import export_hf
+
     export_hf(model.backbone, tokenizer, out_dir)
     if adapters:
         save_file(adapters, str(out_dir / "ftkit_adapter.safetensors"))
@@ -146,4 +189,3 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
         {"task": task.name, "kind": kind, "labels": task.labels, "label_words": task.label_words,
          "pooling": "mean" if kind == "encoder" else None, "checkpoint": str(Path(step_dir).resolve()),
          "adapter": recipe.method.adapter, "merged": merge, "recipe": recipe_to_dict(recipe)}, indent=2))
-    return out_dir

@@ -8,7 +8,7 @@ seeds; writes the tables into BENCHMARKS.md, the figures under docs/, and every 
     python scripts/study.py --jobs 2     # two training runs at a time, the cores shared between them
 
 Resumable: a run whose summary.json exists is skipped, a run with a checkpoint but no summary is resumed
-(`ftkit train --resume`), so an interrupted study continues where it stopped. Runs live in runs/study-<mode>/.
+(`ftkit train --resume auto`), so an interrupted study continues where it stopped. Runs live in runs/study-<mode>/.
 Each run is a plain `ftkit train` of a recipe written next to it (runs/study-<mode>/<row>/seed<k>.yaml).
 """
 
@@ -119,11 +119,11 @@ def run(row: Row, seed: int, mode: dict, root: Path, threads: int = 0) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = root / row.slug / f"seed{seed}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe_for(row, seed, mode, run_dir), sort_keys=False))
-    resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
-    print(f"[{datetime.now():%H:%M:%S}] {row.name}, seed {seed}" + (" (resuming)" if resume else ""), flush=True)
+    resuming = (run_dir / "checkpoints").is_dir()
+    print(f"[{datetime.now():%H:%M:%S}] {row.name}, seed {seed}" + (" (resuming)" if resuming else ""), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with open(root / row.slug / f"seed{seed}.log", "a") as log:
-        done = subprocess.run([sys.executable, "-m", "ftkit", "train", str(recipe_path), *resume], cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "ftkit", "train", str(recipe_path), "--resume", "auto"], cwd=REPO,
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{row.name}, seed {seed} failed (status {done.returncode}); see {log.name}")

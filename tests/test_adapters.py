@@ -142,9 +142,16 @@ def test_merged_loretta_rep_equals_unmerged_and_unmerges():
         assert_sums_close(layer(x), unmerged, magnitude, terms, "unmerged")
 
 
-def test_wrong_explicit_shape_is_a_user_error_naming_the_key():
-    with pytest.raises(UserError, match=r"method.loretta.shapes: layer .*query: TT shape \[4, 4\] multiplies to 16"):
+def test_wrong_explicit_shape_is_a_user_error_naming_the_key(write_recipe):
+    # Caught from the model's config, before any weight is read (and by `validate` when the config is known).
+    expected = r"method.loretta.shapes.a: \[4, 4\] multiplies to 16, but the a factor of this model's layers is a 32 x 8"
+    with pytest.raises(UserError, match=expected):
         built("loretta_rep", shapes={"a": [4, 4]})
+    with pytest.raises(UserError, match=expected):
+        load_recipe(write_recipe(tiny_recipe(method={"adapter": "loretta_rep", "loretta": {"shapes": {"a": [4, 4]}}})))
+    # Where the config does not tell the layers' sizes (explicit target modules), building the layer says it.
+    with pytest.raises(UserError, match=r"method.loretta.shapes: layer .*query: TT shape \[4, 4\] multiplies to 16"):
+        built("loretta_rep", shapes={"a": [4, 4]}, target_modules=["query"])
 
 
 def test_adapter_checkpoint_round_trip_restores_outputs_with_norms_and_head(write_recipe, tmp_path):

@@ -185,19 +185,30 @@ def test_sigterm_to_the_launcher_stops_both_processes_after_the_same_step_with_a
 
     path = recipe_file(write_recipe, tmp_path, "run", method={"optimizer": "mezo"},
                        train={"max_steps": 100000, "eval_every": 0, "save_every": 0, "log_every": 10})
-    process = subprocess.Popen([sys.executable, "-m", "ftkit", "train", str(path), "--nproc", "2"], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and any(e["split"] == "train" for e in read_events(metrics))):
-        assert process.poll() is None and time.time() < deadline, process.stdout.read()
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, output
-    lines = [line for line in output.splitlines() if line.startswith("interrupted at step")]
-    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in output  # process 0 says it, once
-    saved = ckpt.resolve(tmp_path / "run" / "checkpoints")
-    state = json.loads((saved / ckpt.TRAINER_STATE).read_text())
-    assert f"interrupted at step {state['loop']['step']};" in lines[0] and state["processes"] == 2
+
+    def stopped_after_a_step(command: list[str], after: int) -> tuple[str, int]:
+        """Run `command`, SIGTERM its launcher once a step past `after` is logged; (its output, the step saved)."""
+        process = subprocess.Popen([sys.executable, "-m", *command], cwd=REPO, stdout=subprocess.PIPE,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        logged = lambda: [e["step"] for e in read_events(metrics) if e["split"] == "train"]  # noqa: E731
+        while not (metrics.is_file() and any(step > after for step in logged())):
+            assert process.poll() is None and time.time() < deadline, process.stdout.read()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 128 + signal.SIGTERM, output
+        lines = [line for line in output.splitlines() if line.startswith("interrupted at step")]
+        assert len(lines) == 1 and "Traceback" not in output  # process 0 says it, once
+        saved = ckpt.resolve(tmp_path / "run" / "checkpoints")
+        state = json.loads((saved / ckpt.TRAINER_STATE).read_text())
+        assert f"interrupted at step {state['loop']['step']};" in lines[0] and state["processes"] == 2
+        assert lines[0].endswith(f"continue with: ftkit train {tmp_path / 'run'} --resume --nproc 2")
+        return output, state["loop"]["step"]
+
+    _, first = stopped_after_a_step(["ftkit", "train", str(path), "--nproc", "2"], 0)
+    # The printed command, as printed, continues this run on 2 processes from where it stopped.
+    output, second = stopped_after_a_step(["ftkit", "train", str(tmp_path / "run"), "--resume", "--nproc", "2"], first)
+    assert f"resuming {tmp_path / 'run'} from step {first}" in output and second > first
+    assert [e["step"] for e in read_events(metrics) if e["split"] == "train"] == list(range(1, second + 1))

@@ -23,7 +23,7 @@ LAYERS = [
                                    "ftkit.adapters.loretta_options", "ftkit.optim", "ftkit.optim.config", "ftkit.quant",
                                    "ftkit.task_kinds", "ftkit.data", "ftkit.data.tasks"]),
     ("recipes (torch-free)", ["ftkit.recipe", "ftkit.recipe.load", "ftkit.recipe.checks", "ftkit.recipe.compare",
-                              "ftkit.recipe.reference"]),
+                              "ftkit.recipe.reference", "ftkit.recipe.architecture"]),
     ("implementations", ["ftkit.*"]),  # every module not named elsewhere
     ("runs", ["ftkit.training", "ftkit.training.*", "ftkit.eval", "ftkit.runs", "ftkit.replay", "ftkit.plot"]),
     ("entry points", ["ftkit", "ftkit.cli", "ftkit.__main__", "ftkit.api", "ftkit.hf"]),

@@ -456,3 +456,19 @@ def test_engine_and_adapter_mistakes_are_named(write_recipe, sections, message):
 
     with pytest.raises(RecipeError, match=message):
         load_recipe(write_recipe(tiny_recipe(**sections)))
+
+
+def test_a_runs_summary_counts_parameters_as_count_params_does(write_recipe, tmp_path):
+    """The codes of an int4 layer are its parameters: summary.json's totals are count-params' totals, not only the
+    float tensors that torch lists as parameters."""
+    from ftkit.models.count import count_parameters
+    from ftkit.recipe import load_recipe
+    from ftkit.training.loop import train
+
+    recipe = load_recipe(write_recipe(tiny_recipe(
+        method={"optimizer": "quzo"}, quant={"format": "int4"},
+        train={"max_steps": 2, "eval_every": 0, "output_dir": str(tmp_path / "run")})))
+    summary = train(recipe)
+    counted = count_parameters(recipe)
+    assert summary["total_params"] == counted["total"] > 0
+    assert summary["trainable_params"] == counted["trainable"] > 0

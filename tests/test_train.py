@@ -101,7 +101,8 @@ def test_interrupted_save_never_corrupts_last(write_recipe, tmp_path, monkeypatc
         real_save(tensors, path, **options)
 
     monkeypatch.setattr(ckpt, "save_file", crash_on_second_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.SaveFailed, match=r"cannot save checkpoint .*step-000008: disk full; nothing half-written "
+                                              r"was kept, and the last intact checkpoint is .*step-000004"):
         train(recipe)
     root = tmp_path / "run" / "checkpoints"
     assert os.readlink(root / "last") == "step-000004"
@@ -280,3 +281,25 @@ def test_resume_with_another_thread_count_is_refused_unless_inexact_is_allowed(w
         train(longer, resume=True)
     assert train(longer, resume=True, allow_inexact=True)["steps"] == 6
     assert torch.get_num_threads() == threads_before  # train.threads holds for the run only
+
+
+def test_eval_computes_with_the_runs_thread_count_and_restores_the_callers(write_recipe, tmp_path, monkeypatch):
+    import ftkit.eval
+    from ftkit.runs import evaluate_target
+
+    recipe = write_recipe(tiny_recipe(train={"threads": 1}), "one_thread.yaml")
+    seen, evaluate = [], ftkit.eval.evaluate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ftkit.eval, "evaluate", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = evaluate_target(recipe, "dev")
+        assert seen == [1] and result["n"] > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -51,4 +51,9 @@ def _check(spec: LorettaSpec, recipe, fail) -> None:
             fail(f"method.loretta.shapes.{role}", f"needs positive modes, got {shape}")
 
 
+def config_int(architecture: dict, key: str) -> int | None:
+    value = architecture.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 LORETTA_SECTION = Section("loretta", LorettaSpec, _check)

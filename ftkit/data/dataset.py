@@ -154,8 +154,11 @@ def _sample_mezo_style(recipe: Recipe, raw: dict, sources: dict):
     train = raw["train"]
     order = list(range(len(train)))
     random.Random(recipe.data.data_seed).shuffle(order)
-    n_train = recipe.data.n_train or len(train) - (recipe.data.n_dev or 0)
     n_dev = recipe.data.n_dev or 0
+    if recipe.data.n_train is None and n_dev >= len(train):
+        raise DataError(f"data.n_dev = {n_dev} leaves no training rows: {sources['train']} has {len(train)}; set "
+                        f"data.n_dev below {len(train)}")
+    n_train = recipe.data.n_train or len(train) - n_dev
     if n_train + n_dev > len(train):
         raise DataError(f"data.n_train + data.n_dev = {n_train + n_dev} is more than the {len(train)} training rows "
                         f"in {sources['train']}")

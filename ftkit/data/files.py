@@ -1,8 +1,13 @@
-"""Read tabular files (tsv, csv, jsonl, parquet) into rows, with errors that name the file and the row."""
+"""Read tabular files (tsv, csv, jsonl, parquet) into rows, with errors that name the file and the line.
+
+Lines are the file's physical lines, as an editor shows them (the header is line 1; a quoted CSV field that spans
+lines moves the count on by as many). Text files are UTF-8, with or without a byte-order mark.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -27,24 +32,52 @@ def read_rows(path: Path, fmt: str = "auto") -> tuple[list[str], list[dict]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     fmt = detect_format(path, fmt)
-    return READERS[fmt](path)
+    columns, rows = READERS[fmt](path)
+    if not rows:
+        where = "after the header" if fmt in ("tsv", "csv") else "in it"
+        raise DataError(f"{path}: no data rows {where}; a data file needs at least one example")
+    return columns, rows
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is dropped), or an error naming the line of the first byte that is
+    not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x}); save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _read_delimited(path: Path, delimiter: str, quoting: int) -> tuple[list[str], list[dict]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    try:
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: the file is empty (a header line is expected)")
         header = [h.strip() for h in header]
-        rows = []
-        for line_no, fields in enumerate(reader, start=2):
+        _check_unique(header, f"{path}: line 1")
+        rows, line_no = [], reader.line_num + 1  # the physical line the next record starts on
+        for fields in reader:
+            start, line_no = line_no, reader.line_num + 1
             if not fields:
                 continue
             if len(fields) != len(header):
-                raise DataError(f"{path}: line {line_no} has {len(fields)} fields, the header has {len(header)}")
-            rows.append({LINE: line_no, **dict(zip(header, fields))})
+                raise DataError(f"{path}: line {start} has {len(fields)} fields, the header has {len(header)}")
+            rows.append({LINE: start, **dict(zip(header, fields))})
+    except csv.Error as err:
+        raise DataError(f"{path}: line {reader.line_num}: {err}") from None
     return header, rows
+
+
+def _check_unique(header: list[str], where: str) -> None:
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{where}: column '{name}' appears twice; give every column its own name")
+        seen.add(name)
 
 
 def _read_tsv(path):
@@ -58,21 +91,29 @@ def _read_csv(path):
 
 def _read_jsonl(path: Path):
     rows, columns = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {line_no} is not a JSON object")
-            for key in row:
-                if key not in columns:
-                    columns.append(key)
-            rows.append({LINE: line_no, **row})
+    for line_no, line in enumerate(read_text(path).split("\n"), start=1):  # JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=lambda pairs: _unique_keys(pairs, path, line_no))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {line_no} is not a JSON object")
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+        rows.append({LINE: line_no, **row})
     return columns, rows
+
+
+def _unique_keys(pairs: list, path: Path, line_no: int) -> dict:
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise DataError(f"{path}: line {line_no}: key '{key}' appears twice in one object")
+        row[key] = value
+    return row
 
 
 def _read_parquet(path: Path):
@@ -80,7 +121,12 @@ def _read_parquet(path: Path):
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow's errors for a file that is not parquet or is damaged
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable parquet file ({message})") from None
+    _check_unique(list(table.column_names), str(path))
     rows = [{LINE: i, **row} for i, row in enumerate(table.to_pylist(), start=1)]
     return list(table.column_names), rows
 

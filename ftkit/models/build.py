@@ -15,12 +15,13 @@ from ftkit.adapters import ADAPTERS
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import Example, TaskData
 from ftkit.devices import CPU, model_device, to_device
-from ftkit.errors import UserError
+from ftkit.errors import RecipeError, UserError
 from ftkit.models.heads import CausalLMScorer, EncoderClassifier, init_prototype_head
 from ftkit.models.load import DTYPES, load_backbone, load_config, model_kind
 from ftkit.optim import OPTIMIZERS
 from ftkit.quant.convert import quantize_model
 from ftkit.quant.linear import QuantLinear
+from ftkit.recipe.checks import check_architecture
 from ftkit.recipe.schema import Recipe
 from ftkit.task_kinds import TASK_KINDS
 
@@ -75,11 +76,19 @@ def assemble_model(recipe: Recipe, tokenizer, num_classes: int, finish: bool = T
     data-dependent prototype head (replay restores that from the trace); `finish` applies the adapter and decides
     what is trained."""
     config = load_config(recipe.model)
+    check_architecture(recipe, config.to_dict(), _fail_for(recipe))  # before any weight is read
     kind = model_kind(recipe.model, config)
     torch.manual_seed(recipe.train.seed)  # config-built weights and a random head depend on the seed only
     backbone = load_backbone(recipe.model, kind, vocab_size=len(tokenizer), quant=recipe.quant, device=device)
     model = wrap_backbone(backbone, kind, num_classes)
     return (finish_model(model, recipe) if finish else model), kind
+
+
+def _fail_for(recipe: Recipe):
+    def fail(key: str, message: str):
+        raise RecipeError(f"{recipe.source or 'recipe'}: {key}: {message} (model {recipe.model.name})")
+
+    return fail
 
 
 def build_meta_model(recipe: Recipe, num_classes: int, vocab_size: int | None) -> nn.Module:

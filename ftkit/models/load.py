@@ -49,9 +49,12 @@ def load_config(spec: ModelSpec):
             return AutoConfig.for_model(model_type, **options)
         except (ValueError, KeyError) as err:
             raise UserError(f"model.config: cannot build a '{model_type}' config: {err}") from None
-    return AutoConfig.from_pretrained(
-        resolve_source(spec.name), revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_source(spec.name), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(spec, spec.name, err) from None
 
 
 def model_kind(spec: ModelSpec, config) -> str:
@@ -67,7 +70,7 @@ def load_tokenizer(spec: ModelSpec):
             resolve_source(source), revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise UserError(f"model: cannot load the tokenizer from '{source}': {_first_line(err)}") from None
+        raise _load_error(spec, source, err, "the tokenizer from ") from None
     if tokenizer.pad_token_id is None:
         # Causal LMs often have no pad token; padded positions are masked, so any id will do.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -109,8 +112,8 @@ def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, qua
             model = auto.from_pretrained(
                 source, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **placement
             )
-        except OSError as err:
-            raise UserError(f"model.name: cannot load '{spec.name}': {_first_line(err)}") from None
+        except (OSError, ValueError) as err:
+            raise _load_error(spec, spec.name, err) from None
     if kind == "causal_lm":
         model.config.use_cache = False  # no KV cache while training: it only costs memory
     return model
@@ -131,6 +134,15 @@ def weights_directory(spec: ModelSpec) -> Path:
         return Path(snapshot_download(spec.name, revision=spec.revision, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # offline, unknown repository, no access: one clear line
         raise UserError(f"model.name: cannot fetch '{spec.name}': {_first_line(err)}") from None
+
+
+def _load_error(spec: ModelSpec, source: str, err: Exception, what: str = "") -> UserError:
+    """One line for a model that does not load; for one that ships its own code, the recipe key that allows it."""
+    if "trust_remote_code" in str(err) and not spec.trust_remote_code:
+        return UserError(f"model.trust_remote_code: '{source}' ships its own code, which loading it would run; "
+                         f"set model.trust_remote_code: true if you trust that code (off, loading executes nothing)")
+    key = "model.tokenizer" if what and spec.tokenizer else "model.name"
+    return UserError(f"{key}: cannot load {what}'{source}': {_first_line(err)}")
 
 
 def _first_line(err: Exception) -> str:

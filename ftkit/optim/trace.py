@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ftkit.safe_files import open_file, read_bytes
+
 MAGIC = b"FTKZOTR1"
 
 
@@ -47,17 +49,19 @@ class TraceWriter:
         self.record = record_format(header["n_queries"])
         if resume_step is None:
             blob = json.dumps(header).encode()
-            with open(self.path, "wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(blob)) + blob)
-            self.file = open(self.path, "ab")
+            self.file = open_file(self.path, "wb")
+            self.file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
         else:
             if not self.path.is_file():
                 raise ValueError(f"{self.path} is missing")
-            self.file = open(self.path, "r+b")
-            keep = _header_size(self.file) + resume_step * self.record.size
-            if os.path.getsize(self.path) < keep:
+            self.file = open_file(self.path, "r+b")
+            try:
+                keep = _header_size(self.file) + resume_step * self.record.size
+                if os.fstat(self.file.fileno()).st_size < keep:
+                    raise ValueError(f"{self.path} holds fewer than the checkpoint's {resume_step} steps")
+            except ValueError:
                 self.file.close()
-                raise ValueError(f"{self.path} holds fewer than the checkpoint's {resume_step} steps")
+                raise
             self.file.truncate(keep)
             self.file.seek(0, os.SEEK_END)
 
@@ -76,25 +80,42 @@ class TraceWriter:
 
 def _header_size(f) -> int:
     f.seek(0)
-    if f.read(len(MAGIC)) != MAGIC:
+    start = f.read(len(MAGIC) + 4)
+    if start[: len(MAGIC)] != MAGIC or len(start) < len(MAGIC) + 4:
         raise ValueError("not an ftkit trace (bad magic)")
-    (length,) = struct.unpack("<I", f.read(4))
+    (length,) = struct.unpack("<I", start[len(MAGIC):])
     return len(MAGIC) + 4 + length
+
+
+# Header keys replay reads, and their types.
+HEADER_KEYS = {"n_queries": int, "num_classes": int, "recipe": dict, "initial_tensors": dict}
 
 
 def read_trace(path: Path) -> tuple[dict, list[dict]]:
     """(header, records). Raises ValueError naming the problem for a damaged or foreign file."""
-    data = Path(path).read_bytes()
-    if data[: len(MAGIC)] != MAGIC:
-        raise ValueError(f"{path} is not an ftkit trace")
-    (length,) = struct.unpack_from("<I", data, len(MAGIC))
+    data = read_bytes(Path(path))
     start = len(MAGIC) + 4
-    header = json.loads(data[start : start + length])
-    record = record_format(header["n_queries"])
+    if data[: len(MAGIC)] != MAGIC or len(data) < start:
+        raise ValueError(f"{path} is not an ftkit trace (it does not start with {MAGIC.decode()})")
+    (length,) = struct.unpack_from("<I", data, len(MAGIC))
+    if start + length > len(data):
+        raise ValueError(f"{path} is truncated: its header needs {length:,} bytes and {len(data) - start:,} follow")
+    try:
+        header = json.loads(data[start : start + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: the header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
+    for key, kind in HEADER_KEYS.items():
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            raise ValueError(f"{path}: the header's {key} is missing or not a {kind.__name__}")
+    n = header["n_queries"]
+    if not 1 <= n <= 4096:
+        raise ValueError(f"{path}: the header's n_queries is {n}")
+    record = record_format(n)
     body = data[start + length :]
     if len(body) % record.size:
         raise ValueError(f"{path}: truncated record at the end ({len(body) % record.size} stray bytes)")
-    n = header["n_queries"]
     records = []
     for values in record.iter_unpack(body):
         records.append({"step": values[0], "seed": values[1], "lr": values[2], "gradients": list(values[3 : 3 + n]),

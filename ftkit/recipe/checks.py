@@ -4,6 +4,7 @@ options and its combinations with the rest of the recipe (ftkit.components), so 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 
 from ftkit.adapters import ADAPTERS
@@ -11,6 +12,7 @@ from ftkit.data.tasks import BUILTIN_TASKS
 from ftkit.errors import RecipeError
 from ftkit.optim import OPTIMIZERS
 from ftkit.quant import ENGINES, FORMATS
+from ftkit.recipe.architecture import known_architecture, positions
 from ftkit.recipe.schema import Recipe, method_sections
 from ftkit.task_kinds import TASK_KINDS
 
@@ -43,6 +45,30 @@ def run_checks(recipe: Recipe, where: str) -> None:
         fail("model.config.model_type", "a config-built model needs its architecture, e.g. model_type: llama")
     _at_least(fail, "quant.group_size", q.group_size, 0)
     _check_data(recipe, fail, where)
+    architecture = known_architecture(recipe.model)
+    if architecture is not None:
+        check_architecture(recipe, architecture, fail)
+
+
+def check_architecture(recipe: Recipe, architecture: dict, fail) -> None:
+    """What the model's architecture (its config, as plain data) decides: a sequence length within its positions,
+    and explicit TT shapes that factor the matrices of the layers they go into."""
+    bound = positions(architecture)
+    if bound is not None and recipe.data.max_seq_len > bound[1]:
+        key, limit = bound
+        fail("data.max_seq_len", f"{recipe.data.max_seq_len} is more than the {limit} positions the model has "
+             f"({key} in its config); set data.max_seq_len to {limit} or less")
+    adapter = ADAPTERS[recipe.method.adapter]
+    if adapter.tt_dims is None or adapter.section is None:
+        return
+    options = getattr(recipe.method, adapter.section.name)
+    dims = adapter.tt_dims(options, architecture)
+    for role, shape in sorted(options.shapes.items()):
+        for rows, cols in dims.get(role, ()):
+            if math.prod(shape) != rows * cols:
+                fail(f"method.{adapter.section.name}.shapes.{role}",
+                     f"{shape} multiplies to {math.prod(shape)}, but the {role} factor of this model's layers is a "
+                     f"{rows} x {cols} matrix: its modes must multiply to {rows * cols}")
 
 
 def _check_train(recipe: Recipe, fail) -> None:

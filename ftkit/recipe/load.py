@@ -31,11 +31,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"recipe file not found: {path}" + (f" (did you mean {hint}?)" if hint else ""))
     try:
         text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(f"{where}: cannot read it: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{where}: not UTF-8 text ({_first_line(err)})") from None
+    try:
         raw = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise RecipeError(f"{where}: not valid YAML: {_first_line(err)}") from None
     if not isinstance(raw, type(OmegaConf.create({}))):
         raise RecipeError(f"{where}: a recipe is a mapping of sections (model, quant, method, data, train)")
+    if not raw:  # every default at once is never what someone meant: a file emptied by mistake, or the wrong file
+        raise RecipeError(f"{where}: the recipe is empty; a recipe sets at least one of its sections (model, quant, "
+                          f"method, data, train), e.g. train: {{max_steps: 100}}")
     override_keys = {}
     for item in overrides:
         key, sep, _ = item.partition("=")

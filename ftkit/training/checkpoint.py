@@ -1,8 +1,14 @@
-"""Checkpoints that survive crashes.
+"""Checkpoints that survive crashes, and say so when they are damaged.
 
-A save writes everything into a hidden temporary directory, fsyncs it, and renames it to `step-NNNNNN` in one
-atomic step; only then are the `last` / `best` pointers (symlinks) swapped, also atomically. A crash at any
-moment leaves either the old checkpoint or the new one, never a half-written one behind a pointer.
+A save writes everything into a hidden temporary directory, `manifest.json` last (the size and SHA-256 of every
+other file), fsyncs it, and renames it to `step-NNNNNN` in one atomic step; only then are the `last` / `best`
+pointers (symlinks) swapped, also atomically. A crash at any moment leaves either the old checkpoint or the new one,
+never a half-written one behind a pointer; a save that fails (a full disk) removes its temporary directory and
+names the last intact checkpoint.
+
+Reading verifies: `find` returns the newest checkpoint whose files match their manifest (a flipped bit, a truncated
+or deleted file is caught) and describes each damaged one it skipped. Checkpoints from before manifests existed are
+read unverified, after the checks their layout allows (the weights file's length against its own header).
 
 A checkpoint holds the tensors training changes (`weights.safetensors`), the method's state (`method.pt`,
 loaded with weights_only=True), and `trainer_state.json`: step, data position, best metric, RNG states.
@@ -10,10 +16,12 @@ loaded with weights_only=True), and `trainer_state.json`: step, data position, b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
-import shutil
+import stat
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +29,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ftkit.errors import UserError
 from ftkit.quant.io import check_layout, quant_state
+from ftkit.safe_files import (
+    fsync,
+    make_dir,
+    open_file,
+    read_bytes,
+    remove,
+    storage_error,
+)
+from ftkit.training.metrics import to_json
+from ftkit.training.rundir import POINTERS, STEP
 
 WEIGHTS = "weights.safetensors"
 METHOD_STATE = "method.pt"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+FORMAT = 2  # trainer_state.json's checkpoint_format; 2: the checkpoint has a manifest (1: written before them)
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files are not what was saved, or that cannot be read."""
+
+
+class SaveFailed(UserError):
+    """Writing a checkpoint failed (a full disk, a read-only filesystem); the previous checkpoints are intact."""
 
 
 def step_name(step: int) -> str:
@@ -58,107 +87,311 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+# --- saving --------------------------------------------------------------------------------------------------------
+
 def save_checkpoint(root: Path, step: int, model, method, trainer_state: dict, keep_last: int,
                     is_best: bool = False, descriptions: dict[str, dict] | None = None) -> Path:
     """`descriptions` are extra JSON files written into the checkpoint (e.g. adapter_config.json)."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    tensors, metadata = checkpoint_tensors(model)
-    save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or None)
-    torch.save(method.state_dict(), tmp / METHOD_STATE)
-    (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "rng": rng_state()}))
-    for filename, content in (descriptions or {}).items():
-        (tmp / filename).write_text(json.dumps(content, indent=2))
-    for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
-    if final.exists():  # the same step saved again (e.g. best, then last): replace it whole
-        stale = root / f".stale-{step_name(step)}-{os.getpid()}"
-        os.rename(final, stale)
-        os.rename(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    _point(root, "last", final)
-    if is_best:
-        _point(root, "best", final)
-    prune(root, keep_last)
+    try:
+        make_dir(root)
+        remove(tmp)
+        os.mkdir(tmp)
+        _write_contents(tmp, model, method, trainer_state, descriptions or {})
+        _publish(root, tmp, final)
+        _point(root, "last", final)
+        if is_best:
+            _point(root, "best", final)
+        prune(root, keep_last)
+    except Exception as error:
+        failure = storage_error(error)
+        try:
+            remove(tmp)
+        except OSError:
+            pass
+        if failure is None:
+            raise
+        intact, _ = find(root)
+        raise SaveFailed(f"cannot save checkpoint {final}: {failure.strerror or failure}; nothing half-written was "
+                         f"kept, and the last intact checkpoint is {intact or 'none'}") from None
     return final
 
 
+def _write_contents(tmp: Path, model, method, trainer_state: dict, descriptions: dict[str, dict]) -> None:
+    tensors, metadata = checkpoint_tensors(model)
+    save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or None)
+    with open_file(tmp / METHOD_STATE, "wb", exclusive=True) as handle:
+        torch.save(method.state_dict(), handle)
+    _write_json(tmp / TRAINER_STATE, {**trainer_state, "rng": rng_state(), "checkpoint_format": FORMAT})
+    for filename, content in descriptions.items():
+        _write_json(tmp / filename, content, indent=2)
+    files = {name: _fingerprint(tmp / name) for name in sorted(os.listdir(tmp))}
+    _write_json(tmp / MANIFEST, {"files": files}, indent=1)  # last: a checkpoint without it is incomplete
+    for name in os.listdir(tmp):
+        fsync(tmp / name)
+    fsync(tmp)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    if os.path.lexists(final):  # the same step saved again (e.g. best, then last): replace it whole
+        stale = root / f".stale-{final.name}-{os.getpid()}"
+        remove(stale)
+        os.rename(final, stale)
+        os.rename(tmp, final)
+        remove(stale)
+    else:
+        os.rename(tmp, final)
+    fsync(root)
+
+
+def _write_json(path: Path, data, indent: int | None = None) -> None:
+    with open_file(path, "wb", exclusive=True) as handle:
+        handle.write(to_json(data, indent).encode("utf-8"))
+
+
+def _fingerprint(path: Path) -> dict:
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+# --- finding and verifying -----------------------------------------------------------------------------------------
+
+def find(root: Path, prefer: str = "last", need_method: bool = False) -> tuple[Path | None, list[str]]:
+    """The checkpoint to use, and a line for each damaged one passed over on the way. `prefer` "best": the step
+    `best` points to, when intact; then (and for "last") the newest intact step directory. `need_method`: method.pt
+    must load too (a resume)."""
+    skipped = []
+    for candidate in _candidates(root, prefer):
+        problem = verify(candidate, need_method)
+        if problem is None:
+            return candidate, skipped
+        skipped.append(f"{candidate}: {problem}")
+    return None, skipped
+
+
+def resolve(root: Path, which: str = "last") -> Path | None:
+    """The newest intact checkpoint (`which` "best": the best one when it is intact)."""
+    return find(root, which)[0]
+
+
+def best_or_last(root: Path) -> Path | None:
+    """The checkpoint a finished run is judged by: the best dev metric's, else the newest intact one."""
+    return resolve(root, "best")
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Step directories, oldest first (links and other entries are not step directories)."""
+    if not root.is_dir():
+        return []
+    return sorted(Path(entry.path) for entry in os.scandir(root)
+                  if STEP.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False))
+
+
+def pointer(root: Path, name: str) -> Path | None:
+    """The step directory `last` or `best` names; None when absent or when it does not name one beside it."""
+    link = root / name
+    if not link.is_symlink():
+        return None
+    target = os.readlink(link)
+    return root / target if STEP.fullmatch(target) else None
+
+
+def _candidates(root: Path, prefer: str) -> list[Path]:
+    newest_first = step_dirs(root)[::-1]
+    preferred = pointer(root, prefer) if prefer == "best" else None
+    if preferred is None or preferred not in newest_first:
+        return newest_first
+    return [preferred] + [p for p in newest_first if p != preferred]
+
+
+def verify(step_dir: Path, need_method: bool = False) -> str | None:
+    """None when `step_dir` holds what was saved there, else what is wrong with it."""
+    try:
+        info = os.lstat(step_dir)
+    except FileNotFoundError:
+        return "it does not exist"
+    if not stat.S_ISDIR(info.st_mode):
+        return "not a directory"
+    problem = _check_manifest(step_dir)
+    if problem is not None:
+        return problem
+    try:
+        state = json.loads(read_bytes(step_dir / TRAINER_STATE))
+    except FileNotFoundError:
+        return f"{TRAINER_STATE} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{TRAINER_STATE} is unreadable ({_first_line(err)})"
+    if not isinstance(state, dict) or not isinstance(state.get("loop"), dict) or not isinstance(
+            state["loop"].get("step"), int):
+        return f"{TRAINER_STATE} does not hold a trainer state"
+    if need_method and not all(isinstance(state.get(key), dict) for key in ("stream", "rng")):
+        return (f"{TRAINER_STATE} holds no data position or random state to resume from"
+                + (" (ftkit replay rebuilds weights only)" if "replayed_from" in state else ""))
+    if state.get("checkpoint_format", 1) >= 2 and not os.path.lexists(step_dir / MANIFEST):
+        return f"{MANIFEST} is missing (the save did not finish, or it was deleted)"
+    problem = _check_safetensors(step_dir / WEIGHTS)
+    if problem is None and need_method:
+        problem = _check_method_state(step_dir / METHOD_STATE)
+    return problem
+
+
+def _check_manifest(step_dir: Path) -> str | None:
+    """Every file the manifest lists has the size and SHA-256 it was saved with. No manifest: nothing to compare
+    (a checkpoint written before manifests; `verify` tells it from one whose manifest went missing)."""
+    try:
+        manifest = json.loads(read_bytes(step_dir / MANIFEST))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{MANIFEST} is unreadable ({_first_line(err)})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or WEIGHTS not in files or TRAINER_STATE not in files:
+        return f"{MANIFEST} does not list the checkpoint's files"
+    for name, expected in files.items():
+        problem = _check_file(step_dir, name, expected)
+        if problem:
+            return problem
+    return None
+
+
+def _check_file(step_dir: Path, name: str, expected) -> str | None:
+    if not isinstance(expected, dict) or "/" in name or name in (".", "..", MANIFEST):
+        return f"{MANIFEST} is malformed at {name!r}"
+    path = step_dir / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return f"{name} is missing"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{name} is not a regular file"
+    saved = expected.get("bytes")
+    if info.st_size != saved:
+        return f"{name} has {info.st_size:,} bytes where {saved:,} were saved" if isinstance(saved, int) else \
+            f"{MANIFEST} is malformed at {name!r}"
+    if _fingerprint(path)["sha256"] != expected.get("sha256"):
+        return f"{name} is not what was saved (its SHA-256 differs from the manifest's)"
+    return None
+
+
+def _check_safetensors(path: Path) -> str | None:
+    """The file's length must be what its header says: 8 bytes of header length, the JSON header, the tensors."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return f"{WEIGHTS} is missing"
+    except OSError as err:
+        return f"{WEIGHTS} is unreadable ({err.strerror})"
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{WEIGHTS} is truncated ({size} bytes)"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"{WEIGHTS} is truncated or damaged (its header claims {length:,} of its {size:,} bytes)"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{WEIGHTS} has a damaged header"
+    if size != 8 + length + end:
+        return f"{WEIGHTS} is truncated or damaged ({size:,} bytes where its header describes {8 + length + end:,})"
+    return None
+
+
+def _check_method_state(path: Path) -> str | None:
+    if not os.path.isfile(path) or os.path.islink(path):
+        return f"{METHOD_STATE} is missing"
+    try:
+        torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as err:  # a refused pickle, a damaged zip: either way not loadable
+        return f"{METHOD_STATE} cannot be loaded safely ({_first_line(err)})"
+    return None
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
 def load_checkpoint(step_dir: Path, model, method=None) -> dict:
-    """Restore the trained tensors into `model` (and the method's state); return trainer_state."""
-    with safe_open(str(step_dir / WEIGHTS), framework="pt") as handle:
-        check_layout(model, handle.metadata(), str(step_dir))
-    weights = load_file(str(step_dir / WEIGHTS), device="cpu")  # copied onto the model's device below
+    """Restore the trained tensors into `model` (and the method's state); return trainer_state. A checkpoint that
+    cannot be read ends in one line naming it."""
+    try:
+        with safe_open(str(step_dir / WEIGHTS), framework="pt") as handle:
+            metadata = handle.metadata()
+        weights = load_file(str(step_dir / WEIGHTS), device="cpu")  # copied onto the model's device below
+        state = None
+        if method is not None:
+            # Read onto the CPU whatever device wrote it: optimizers move their state to their parameters' device.
+            state = torch.load(step_dir / METHOD_STATE, weights_only=True, map_location="cpu")
+    except Exception as err:  # missing, truncated, refused by the safe loader: not a checkpoint that loads
+        raise DamagedCheckpoint(f"cannot load checkpoint {step_dir}: {_first_line(err)}") from None
+    try:
+        check_layout(model, metadata, str(step_dir))
+    except ValueError as err:
+        raise UserError(f"{err}: the checkpoint is of another recipe") from None
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     missing = [name for name in weights if name not in targets]
     if missing:
-        raise ValueError(f"{step_dir}: checkpoint has tensors the model lacks, e.g. {missing[0]}")
+        raise UserError(f"{step_dir}: checkpoint has tensors the model lacks, e.g. {missing[0]}: the checkpoint is "
+                        f"of another recipe")
     with torch.no_grad():
         for name, tensor in weights.items():
+            if targets[name].shape != tensor.shape:
+                raise UserError(f"{step_dir}: {name} has shape {list(tensor.shape)} in the checkpoint and "
+                                f"{list(targets[name].shape)} in the model: the checkpoint is of another recipe")
             targets[name].copy_(tensor)
     if method is not None:
-        # Read onto the CPU whatever device wrote it: optimizers move their state to their parameters' device.
-        method.load_state_dict(torch.load(step_dir / METHOD_STATE, weights_only=True, map_location="cpu"))
+        method.load_state_dict(state)
     return read_trainer_state(step_dir)
 
 
 def read_trainer_state(step_dir: Path) -> dict:
-    return json.loads((step_dir / TRAINER_STATE).read_text())
+    try:
+        return json.loads(read_bytes(step_dir / TRAINER_STATE))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpoint(f"cannot read {step_dir / TRAINER_STATE}: {_first_line(err)}") from None
 
 
-def resolve(root: Path, which: str = "last") -> Path | None:
-    """The step directory a pointer names; without a pointer, the newest complete step directory."""
-    pointer = root / which
-    if pointer.is_symlink() and pointer.resolve().is_dir():
-        return pointer.resolve()
-    if which == "best":
-        return None
-    steps = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()) if root.is_dir() else []
-    return steps[-1] if steps else None
-
-
-def best_or_last(root: Path) -> Path | None:
-    """The checkpoint a finished run is judged by: the best dev metric's, else the last one."""
-    return resolve(root, "best") or resolve(root, "last")
-
+# --- housekeeping --------------------------------------------------------------------------------------------------
 
 def remove_leftovers(root: Path) -> None:
-    """Temporary directories of saves that never finished."""
-    if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
-        for path in root.glob(".stale-*"):
-            shutil.rmtree(path, ignore_errors=True)
+    """What saves that never finished left: temporary directories and pointers. A step saved again is moved aside
+    (`.stale-`) before its replacement is renamed into place; stopped in between, the old one is put back."""
+    if not root.is_dir():
+        return
+    for entry in os.scandir(root):
+        path = Path(entry.path)
+        if entry.name.startswith(".stale-") and entry.is_dir(follow_symlinks=False):
+            step = STEP.search(entry.name)
+            if step and not os.path.lexists(root / step.group()):
+                os.rename(path, root / step.group())
+                continue
+        if entry.name.startswith((".tmp-", ".stale-", ".last-", ".best-")):
+            remove(path)
 
 
 def prune(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` step directories, plus whatever `best` and `last` point to."""
-    pinned = {p.resolve() for p in (root / "best", root / "last") if p.is_symlink()}
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    pinned = {pointer(root, name) for name in POINTERS}
+    steps = step_dirs(root)
     for path in steps[:-keep_last] if keep_last else steps:
-        if path.resolve() not in pinned:
-            shutil.rmtree(path)
+        if path not in pinned:
+            remove(path)
 
 
 def _point(root: Path, name: str, target: Path) -> None:
     link = root / f".{name}-{os.getpid()}"
-    if link.is_symlink() or link.exists():
-        link.unlink()
+    remove(link)
     os.symlink(target.name, link)
     os.replace(link, root / name)
-    _fsync(root)
+    fsync(root)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

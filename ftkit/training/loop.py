@@ -3,8 +3,9 @@ the schedule, evaluation, checkpoints, metrics, progress and signals. Read it to
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -17,20 +18,28 @@ from ftkit.adapters import ADAPTERS
 from ftkit.data.batches import TrainStream, encode, shard
 from ftkit.data.dataset import load_task_data
 from ftkit.devices import deterministic, peak_memory_mb, reset_peak_memory, synchronize
-from ftkit.distributed import World, close_world, init_world
+from ftkit.distributed import NPROC_ENV, World, close_world, init_world
 from ftkit.errors import Interrupted, TrainingDiverged, UserError
 from ftkit.eval import evaluate
 from ftkit.memory import current_rss_mb, peak_rss_mb, return_freed_memory_to_the_system
 from ftkit.models.build import build_model
-from ftkit.models.count import trainable_numel
+from ftkit.models.count import count_model
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
 from ftkit.optim.schedules import learning_rate
-from ftkit.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from ftkit.recipe import Recipe, recipe_to_dict
 from ftkit.recipe.compare import computing_differences, non_computing_keys
+from ftkit.safe_files import remove, storage_error, write_atomic
 from ftkit.training import checkpoint as ckpt
+from ftkit.training import rundir
 from ftkit.training.environment import check_environment, environment, using_threads
-from ftkit.training.metrics import MetricsLog, NullLog, read_events, truncate_after
+from ftkit.training.metrics import (
+    MetricsLog,
+    NullLog,
+    read_events,
+    to_json,
+    truncate_after,
+)
 from ftkit.training.progress import TrainProgress
 
 
@@ -40,12 +49,15 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path("runs") / Path(recipe.source or "recipe").stem
 
 
-def train(recipe: Recipe, resume: bool = False, console: Console | None = None, allow_inexact: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool | str = False, console: Console | None = None,
+          allow_inexact: bool = False) -> dict:
     """Train `recipe` in this process, or as one of the processes torchrun started (see docs/scaling.md): every
     process runs this same loop on the same global batches and holds identical weights; process 0 alone writes.
 
-    A resume continues bit-exactly where the run left off; it is refused where that cannot hold (another thread
-    count, device or torch version) unless `allow_inexact`."""
+    `resume`: True continues the run in train.output_dir from its newest intact checkpoint (and fails when there is
+    none); "auto" does so when there is one and starts afresh otherwise. A resume continues bit-exactly where the
+    run left off; it is refused where that cannot hold (another thread count, device or torch version) unless
+    `allow_inexact`."""
     world = init_world(recipe.train.device)
     try:
         with using_threads(recipe.train.threads), deterministic(world.device):
@@ -54,7 +66,7 @@ def train(recipe: Recipe, resume: bool = False, console: Console | None = None, 
         close_world(world)
 
 
-def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_inexact: bool) -> dict:
+def _train(recipe: Recipe, resume: bool | str, console: Console, world: World, allow_inexact: bool) -> dict:
     started, rss_at_start = time.perf_counter(), current_rss_mb()  # after imports, before data and model
     return_freed_memory_to_the_system()  # zeroth-order chunks and streamed layers go back to the system when freed
     device = world.device
@@ -62,21 +74,92 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
     if not world.is_main:
         console = Console(quiet=True)
     run_dir = run_dir_for(recipe)
-    ckpt_root = run_dir / "checkpoints"
+    held, resume_from = _open_run(run_dir, recipe, resume, world, console)
+    try:
+        return _run(recipe, run_dir, resume_from, console, world, allow_inexact, started, rss_at_start)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _open_run(run_dir: Path, recipe: Recipe, resume: bool | str, world: World, console: Console):
+    """Process 0 claims the run directory (lock, checks) and picks the checkpoint to resume from; every process
+    learns the outcome, and checks it sees that checkpoint too. Returns (the lock or None, checkpoint or None)."""
+    held, outcome, error = None, None, None
     if world.is_main:
+        try:
+            held, found = _claim(run_dir, recipe, resume, world, console)
+            outcome = ("ok", found.name if found else None)
+        except UserError as err:
+            outcome, error = ("error", str(err)), err
+    kind, value = world.all_gather(outcome)[0]
+    if kind == "error":
+        raise error or UserError(value)
+    ckpt_root = run_dir / rundir.CHECKPOINTS
+    resume_from = ckpt_root / value if value else None
+    views = world.all_gather(resume_from is None or (resume_from / ckpt.TRAINER_STATE).is_file())
+    if not all(views):  # several machines, and the run directory is not on a filesystem they share
+        if held is not None:
+            held.release()
+        rank = views.index(False)
+        raise UserError(f"process {rank} does not see {resume_from}, which process 0 resumes from: "
+                        f"train.output_dir must be on a filesystem every machine shares")
+    return held, resume_from
+
+
+def _claim(run_dir: Path, recipe: Recipe, resume: bool | str, world: World, console: Console):
+    continue_with = resume_command(run_dir, world)
+    if resume is True:  # --resume: there must be something to resume; --resume auto starts afresh when not
+        if not os.path.lexists(run_dir):
+            raise UserError(f"cannot resume {run_dir}: it does not exist; start the run without --resume (or with "
+                            f"--resume auto, which starts it when there is nothing to resume)")
+        if run_dir.is_dir() and not rundir.has_checkpoints(run_dir):
+            raise UserError(f"cannot resume {run_dir}: it holds no checkpoint; start the run without --resume (or "
+                            f"with --resume auto, which starts it when there is nothing to resume)")
+    held = rundir.claim(run_dir, recipe.source, "set train.output_dir to another directory")
+    try:
+        if held.previous:
+            console.print(f"note: {run_dir} was held by {rundir.describe_holder(held.previous)}, which ended without "
+                          f"releasing it; taking it over", markup=False)
+        ckpt_root = run_dir / rundir.CHECKPOINTS
         ckpt.remove_leftovers(ckpt_root)
-    found = ckpt.resolve(ckpt_root)
-    views = world.all_gather(found.name if found else None)
-    if len(set(views)) > 1:  # several machines, and the run directory is not on a filesystem they share
-        rank = next(r for r, view in enumerate(views) if view != views[0])
-        raise UserError(f"process {rank} sees {views[rank] or 'no checkpoint'} in {ckpt_root} where process 0 sees "
-                        f"{views[0] or 'none'}: train.output_dir must be on a filesystem every machine shares")
-    resume_from = found if resume else None
-    if not resume and found is not None:
-        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                        f"or set train.output_dir to start another")
-    if resume_from is not None:
+        if resume == "auto":
+            resume = rundir.has_checkpoints(run_dir)
+        if not resume:
+            if rundir.has_checkpoints(run_dir):
+                raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue that run "
+                                f"({continue_with}), or set train.output_dir to start another")
+            return held, None
         _check_same_recipe(run_dir, recipe)
+        found, skipped = ckpt.find(ckpt_root, need_method=True)
+        if found is None:
+            raise UserError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints can be resumed from (the "
+                            f"newest, {skipped[0]}); start the run again with another train.output_dir")
+        for line in skipped:
+            console.print(f"warning: skipping damaged checkpoint {line}", markup=False)
+        return held, found
+    except BaseException:
+        held.release()
+        raise
+
+
+def resume_command(run_dir: Path, world: World) -> str:
+    """The command that continues this run exactly: the run directory's own recipe.yaml (overrides included, and
+    whatever directory it is in now) on the same number of processes."""
+    target = shlex.quote(str(run_dir))
+    if world.size == 1:
+        return f"ftkit train {target} --resume"
+    if os.environ.get(NPROC_ENV) == str(world.size):  # started by `ftkit train --nproc N`
+        return f"ftkit train {target} --resume --nproc {world.size}"
+    return f"torchrun <the same options> -m ftkit train {target} --resume"
+
+
+def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, console: Console, world: World,
+         allow_inexact: bool, started: float, rss_at_start: float) -> dict:
+    device = world.device
+    ckpt_root = run_dir / rundir.CHECKPOINTS
+    continue_with = resume_command(run_dir, world)
+    if resume_from is not None:
         check_environment(ckpt.read_trainer_state(resume_from).get("environment"),
                           f"cannot resume {run_dir} bit-exactly", allow_inexact, device)
 
@@ -98,7 +181,8 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
                         num_classes, tokenizer, world)
 
     metric = task.spec.metric
-    trainable = trainable_numel(model)
+    counts = count_model(model)  # the codes of quantized layers count as parameters, as in count-params
+    trainable = counts["trainable"]
     # elapsed: seconds of training so far, across resumes (evaluation included), for plots against wall time
     state = {"step": 0, "best_metric": None, "best_step": None, "dev_at_start": None, "elapsed": 0.0}
 
@@ -115,10 +199,10 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
     else:
         torch.manual_seed(recipe.train.seed)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        if resume_from is None:  # a run that stopped before its first checkpoint starts over
+            for name in ("metrics.jsonl", "summary.json", "trace.ftz"):
+                remove(run_dir / name)
+        write_atomic(run_dir / rundir.RECIPE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     log = MetricsLog(run_dir, recipe.train.tensorboard) if world.is_main else NullLog()
     console.print(f"{kind} model, {trainable:,} trainable parameters; data: "
                   + ", ".join(f"{s} {len(v)}" for s, v in task.splits.items()))
@@ -146,8 +230,11 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
         if world.is_main:
             trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source,
                              "processes": world.size, "environment": environment(device)}
-            ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
-                                 descriptions)
+            try:
+                ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
+                                     descriptions)
+            except ckpt.SaveFailed as err:
+                raise ckpt.SaveFailed(f"{err}; make room, then continue with: {continue_with}") from None
 
     progress = TrainProgress(console, recipe.train.max_steps, state["step"], recipe.train.log_every)
     loop_started, first_step = time.perf_counter(), state["step"]
@@ -186,7 +273,12 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
                 save(done, is_best=improved)
             if signum and not is_last:
                 raise Interrupted(signum, f"interrupted at step {done}; checkpoint saved in {ckpt_root}; "
-                                  f"continue with: ftkit train {recipe.source} --resume")
+                                  f"continue with: {continue_with}")
+    except OSError as err:  # metrics or the trace could not be written: the checkpoints so far are intact
+        failure = storage_error(err) or err
+        raise UserError(f"cannot write {getattr(err, 'filename', None) or run_dir}: {failure.strerror or failure}; "
+                        f"the last intact checkpoint is {ckpt.resolve(ckpt_root) or 'none'}; make room, then "
+                        f"continue with: {continue_with}") from None
     finally:
         method.end()
         progress.close()
@@ -211,7 +303,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
         "recipe": recipe.source, "kind": kind, "steps": state["step"], **facts,
         "dev_at_start": state["dev_at_start"], "dev": _last_dev(run_dir), "metric": metric,
         "best_step": state["best_step"], "best_dev": state["best_metric"],
-        "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": trainable, "total_params": counts["total"],
         "processes": world.size, "environment": environment(device),
         "peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": rss_at_start, **peak_memory_mb(device),
         "wall_seconds": time.perf_counter() - started, "seconds_per_step": seconds_per_step if steps_run else None,
@@ -221,7 +313,7 @@ def _train(recipe: Recipe, resume: bool, console: Console, world: World, allow_i
         test_log = MetricsLog(run_dir)
         test_log.write({"step": state["best_step"] or state["step"], "split": "test", **summary["test"]})
         test_log.close()
-    (run_dir / "summary.json").write_text(_json(summary))
+    write_atomic(run_dir / "summary.json", to_json(summary, indent=2) + "\n")
     return summary
 
 
@@ -250,10 +342,11 @@ def adapter_description(recipe: Recipe) -> dict:
 
 
 def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    saved_path = run_dir / "recipe.yaml"
-    if not saved_path.is_file():
-        return
-    saved = recipe_to_dict(recipe_from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)))
+    """A resume continues the computation its run directory's recipe.yaml describes, so it needs that file."""
+    if not (run_dir / rundir.RECIPE).is_file():
+        raise UserError(f"cannot resume {run_dir}: its {rundir.RECIPE} is missing, so nothing says what the run "
+                        f"computed; restore it (a copy of the recipe as run, overrides included) or start another run")
+    saved = recipe_to_dict(rundir.read_recipe(run_dir))
     differences = computing_differences(saved, recipe_to_dict(recipe))
     if differences:
         key, before, now = differences[0]
@@ -265,6 +358,3 @@ def _last_dev(run_dir: Path) -> dict | None:
     devs = [e for e in read_events(run_dir / "metrics.jsonl") if e["split"] == "dev"]
     return devs[-1] if devs else None
 
-
-def _json(data: dict) -> str:
-    return json.dumps(data, indent=2) + "\n"

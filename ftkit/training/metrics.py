@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
+
+from ftkit.safe_files import open_file, read_bytes, write_atomic
 
 
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
-        self.handle = self.path.open("a", encoding="utf-8")
+        self.handle = open_file(self.path, "ab")
         self.writer = _tensorboard_writer(run_dir) if tensorboard else None
 
     def write(self, event: dict) -> None:
-        self.handle.write(json.dumps(event) + "\n")
+        self.handle.write((to_json(event) + "\n").encode("utf-8"))
         self.handle.flush()
         if self.writer is not None:
             for key, value in event.items():
@@ -37,25 +39,49 @@ class NullLog:
         pass
 
 
+def to_json(data, indent: int | None = None) -> str:
+    """JSON that every parser reads: a NaN or infinite number (a diverged loss) is written as null."""
+    return json.dumps(_finite(data), indent=indent, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop events logged after `step`: a resumed run rewrites them, so the file reads as one uninterrupted run."""
-    if not path.is_file():
+    try:
+        text = read_bytes(path).decode("utf-8", errors="replace")
+    except FileNotFoundError:
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by the crash
             continue
-        if event.get("step", 0) <= step:
+        if isinstance(event, dict) and isinstance(event.get("step", 0), int) and event.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The events in `path`; a line cut short (a run killed while writing it) is left out."""
+    events = []
+    for line in read_bytes(path).decode("utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 def _tensorboard_writer(run_dir: Path):
