@@ -29,3 +29,9 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first non-empty line, for one-line error messages (its type where it says nothing)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

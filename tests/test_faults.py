@@ -356,7 +356,7 @@ def crafted_method_state(step: Path, marker: Path) -> None:
 
     torch.save({"steps_done": Payload()}, step / ckpt.METHOD_STATE)
     manifest = json.loads((step / ckpt.MANIFEST).read_text())
-    manifest["files"][ckpt.METHOD_STATE] = ckpt._fingerprint(step / ckpt.METHOD_STATE)
+    manifest["files"][ckpt.METHOD_STATE] = ckpt.fingerprint(step / ckpt.METHOD_STATE)
     (step / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 

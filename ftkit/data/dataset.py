@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ftkit.data.files import LINE, read_rows
 from ftkit.data.tasks import BUILTIN_TASKS
-from ftkit.errors import DataError
+from ftkit.errors import DataError, first_line
 from ftkit.recipe.schema import Recipe, TaskSpec
 from ftkit.task_kinds import TASK_KINDS
 
@@ -145,7 +145,7 @@ def _read_hub(builtin, split: str):
 
         dataset = datasets.load_dataset(builtin.hub_path, builtin.hub_name, split=builtin.hub_splits[split])
     except Exception as err:  # offline, missing package, unknown dataset: all mean "not here"
-        return None, str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        return None, first_line(err)[:120]
     return [{LINE: i + 1, **row} for i, row in enumerate(dataset)], None
 
 

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from ftkit.errors import DataError
+from ftkit.errors import DataError, first_line
 
 # Each row carries the line it came from, so errors can point at it.
 LINE = "__line__"
@@ -124,7 +124,7 @@ def _read_parquet(path: Path):
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow's errors for a file that is not parquet or is damaged
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        message = first_line(err)
         raise DataError(f"{path}: not a readable parquet file ({message})") from None
     _check_unique(list(table.column_names), str(path))
     rows = [{LINE: i, **row} for i, row in enumerate(table.to_pylist(), start=1)]

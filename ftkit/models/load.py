@@ -16,7 +16,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ftkit.devices import CPU
-from ftkit.errors import UserError
+from ftkit.errors import UserError, first_line
 from ftkit.models.packaged import PACKAGED
 from ftkit.quant import FORMATS
 from ftkit.recipe.schema import ModelSpec, QuantSpec
@@ -133,7 +133,7 @@ def weights_directory(spec: ModelSpec) -> Path:
 
         return Path(snapshot_download(spec.name, revision=spec.revision, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # offline, unknown repository, no access: one clear line
-        raise UserError(f"model.name: cannot fetch '{spec.name}': {_first_line(err)}") from None
+        raise UserError(f"model.name: cannot fetch '{spec.name}': {first_line(err)}") from None
 
 
 def _load_error(spec: ModelSpec, source: str, err: Exception, what: str = "") -> UserError:
@@ -142,9 +142,5 @@ def _load_error(spec: ModelSpec, source: str, err: Exception, what: str = "") ->
         return UserError(f"model.trust_remote_code: '{source}' ships its own code, which loading it would run; "
                          f"set model.trust_remote_code: true if you trust that code (off, loading executes nothing)")
     key = "model.tokenizer" if what and spec.tokenizer else "model.name"
-    return UserError(f"{key}: cannot load {what}'{source}': {_first_line(err)}")
+    return UserError(f"{key}: cannot load {what}'{source}': {first_line(err)}")
 
-
-def _first_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -26,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ftkit.errors import first_line
 from ftkit.quant.packing import unpack_int4
 
 # Below this many input rows (tokens) the CPU int4 kernel beats dequantize + fp32 matmul.
@@ -48,7 +49,7 @@ def matmul(layer, x: torch.Tensor) -> torch.Tensor:
             raise
         except RuntimeError as err:  # this hardware or build lacks the kernel for these dtypes: say so once
             _UNUSABLE.add((kernel, x.device.type, layer.fmt))
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             warnings.warn(f"quant.kernel {kernel} is not usable for {layer.fmt} on {x.device.type} ({reason}); "
                           f"dequantize-then-matmul runs instead", stacklevel=2)
     return dequantize_matmul(layer, x)

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftkit.errors import RecipeError
+from ftkit.errors import RecipeError, first_line
 from ftkit.recipe.schema import Recipe
 
 
@@ -34,11 +34,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as err:
         raise RecipeError(f"{where}: cannot read it: {err.strerror}") from None
     except UnicodeDecodeError as err:
-        raise RecipeError(f"{where}: not UTF-8 text ({_first_line(err)})") from None
+        raise RecipeError(f"{where}: not UTF-8 text ({first_line(err)})") from None
     try:
         raw = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
     except (OmegaConfBaseException, yaml.YAMLError) as err:
-        raise RecipeError(f"{where}: not valid YAML: {_first_line(err)}") from None
+        raise RecipeError(f"{where}: not valid YAML: {first_line(err)}") from None
     if not isinstance(raw, type(OmegaConf.create({}))):
         raise RecipeError(f"{where}: a recipe is a mapping of sections (model, quant, method, data, train)")
     if not raw:  # every default at once is never what someone meant: a file emptied by mistake, or the wrong file
@@ -54,7 +54,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         merged = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides))) if overrides else raw
         data = OmegaConf.to_container(merged, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
-        raise RecipeError(f"{where}: {_first_line(err)}") from None
+        raise RecipeError(f"{where}: {first_line(err)}") from None
     recipe = recipe_from_dict(data, where, override_keys)
     recipe.source = str(path)
     check_recipe(recipe, where)
@@ -219,7 +219,3 @@ def _nearby_recipe(path: Path) -> str | None:
     close = difflib.get_close_matches(path.name, names, n=1)
     return str(folder / close[0]) if close else None
 
-
-def _first_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -6,8 +6,8 @@ pointers (symlinks) swapped, also atomically. A crash at any moment leaves eithe
 never a half-written one behind a pointer; a save that fails (a full disk) removes its temporary directory and
 names the last intact checkpoint.
 
-Reading verifies: `find` returns the newest checkpoint whose files match their manifest (a flipped bit, a truncated
-or deleted file is caught) and describes each damaged one it skipped. Checkpoints from before manifests existed are
+Reading verifies (verify.py): `find` returns the newest checkpoint whose files match their manifest (a flipped bit,
+a truncated or deleted file is caught) and describes each damaged one it skipped. Checkpoints from before manifests existed are
 read unverified, after the checks their layout allows (the weights file's length against its own header).
 
 A checkpoint holds the tensors training changes (`weights.safetensors`), the method's state (`method.pt`,
@@ -16,12 +16,9 @@ loaded with weights_only=True), and `trainer_state.json`: step, data position, b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import stat
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ftkit.errors import UserError
+from ftkit.errors import UserError, first_line
 from ftkit.quant.io import check_layout, quant_state
 from ftkit.safe_files import (
     fsync,
@@ -41,11 +38,15 @@ from ftkit.safe_files import (
 )
 from ftkit.training.metrics import to_json
 from ftkit.training.rundir import POINTERS, STEP
+from ftkit.training.verify import (
+    MANIFEST,
+    METHOD_STATE,
+    TRAINER_STATE,
+    WEIGHTS,
+    fingerprint,
+    verify,
+)
 
-WEIGHTS = "weights.safetensors"
-METHOD_STATE = "method.pt"
-TRAINER_STATE = "trainer_state.json"
-MANIFEST = "manifest.json"
 FORMAT = 2  # trainer_state.json's checkpoint_format; 2: the checkpoint has a manifest (1: written before them)
 
 
@@ -126,7 +127,7 @@ def _write_contents(tmp: Path, model, method, trainer_state: dict, descriptions:
     _write_json(tmp / TRAINER_STATE, {**trainer_state, "rng": rng_state(), "checkpoint_format": FORMAT})
     for filename, content in descriptions.items():
         _write_json(tmp / filename, content, indent=2)
-    files = {name: _fingerprint(tmp / name) for name in sorted(os.listdir(tmp))}
+    files = {name: fingerprint(tmp / name) for name in sorted(os.listdir(tmp))}
     _write_json(tmp / MANIFEST, {"files": files}, indent=1)  # last: a checkpoint without it is incomplete
     for name in os.listdir(tmp):
         fsync(tmp / name)
@@ -148,16 +149,6 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
 def _write_json(path: Path, data, indent: int | None = None) -> None:
     with open_file(path, "wb", exclusive=True) as handle:
         handle.write(to_json(data, indent).encode("utf-8"))
-
-
-def _fingerprint(path: Path) -> dict:
-    digest, size = hashlib.sha256(), 0
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 # --- finding and verifying -----------------------------------------------------------------------------------------
@@ -210,111 +201,6 @@ def _candidates(root: Path, prefer: str) -> list[Path]:
     return [preferred] + [p for p in newest_first if p != preferred]
 
 
-def verify(step_dir: Path, need_method: bool = False) -> str | None:
-    """None when `step_dir` holds what was saved there, else what is wrong with it."""
-    try:
-        info = os.lstat(step_dir)
-    except FileNotFoundError:
-        return "it does not exist"
-    if not stat.S_ISDIR(info.st_mode):
-        return "not a directory"
-    problem = _check_manifest(step_dir)
-    if problem is not None:
-        return problem
-    try:
-        state = json.loads(read_bytes(step_dir / TRAINER_STATE))
-    except FileNotFoundError:
-        return f"{TRAINER_STATE} is missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return f"{TRAINER_STATE} is unreadable ({_first_line(err)})"
-    if not isinstance(state, dict) or not isinstance(state.get("loop"), dict) or not isinstance(
-            state["loop"].get("step"), int):
-        return f"{TRAINER_STATE} does not hold a trainer state"
-    if need_method and not all(isinstance(state.get(key), dict) for key in ("stream", "rng")):
-        return (f"{TRAINER_STATE} holds no data position or random state to resume from"
-                + (" (ftkit replay rebuilds weights only)" if "replayed_from" in state else ""))
-    if state.get("checkpoint_format", 1) >= 2 and not os.path.lexists(step_dir / MANIFEST):
-        return f"{MANIFEST} is missing (the save did not finish, or it was deleted)"
-    problem = _check_safetensors(step_dir / WEIGHTS)
-    if problem is None and need_method:
-        problem = _check_method_state(step_dir / METHOD_STATE)
-    return problem
-
-
-def _check_manifest(step_dir: Path) -> str | None:
-    """Every file the manifest lists has the size and SHA-256 it was saved with. No manifest: nothing to compare
-    (a checkpoint written before manifests; `verify` tells it from one whose manifest went missing)."""
-    try:
-        manifest = json.loads(read_bytes(step_dir / MANIFEST))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return f"{MANIFEST} is unreadable ({_first_line(err)})"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or WEIGHTS not in files or TRAINER_STATE not in files:
-        return f"{MANIFEST} does not list the checkpoint's files"
-    for name, expected in files.items():
-        problem = _check_file(step_dir, name, expected)
-        if problem:
-            return problem
-    return None
-
-
-def _check_file(step_dir: Path, name: str, expected) -> str | None:
-    if not isinstance(expected, dict) or "/" in name or name in (".", "..", MANIFEST):
-        return f"{MANIFEST} is malformed at {name!r}"
-    path = step_dir / name
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return f"{name} is missing"
-    if not stat.S_ISREG(info.st_mode):
-        return f"{name} is not a regular file"
-    saved = expected.get("bytes")
-    if info.st_size != saved:
-        return f"{name} has {info.st_size:,} bytes where {saved:,} were saved" if isinstance(saved, int) else \
-            f"{MANIFEST} is malformed at {name!r}"
-    if _fingerprint(path)["sha256"] != expected.get("sha256"):
-        return f"{name} is not what was saved (its SHA-256 differs from the manifest's)"
-    return None
-
-
-def _check_safetensors(path: Path) -> str | None:
-    """The file's length must be what its header says: 8 bytes of header length, the JSON header, the tensors."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return f"{WEIGHTS} is missing"
-    except OSError as err:
-        return f"{WEIGHTS} is unreadable ({err.strerror})"
-    with os.fdopen(fd, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        head = handle.read(8)
-        if len(head) < 8:
-            return f"{WEIGHTS} is truncated ({size} bytes)"
-        (length,) = struct.unpack("<Q", head)
-        if length > size - 8:
-            return f"{WEIGHTS} is truncated or damaged (its header claims {length:,} of its {size:,} bytes)"
-        try:
-            header = json.loads(handle.read(length))
-            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return f"{WEIGHTS} has a damaged header"
-    if size != 8 + length + end:
-        return f"{WEIGHTS} is truncated or damaged ({size:,} bytes where its header describes {8 + length + end:,})"
-    return None
-
-
-def _check_method_state(path: Path) -> str | None:
-    if not os.path.isfile(path) or os.path.islink(path):
-        return f"{METHOD_STATE} is missing"
-    try:
-        torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except Exception as err:  # a refused pickle, a damaged zip: either way not loadable
-        return f"{METHOD_STATE} cannot be loaded safely ({_first_line(err)})"
-    return None
-
-
 # --- loading -------------------------------------------------------------------------------------------------------
 
 def load_checkpoint(step_dir: Path, model, method=None) -> dict:
@@ -329,7 +215,7 @@ def load_checkpoint(step_dir: Path, model, method=None) -> dict:
             # Read onto the CPU whatever device wrote it: optimizers move their state to their parameters' device.
             state = torch.load(step_dir / METHOD_STATE, weights_only=True, map_location="cpu")
     except Exception as err:  # missing, truncated, refused by the safe loader: not a checkpoint that loads
-        raise DamagedCheckpoint(f"cannot load checkpoint {step_dir}: {_first_line(err)}") from None
+        raise DamagedCheckpoint(f"cannot load checkpoint {step_dir}: {first_line(err)}") from None
     try:
         check_layout(model, metadata, str(step_dir))
     except ValueError as err:
@@ -354,7 +240,7 @@ def read_trainer_state(step_dir: Path) -> dict:
     try:
         return json.loads(read_bytes(step_dir / TRAINER_STATE))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DamagedCheckpoint(f"cannot read {step_dir / TRAINER_STATE}: {_first_line(err)}") from None
+        raise DamagedCheckpoint(f"cannot read {step_dir / TRAINER_STATE}: {first_line(err)}") from None
 
 
 # --- housekeeping --------------------------------------------------------------------------------------------------
@@ -391,7 +277,3 @@ def _point(root: Path, name: str, target: Path) -> None:
     os.replace(link, root / name)
     fsync(root)
 
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ftkit.adapters.export import unwrap_layers
 from ftkit.adapters.targets import REP_TARGETS, default_targets, freeze_all_but
-from ftkit.errors import UserError
+from ftkit.errors import UserError, first_line
 
 
 def inject(model: nn.Module, spec) -> nn.Module:
@@ -25,7 +25,7 @@ def inject(model: nn.Module, spec) -> nn.Module:
     try:
         inject_adapter_in_model(config, backbone)
     except ValueError as err:
-        raise UserError(f"method.adapter lora: {str(err).splitlines()[0]}") from None
+        raise UserError(f"method.adapter lora: {first_line(err)}") from None
     freeze_all_but(model, lambda n: "lora_" in n or n.startswith(("head.", "pre_head.")))
     return model
 
