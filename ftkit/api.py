@@ -7,19 +7,22 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ftkit.recipe import Recipe, load_recipe, recipe_from_dict
+from ftkit.recipe import Recipe, recipe_from_dict
 from ftkit.recipe.load import check_recipe
 from ftkit.recipe.schema import DEFAULT_QUANT_SKIP
 
 
-def train(recipe: Recipe | str | Path, overrides: list[str] = (), resume: bool = False,
+def train(recipe: Recipe | str | Path, overrides: list[str] = (), resume: bool | str = False,
           allow_inexact: bool = False) -> dict:
-    """Train a recipe (a Recipe, or a YAML file with dotted overrides) exactly as `ftkit train` does: checkpoints and
-    metrics in its run directory. Returns the run's summary (summary.json)."""
+    """Train a recipe exactly as `ftkit train` does: checkpoints and metrics in its run directory. `recipe`: a Recipe,
+    a YAML file with dotted overrides, or a run directory (its own recipe.yaml, trained where the directory is).
+    `resume`: True continues from the newest intact checkpoint, "auto" too when there is one. Returns the run's
+    summary (summary.json)."""
+    from ftkit.training import rundir
     from ftkit.training.loop import train as run
 
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, list(overrides))
+        recipe = rundir.recipe_to_train(Path(recipe), list(overrides))
     return run(recipe, resume=resume, allow_inexact=allow_inexact)
 
 

@@ -65,6 +65,7 @@ def train(
 ):
     """Train a recipe; writes checkpoints and metrics to its run directory."""
     from ftkit.distributed import launched_by_torchrun
+    from ftkit.training import rundir
     from ftkit.training.loop import train as run_training
 
     overrides = list(overrides or [])
@@ -72,7 +73,7 @@ def train(
     if resume and "auto" in overrides:  # `--resume auto`: the word lands among the positional arguments
         overrides.remove("auto")
         mode = "auto"
-    spec = _train_recipe(recipe, overrides)
+    spec = rundir.recipe_to_train(recipe, overrides)
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not launched_by_torchrun():
@@ -97,25 +98,6 @@ def train(
         line += (f", GPU {summary['peak_gpu_allocated_mb']:,.0f} MiB allocated / "
                  f"{summary['peak_gpu_reserved_mb']:,.0f} MiB reserved")
     out.print(line)
-
-
-def _train_recipe(target: Path, overrides: list[str]):
-    """The recipe to train: a recipe file with overrides, or a run directory's own recipe.yaml (the run continues
-    in that directory, wherever it has been moved or copied)."""
-    from ftkit.recipe import load_recipe
-    from ftkit.training import rundir
-
-    if "auto" in overrides:
-        raise UserError("'auto' is not an override (key=value); did you mean --resume auto?")
-    if not target.is_dir():
-        return load_recipe(target, overrides)
-    moved = [item for item in overrides if item.partition("=")[0].strip() == "train.output_dir"]
-    if moved:
-        raise UserError(f"override {moved[0]!r}: a run directory is trained where it is ({target}); copy it to "
-                        f"move the run")
-    spec = rundir.read_recipe(target, overrides)
-    spec.train.output_dir = str(target)
-    return spec
 
 
 def _torchrun(nproc: int, args: list[str]) -> int:

@@ -17,7 +17,7 @@ from torch.utils.data import SequentialSampler
 import ftkit
 from ftkit.data.batches import TrainStream, collate, encode
 from ftkit.data.dataset import load_task_data, task_kind
-from ftkit.errors import RecipeError
+from ftkit.errors import RecipeError, UserError
 from ftkit.models.build import build_model
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import MeZO, QuZO
@@ -299,6 +299,20 @@ def test_a_recipe_built_in_python_is_the_recipe_the_yaml_file_gives_and_trains_t
     assert first["steps"] == second["steps"] == 4 and first["best_dev"] == second["best_dev"]
     last = lambda run: load_file(str(ckpt.resolve(tmp_path / run / "checkpoints", "last") / ckpt.WEIGHTS))  # noqa
     assert_same_bits(last("a"), last("b"))
+
+
+def test_train_continues_a_run_directory_as_ftkit_train_run_dir_resume_does(write_recipe, tmp_path):
+    data = tiny_recipe(method={"optimizer": "quzo"}, quant={"format": "int4"},
+                       train={"max_steps": 6, "eval_every": 0, "save_every": 3, "schedule": "constant",
+                              "output_dir": str(tmp_path / "whole")})
+    ftkit.train(ftkit.recipe_from_dict(data))
+    ftkit.train(write_recipe(data), [f"train.output_dir={tmp_path / 'part'}", "train.max_steps=3"])
+    with pytest.raises(UserError, match="--resume"):
+        ftkit.train(tmp_path / "part", ["train.max_steps=6"])  # a finished run is not started over
+    summary = ftkit.train(tmp_path / "part", ["train.max_steps=6"], resume=True)
+    assert summary["steps"] == 6
+    last = lambda run: load_file(str(ckpt.resolve(tmp_path / run / "checkpoints", "last") / ckpt.WEIGHTS))  # noqa
+    assert_same_bits(last("whole"), last("part"))
 
 
 def test_importing_ftkit_imports_no_torch_until_a_torch_name_is_touched():

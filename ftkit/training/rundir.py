@@ -217,3 +217,19 @@ def read_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> R
     started_from = read_marker(run_dir).get("recipe")
     recipe.source = started_from if isinstance(started_from, str) else str(path)
     return recipe
+
+
+def recipe_to_train(target: Path, overrides: list[str]) -> Recipe:
+    """What `ftkit train TARGET` trains: a recipe file with overrides, or a run directory's own recipe.yaml (the
+    run continues in that directory, wherever it has been moved or copied)."""
+    if "auto" in overrides:
+        raise UserError("'auto' is not an override (key=value); did you mean --resume auto?")
+    if not target.is_dir():
+        return load_recipe(target, overrides)
+    moved = [item for item in overrides if item.partition("=")[0].strip() == "train.output_dir"]
+    if moved:
+        raise UserError(f"override {moved[0]!r}: a run directory is trained where it is ({target}); copy it to "
+                        f"move the run")
+    recipe = read_recipe(target, overrides)
+    recipe.train.output_dir = str(target)
+    return recipe
