@@ -162,6 +162,25 @@ def test_directions_are_the_same_whatever_the_thread_count_and_any_range_draws_a
     assert abs(whole.mean().item()) < 4 / math.sqrt(whole.numel()) and abs(whole.std().item() - 1) < 0.01
 
 
+def test_a_perturbed_forward_draws_its_direction_on_several_threads_inside_inference_mode():
+    """A quantized layer's perturbation is drawn inside its forward, which the zeroth-order step runs under
+    inference_mode; the drawing threads must write in that mode (they do not inherit it), and give the numbers one
+    thread gives. 256 x 512 is two blocks of the stream."""
+    layer = quant_layer("int4", out_features=256, in_features=512)
+    d = Directions(bits=4, independent=True, update_rounding="stochastic")
+    QuantTarget("w", layer, 0).move(d, 7, 0.0, 1e-3)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    previous, outputs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outputs.append(layer(x).clone())
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 0), ("int8", 0), ("fp8_e5m2", 32)])
 def test_row_blocks_and_noise_chunks_do_not_change_a_single_bit(monkeypatch, fmt, group):
     """Large layers are perturbed, dequantized and rewritten a block of rows at a time to bound their temporaries;

@@ -70,10 +70,14 @@ def _draw_blocks(seed: int, start: int, stop: int, dtype: torch.dtype, fill) -> 
     `fill(out, generator)`, then the range is cut out of them."""
     first, last = start // BLOCK, (stop - 1) // BLOCK
     out = torch.empty((last - first + 1) * BLOCK, dtype=dtype)
+    # Inference mode is per thread: the pool's threads must write `out` in the mode it was made in (a perturbed
+    # forward draws its direction inside the caller's inference_mode).
+    inference = torch.is_inference_mode_enabled()
 
     def draw(block: int) -> None:
         offset = (block - first) * BLOCK
-        fill(out[offset: offset + BLOCK], devices.generator(derive(seed, block)))
+        with torch.inference_mode(inference):
+            fill(out[offset: offset + BLOCK], devices.generator(derive(seed, block)))
 
     pool = _workers()
     if pool is None or last == first:
