@@ -148,13 +148,16 @@ def test_generation_trains_on_the_device(on_meta, write_recipe, tmp_path):
     assert not audit.mixed
 
 
-def test_an_unavailable_gpu_is_one_line():
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is visible: the error this checks cannot happen here")
+def test_an_unavailable_gpu_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a machine without a GPU reports
     for name in ("cuda", "cuda:1"):
         with pytest.raises(UserError, match=rf"train.device {name}: no CUDA device is visible .*train.device=cpu"):
             devices.resolve_device(name)
     assert devices.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # and one with a single GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"train.device cuda:1: device 1 does not exist \(1 visible\)"):
+        devices.resolve_device("cuda:1")
 
 
 # --- device-agnostic numerics: on the CPU, and on CUDA where a GPU is visible -----------------------------------
