@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ftkit.optim.trace import TraceWriter
 from ftkit.optim.zo import STEP_DOMAIN, zeroth_order_step
-from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive
+from ftkit.optim.zo_streams import derive
 from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget, zo_targets
 
 
@@ -44,8 +44,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.trace = None
         if trace is not None:
             header = {"version": 1, "method": type(self).__name__.lower(), "n_queries": n_queries, "eps": eps,
-                      "perturb_bits": directions.bits, "independent_roundings": directions.independent,
-                      "update_rounding": directions.update_rounding, "weight_decay": weight_decay, "seed": seed,
+                      **directions.trace_fields(), "weight_decay": weight_decay, "seed": seed,
                       "trained_elements": sum(t.numel for t in targets), "recipe": None, "initial_tensors": {}}
             self.trace = TraceWriter(Path(trace), header)
 
@@ -83,14 +82,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                                               self.n_queries, group["weight_decay"], evaluate, combine)
         self.steps_done += 1
         if self.trace is not None:
-            self.trace.write(self.steps_done, step_seed, group["lr"], gradients, self.streams)
+            self.trace.write(self.steps_done, step_seed, group["lr"], gradients, self.directions.streams)
             self.trace.flush()
         self.last_projected_gradients = gradients
         return sum(losses) / len(losses)
-
-    @property
-    def streams(self) -> tuple[int, int, int]:
-        return Q1, Q2 if self.directions.independent else Q1, UPDATE
 
     def state_dict(self) -> dict:
         """The torch state (rates, hyper-parameters) and the step count: all a resume needs, since every random

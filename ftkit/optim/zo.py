@@ -33,7 +33,7 @@ from ftkit.devices import describe, model_device
 from ftkit.distributed import SINGLE, World
 from ftkit.errors import UserError
 from ftkit.optim.trace import TraceWriter, encode_tensor
-from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive
+from ftkit.optim.zo_streams import derive
 from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget, zo_targets
 from ftkit.recipe.schema import Recipe
 
@@ -67,10 +67,6 @@ class ZerothOrder:
         self.steps_done = 0
         self.trace: TraceWriter | None = None
 
-    @property
-    def streams(self) -> tuple[int, int, int]:
-        return Q1, Q2 if self.directions.independent else Q1, UPDATE
-
     # --- the step -----------------------------------------------------------------------------------------------
 
     @property
@@ -94,7 +90,7 @@ class ZerothOrder:
         gradients, losses = self._run(step_seed, lr, shard=as_shard(batches))
         self.steps_done += 1
         if self.trace is not None:
-            self.trace.write(self.steps_done, step_seed, lr, gradients, self.streams)
+            self.trace.write(self.steps_done, step_seed, lr, gradients, self.directions.streams)
         return {"loss": sum(losses) / len(losses), "projected_grad": gradients[0]}
 
     def replay_step(self, seed: int, lr: float, gradients: list[float]) -> None:
@@ -154,9 +150,8 @@ class ZerothOrder:
 
         head = {n: encode_tensor(p) for n, p in self.model.named_parameters() if n.startswith("head.")}
         return {"version": 1, "environment": describe(model_device(self.model)),
-                "method": self.name, "n_queries": self.n_queries, "eps": self.eps,
-                "perturb_bits": self.directions.bits, "independent_roundings": self.directions.independent,
-                "update_rounding": self.directions.update_rounding, "weight_decay": self.weight_decay,
+                "method": self.name, "n_queries": self.n_queries, "eps": self.eps, **self.directions.trace_fields(),
+                "weight_decay": self.weight_decay,
                 "seed": self.seed, "num_classes": _num_classes(self.model),
                 "trained_elements": sum(t.numel for t in self.targets),
                 "recipe": recipe_to_dict(self.recipe), "initial_tensors": head}

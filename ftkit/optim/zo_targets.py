@@ -42,6 +42,16 @@ class Directions:
     independent: bool  # Q2 uses its own rounding bits (QuZO) or Q1's (the public code's variant)
     update_rounding: str  # "stochastic" or "nearest" (QuantTarget only)
 
+    @property
+    def streams(self) -> tuple[int, int, int]:
+        """The stream ids of the perturbation's rounding, the update direction's rounding and the update's grid
+        rounding, as the trace records them."""
+        return Q1, Q2 if self.independent else Q1, UPDATE
+
+    def trace_fields(self) -> dict:
+        return {"perturb_bits": self.bits, "independent_roundings": self.independent,
+                "update_rounding": self.update_rounding}
+
     def perturbation(self, query_seed: int, index: int, shape, device) -> torch.Tensor:
         u = gaussian(shape, derive(query_seed, index, U), device)
         return quantize_direction(u, self.bits, derive(query_seed, index, Q1))
