@@ -3,6 +3,7 @@ first-order training. MiniLM (or SmolLM2-135M) on SST-2 batches; every figure is
 
     python scripts/bench_zo.py [--batch 32] [--repeats 15] [--sections time,memory]
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 1,2 --sections time
+    python scripts/bench_zo.py --threads 1,2 --sections draws
 
 time:   for each case, the median of a full ZO step and of two plain forward passes of the same model on the same
         batch, timed in turn (round robin) so machine noise falls on both alike; the ratio is what the
@@ -116,6 +117,26 @@ def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", thread
     return rows
 
 
+def bench_draws(threads: tuple[int, ...], numel: int = 40_000_000, repeats: int = 3) -> list[dict]:
+    """The random numbers alone: ftkit's block-seeded Gaussian stream (a fresh tensor per call, as the step draws
+    them) at each thread count, against torch.randn into a buffer that is reused (no new memory to fault in)."""
+    rows, buffer = [], torch.empty(numel)
+    for count in threads or (torch.get_num_threads(),):
+        torch.set_num_threads(count)
+        gaussian((numel,), 1)
+        fresh = min(_timed(lambda: gaussian((numel,), 1)) for _ in range(repeats))
+        reused = min(_timed(lambda: torch.randn(numel, generator=torch.Generator().manual_seed(1), out=buffer))
+                     for _ in range(repeats))
+        rows.append({"threads": count, "stream_ns": 1e9 * fresh / numel, "randn_reused_ns": 1e9 * reused / numel})
+    return rows
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def memory_child(case: str, batch_size: int) -> dict:
     baseline = psutil.Process().memory_info().rss / 2**20
     model, method, batch, lr = build(case, MEMORY_CASES, batch_size)
@@ -153,9 +174,9 @@ def main() -> None:
         return
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python scripts/bench_zo.py", *sys.argv[1:]])
-    print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}` ({args.model}, batch of {args.batch} "
-          f"SST-2 sentences)._\n")
     sections = args.sections.split(",")
+    workload = f" ({args.model}, batch of {args.batch} SST-2 sentences)" if set(sections) - {"draws"} else ""
+    print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}`{workload}._\n")
     if "time" in sections:
         print("| case | threads | trained elements | ZO step ms | 2 forwards ms | ratio | extra ns per element | "
               "Gaussian ns per element |")
@@ -164,6 +185,12 @@ def main() -> None:
             print(f"| {r['case']} | {r['threads']} | {r['trained']:,} | {r['step_ms']:.0f} | "
                   f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} | "
                   f"{r['gaussian_ns_per_element']:.2f} |")
+        print()
+    if "draws" in sections:
+        print("| threads | block-seeded stream, fresh tensor, ns per number | torch.randn into a reused buffer |")
+        print("| ---: | ---: | ---: |")
+        for r in bench_draws(threads):
+            print(f"| {r['threads']} | {r['stream_ns']:.2f} | {r['randn_reused_ns']:.2f} |")
         print()
     if "memory" in sections:
         rows = bench_memory(args.batch)
