@@ -13,8 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ftkit.distributed import main_process
-from ftkit.errors import Interrupted, TrainingDiverged, UserError
+from ftkit.openmp import shorten_openmp_spin
+
+shorten_openmp_spin()  # before anything imports torch
+
+from ftkit.distributed import main_process  # noqa: E402
+from ftkit.errors import Interrupted, TrainingDiverged, UserError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune language models on a small memory budget: QuZO, MeZO, LoRETTA and first-order.")

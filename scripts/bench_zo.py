@@ -15,6 +15,7 @@ memory: each case in a fresh process: RSS of the built model above the RSS after
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (OpenMP is configured before torch is imported, as the ftkit command does)
 import argparse
 import json
 import statistics
@@ -24,6 +25,11 @@ import time
 from datetime import datetime, timezone
 
 import psutil
+
+from ftkit.openmp import shorten_openmp_spin
+
+shorten_openmp_spin()
+
 import torch
 
 from ftkit.data.batches import TrainStream, collate, encode

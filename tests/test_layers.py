@@ -127,3 +127,16 @@ def test_validate_and_help_load_no_torch(args):
     done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60)
     result = json.loads(done.stderr.strip().splitlines()[-1])
     assert result == {"code": 0, "heavy": []}, done.stderr
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "10000"), ("777", "777")])
+def test_the_command_shortens_openmp_spinning_before_torch_loads_unless_the_user_chose(preset, expected):
+    """OpenMP reads GOMP_SPINCOUNT when torch loads it: the command sets it first (a user's value stands)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset:
+        env["GOMP_SPINCOUNT"] = preset
+    probe = "import os, sys, ftkit.cli; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+    assert done.stdout.split() == [expected, "False"], done.stderr
