@@ -46,15 +46,17 @@ class _SteppedInTrainingStep(torch.optim.Optimizer):
 class ZOTrainer(Trainer):
     """A Trainer whose step is QuZO (`method="quzo"`, the default: low-bit codes and full-precision parameters alike)
     or MeZO (`method="mezo"`, full-precision parameters). The rate, weight decay and seed come from the
-    TrainingArguments; `eps`, `n_queries` and QuZO's `perturb_bits`, `independent_roundings`, `update_rounding` are
-    keyword arguments."""
+    TrainingArguments; `eps`, `n_queries`, `direction` and QuZO's `perturb_bits`, `independent_roundings`,
+    `update_rounding` are keyword arguments."""
 
     def __init__(self, *args, method: str = "quzo", eps: float = 1e-3, n_queries: int = 1, perturb_bits: int = 4,
-                 independent_roundings: bool = True, update_rounding: str = "stochastic", **kwargs):
+                 independent_roundings: bool = True, update_rounding: str = "stochastic", direction: str = "gaussian",
+                 **kwargs):
         if method not in ("quzo", "mezo"):
             raise ValueError(f"method must be 'quzo' or 'mezo', got {method!r}")
         self.zo_options = {"method": method, "eps": eps, "n_queries": n_queries, "perturb_bits": perturb_bits,
-                           "independent_roundings": independent_roundings, "update_rounding": update_rounding}
+                           "independent_roundings": independent_roundings, "update_rounding": update_rounding,
+                           "direction": direction}
         self.zeroth_order = None
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
@@ -65,7 +67,8 @@ class ZOTrainer(Trainer):
         if self.optimizer is None:
             options, target = self.zo_options, model or self.model
             common = {"lr": self.args.learning_rate, "eps": options["eps"], "n_queries": options["n_queries"],
-                      "weight_decay": self.args.weight_decay, "seed": self.args.seed}
+                      "weight_decay": self.args.weight_decay, "seed": self.args.seed,
+                      "direction": options["direction"]}
             if options["method"] == "mezo":
                 self.zeroth_order = MeZO(target, **common)
             else:

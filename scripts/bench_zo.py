@@ -54,9 +54,13 @@ CASES = {
 MEMORY_CASES = {"AdamW fp32, all weights (first-order)": ({"optimizer": "adamw"}, {}, 5e-5), **CASES}
 # SmolLM2-135M: every weight but the tied embeddings (106.2M elements), and the small trainable sets.
 NORMS = [r"^(?!.*norm).*$"]  # freeze everything but the RMSNorm weights
+SIGNS = {"zo": {"direction": "rademacher"}}
 SMOLLM2_CASES = {
     "MeZO fp32, all weights but embeddings": ({"optimizer": "mezo"}, {}, 1e-6),
+    "MeZO fp32, all weights but embeddings, random signs": ({"optimizer": "mezo", **SIGNS}, {}, 1e-6),
     "QuZO int4 g64, all weights but embeddings": ({"optimizer": "quzo"}, {"format": "int4", "group_size": 64}, 1e-6),
+    "QuZO int4 g64, all weights but embeddings, random signs": ({"optimizer": "quzo", **SIGNS},
+                                                                {"format": "int4", "group_size": 64}, 1e-6),
     "QuZO int4 g64, norms": ({"optimizer": "quzo", "freeze": NORMS}, {"format": "int4", "group_size": 64}, 1e-4),
     "QuZO int4 g64 + LoRETTA_rep": ({"optimizer": "quzo", "adapter": "loretta_rep"},
                                     {"format": "int4", "group_size": 64}, 1e-3),

@@ -62,7 +62,7 @@ def setup(recipe):
 def zo_options(recipe) -> dict:
     zo = recipe.method.zo
     options = {"lr": recipe.train.lr, "eps": zo.eps, "n_queries": zo.n_queries, "weight_decay": zo.weight_decay,
-               "seed": recipe.train.seed}
+               "seed": recipe.train.seed, "direction": zo.direction}
     if recipe.method.optimizer == "quzo":
         options.update(perturb_bits=zo.perturb_bits, independent_roundings=zo.independent_roundings,
                        update_rounding=zo.update_rounding)
@@ -91,9 +91,11 @@ OPTIMIZERS = {"mezo": MeZO, "quzo": QuZO}
 
 @pytest.mark.parametrize("optimizer, sections", [
     ("quzo", {"quant": {"format": "int4"}}),
+    ("quzo", {"quant": {"format": "int4"}, "method": {"zo": {"direction": "rademacher"}}}),
     ("quzo", {"quant": {"format": "fp8_e4m3"}, "method": {"zo": {"n_queries": 2, "weight_decay": 0.01}}}),
     ("quzo", {"quant": {"format": "int8"}, "method": {"adapter": "loretta_rep", "loretta": {"init": "paper"}}}),
     ("mezo", {"method": {"adapter": "lora"}}),
+    ("mezo", {"method": {"zo": {"direction": "rademacher", "weight_decay": 0.1}}}),
 ])
 def test_optimizer_step_with_a_closure_trains_the_bits_the_cli_trains(write_recipe, tmp_path, optimizer, sections):
     recipe = cli_recipe(write_recipe, tmp_path, optimizer, **sections)

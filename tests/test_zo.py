@@ -66,7 +66,37 @@ def test_shared_rounding_inflates_the_diagonal_as_predicted_and_independent_ones
     assert predicted > 0.02 and shared == pytest.approx(predicted, rel=0.1)
 
 
-def test_mean_quzo_estimate_matches_the_true_gradient():
+def test_random_signs_are_fair_independent_bits_whatever_the_cut_and_thread_count(monkeypatch):
+    """Rademacher directions: +-1 exactly, each sign a fair coin (mean 0 within 4 standard errors), neighbouring
+    signs uncorrelated (they are bits of one word), the same numbers at any thread count and however the range is
+    cut into chunks (one chunk, 1,024-element chunks), and what stochastic rounding onto QuZO's grid returns
+    unchanged, which is why no rounding is drawn for them."""
+    from ftkit.optim import zo_streams
+
+    previous, draws = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            draws.append(zo_streams.signs((3, 70_001), seed=5))
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(zo_streams, "CHUNK_ELEMENTS", 1024)
+    chunked = torch.cat([c for _, c in zo_streams.sign_chunks(3 * 70_001, seed=5)])
+    whole = draws[0].view(-1)
+    assert torch.equal(draws[1], draws[0]) and torch.equal(chunked, whole)
+    assert set(whole.unique().tolist()) == {-1.0, 1.0}
+    n = whole.numel()
+    assert abs(whole.mean().item()) < 4 / math.sqrt(n)
+    assert abs((whole[1:] * whole[:-1]).mean().item()) < 4 / math.sqrt(n - 1)
+    assert abs((whole[16:] * whole[:-16]).mean().item()) < 4 / math.sqrt(n - 16)  # same bit of the next word
+    assert abs(whole[15::16].mean().item()) < 4 / math.sqrt(n / 16)  # the highest bit used is as fair as the rest
+    assert torch.equal(quantize_direction(whole[:4096].clone(), 4, seed=3), whole[:4096])
+
+
+@pytest.mark.parametrize("directions", [QUZO, Directions(bits=4, independent=True, update_rounding="stochastic",
+                                                          distribution="rademacher")], ids=["gaussian", "rademacher"])
+def test_mean_quzo_estimate_matches_the_true_gradient(directions):
+    QUZO = directions  # noqa: N806  (the estimate under test)
     layer = quant_layer("int8", 4, 8)
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
     target_out = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
@@ -383,6 +413,8 @@ def test_replay_of_a_200_step_quzo_int4_run_is_bit_identical(write_recipe, tmp_p
     ("mezo", {}, {"n_queries": 2, "weight_decay": 0.1}),
     ("quzo", {"format": "fp8_e4m3"}, {"n_queries": 3, "independent_roundings": False}),
     ("quzo", {"format": "int8", "group_size": 16}, {"update_rounding": "nearest", "weight_decay": 0.01}),
+    ("quzo", {"format": "int4"}, {"direction": "rademacher", "n_queries": 2}),
+    ("mezo", {}, {"direction": "rademacher"}),
 ])
 def test_replay_is_bit_identical_for_every_variant(write_recipe, tmp_path, optimizer, quant, zo):
     model = {"dtype": "bfloat16"} if optimizer == "mezo" else {}  # MeZO on bf16 weights

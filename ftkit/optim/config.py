@@ -28,6 +28,10 @@ class ZOSpec:
 
     eps: float = option(1e-3, help="Perturbation scale: the loss is evaluated at w + eps u and w - eps u.")
     n_queries: int = option(1, help="Random directions averaged per step (two forward passes each).")
+    direction: Literal["gaussian", "rademacher"] = option(
+        "gaussian", help="Random directions: Gaussian, N(0, I) (MeZO, QuZO), or random signs +-1 (SPSA's): one "
+                         "random bit per element instead of a Gaussian, several times cheaper to draw, and already "
+                         "on QuZO's grid, so no rounding is drawn.")
     perturb_bits: int = option(4, help="QuZO: directions are stochastically rounded onto a per-tensor grid of "
                                        "2^bits - 1 levels (0: unrounded).")
     independent_roundings: bool = option(True, help="QuZO: the perturbation and the update round the same Gaussian "

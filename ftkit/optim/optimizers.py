@@ -104,12 +104,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 class MeZO(ZerothOrderOptimizer):
     """MeZO (Malladi et al.): zeroth-order SGD on full-precision tensors. `params`: a model (its parameters that
     require grad) or an iterable of tensors. Per step and query, u ~ N(0, I) from the seed,
-    g = (L(w + eps u) - L(w - eps u)) / (2 eps), w <- w - lr (g u + wd w); no direction is ever stored."""
+    g = (L(w + eps u) - L(w - eps u)) / (2 eps), w <- w - lr (g u + wd w); no direction is ever stored.
+    `direction="rademacher"` draws random signs for u instead (cheaper to draw, see method.zo.direction)."""
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1, weight_decay: float = 0.0,
-                 seed: int = 0, trace: str | Path | None = None):
+                 seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None):
         super().__init__(params, lr, eps, n_queries, weight_decay, seed,
-                         Directions(bits=0, independent=True, update_rounding="stochastic"), trace)
+                         Directions(bits=0, independent=True, update_rounding="stochastic",
+                                    distribution=_distribution(direction)), trace)
         if any(isinstance(t, QuantTarget) for t in self.targets):
             raise ValueError("MeZO trains full-precision tensors; for quantized layers' own weights use QuZO")
 
@@ -119,13 +121,20 @@ class QuZO(ZerothOrderOptimizer):
     of its quantized layers marked trainable, see ftkit.quantize, and its parameters that require grad) or an
     iterable of tensors. Directions are stochastically rounded onto a grid of 2^perturb_bits - 1 levels with
     independent bits for the perturbation and the update (unbiased), and updates land on the weights' own grid by
-    stochastic rounding (`update_rounding="nearest"` and `independent_roundings=False` are the ablations)."""
+    stochastic rounding (`update_rounding="nearest"` and `independent_roundings=False` are the ablations).
+    `direction="rademacher"` draws random signs instead of Gaussians (no rounding needed, see method.zo.direction)."""
 
     def __init__(self, model_or_params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1,
                  weight_decay: float = 0.0, seed: int = 0, perturb_bits: int = 4, independent_roundings: bool = True,
-                 update_rounding: str = "stochastic", trace: str | Path | None = None):
+                 update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None):
         if update_rounding not in ("stochastic", "nearest"):
             raise ValueError(f"update_rounding must be 'stochastic' or 'nearest', got {update_rounding!r}")
         super().__init__(model_or_params, lr, eps, n_queries, weight_decay, seed,
                          Directions(bits=perturb_bits, independent=independent_roundings,
-                                    update_rounding=update_rounding), trace)
+                                    update_rounding=update_rounding, distribution=_distribution(direction)), trace)
+
+
+def _distribution(direction: str) -> str:
+    if direction not in ("gaussian", "rademacher"):
+        raise ValueError(f"direction must be 'gaussian' or 'rademacher', got {direction!r}")
+    return direction

@@ -51,7 +51,8 @@ class ZerothOrder:
                             f"({spec.n_queries}) must be a multiple of the number of processes ({world.size})")
         self.eps, self.n_queries, self.weight_decay = spec.eps, spec.n_queries, spec.weight_decay
         self.directions = Directions(bits=spec.perturb_bits if name == "quzo" else 0,
-                                     independent=spec.independent_roundings, update_rounding=spec.update_rounding)
+                                     independent=spec.independent_roundings, update_rounding=spec.update_rounding,
+                                     distribution=spec.direction)
         self.targets = zo_targets(model)
         if not self.targets:
             raise UserError(f"method.optimizer {name}: the model has nothing to train (every tensor is frozen)")

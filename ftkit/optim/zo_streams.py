@@ -106,6 +106,50 @@ def gaussian(shape, seed: int, device="cpu") -> torch.Tensor:
     return torch.randn(shape, generator=generator(seed, device), device=device, dtype=torch.float32)
 
 
+# Signs per random word: its 16 low bits (`random_` on int32 draws 0..2^31 - 1, so the top bit is always 0), each
+# shifted into the sign bit of a float32 (see `words_to_signs`).
+SIGNS_PER_WORD = 16
+_SIGN_SHIFTS = [31 - i for i in range(SIGNS_PER_WORD)]
+_ONE = 0x3F800000  # the bits of 1.0f
+_SIGN = -(1 << 31)  # the sign bit, as an int32
+
+
+def words_to_signs(words: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """+-1.0 for `count` elements from random words, element j taking bit j % 16 of word j // 16, starting at
+    element `first` of `words`: each bit is moved into a float32's sign bit and the exponent of 1.0 added, three
+    integer passes and no arithmetic."""
+    shifts = torch.tensor(_SIGN_SHIFTS, dtype=torch.int32, device=words.device)
+    signs = torch.bitwise_left_shift(words.view(-1, 1), shifts)  # [words, 16]
+    signs.bitwise_and_(_SIGN).bitwise_or_(_ONE)
+    return signs.view(-1)[first: first + count].view(torch.float32)
+
+
+def signs(shape, seed: int, device="cpu") -> torch.Tensor:
+    """Random signs +-1 (Rademacher) of the stream `seed`, shaped `shape`, drawn on `device`: one random bit per
+    element, a 16th of the words a Gaussian of the same size costs."""
+    numel = math.prod(shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device="meta")
+    return torch.cat([chunk for _, chunk in sign_chunks(numel, seed, device)]).view(shape) if numel else \
+        torch.empty(shape, device=device)
+
+
+def sign_chunks(numel: int, seed: int, device="cpu"):
+    """The numbers of `signs(numel, seed, device)` as (slice, values) pairs over `chunk_slices`, a chunk at a time.
+    Element i takes bit i % 16 of word i // 16 of the stream, so the numbers do not depend on how the range is cut
+    (on the CPU; on a GPU one generator draws the chunks in turn)."""
+    per = SIGNS_PER_WORD
+    if torch.device(device).type == "cpu":
+        for part in chunk_slices(numel):
+            words = _draw_blocks(seed, part.start // per, -(-part.stop // per), torch.int32, _words)
+            yield part, words_to_signs(words, part.start % per, part.stop - part.start)
+        return
+    gen = generator(seed, device)
+    for part in chunk_slices(numel):
+        words = torch.empty(-(-(part.stop - part.start) // per), dtype=torch.int32, device=device)
+        yield part, words_to_signs(words.random_(generator=gen), 0, part.stop - part.start)
+
+
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
     """15 of each element's bits as (k + 1/2) / 2^15: uniform in (0, 1)."""
     return (bits & 0x7FFF).to(torch.float32).mul_(2.0**-15).add_(2.0**-16)

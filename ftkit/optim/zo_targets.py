@@ -6,7 +6,9 @@ is applied while the layer dequantizes (the `perturbation` hook), so stored code
 is rounded onto the weight grid (stochastically by default). No full-precision master copy exists.
 
 Directions: u ~ N(0, I) per tensor from its stream; the perturbation uses u1 = Q1(u) and the update u2 = Q2(u),
-two stochastic roundings onto a `perturb_bits` grid with independent random bits (MeZO: bits 0, u1 = u2 = u).
+two stochastic roundings onto a `perturb_bits` grid with independent random bits (MeZO: bits 0, u1 = u2 = u). With
+`method.zo.direction: rademacher`, u is a vector of random signs (SPSA's directions): already on every such grid,
+so u1 = u2 = u exactly and no rounding is drawn.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from ftkit.optim.zo_streams import (
     gaussian_chunks,
     quantize_direction,
     round_onto,
+    sign_chunks,
+    signs,
     uniform_chunks,
 )
 from ftkit.quant.linear import QuantLinear
@@ -41,6 +45,19 @@ class Directions:
     bits: int  # 0: Gaussian directions as they are (MeZO)
     independent: bool  # Q2 uses its own rounding bits (QuZO) or Q1's (the public code's variant)
     update_rounding: str  # "stochastic" or "nearest" (QuantTarget only)
+    distribution: str = "gaussian"  # or "rademacher": random signs
+
+    @property
+    def rounds(self) -> bool:
+        """Whether directions are rounded onto a grid: QuZO's Gaussians. Signs +-1 are on every symmetric grid
+        (max|u| = 1, so u / step is the grid's largest level), where stochastic rounding returns them unchanged."""
+        return self.bits > 0 and self.distribution == "gaussian"
+
+    def _draw(self, shape, seed: int, device) -> torch.Tensor:
+        return (gaussian if self.distribution == "gaussian" else signs)(shape, seed, device)
+
+    def _draw_chunks(self, numel: int, seed: int, device):
+        return (gaussian_chunks if self.distribution == "gaussian" else sign_chunks)(numel, seed, device)
 
     @property
     def streams(self) -> tuple[int, int, int]:
@@ -50,16 +67,16 @@ class Directions:
 
     def trace_fields(self) -> dict:
         return {"perturb_bits": self.bits, "independent_roundings": self.independent,
-                "update_rounding": self.update_rounding}
+                "update_rounding": self.update_rounding, "direction": self.distribution}
 
     def perturbation(self, query_seed: int, index: int, shape, device) -> torch.Tensor:
-        u = gaussian(shape, derive(query_seed, index, U), device)
-        return quantize_direction(u, self.bits, derive(query_seed, index, Q1))
+        u = self._draw(shape, derive(query_seed, index, U), device)
+        return quantize_direction(u, self.bits, derive(query_seed, index, Q1)) if self.rounds else u
 
     def both(self, query_seed: int, index: int, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(u1, u2) from one draw of u."""
-        u = gaussian(shape, derive(query_seed, index, U), device)
-        if self.bits == 0:
+        u = self._draw(shape, derive(query_seed, index, U), device)
+        if not self.rounds:
             return u, u
         u1 = quantize_direction(u.clone(), self.bits, derive(query_seed, index, Q1))
         if not self.independent:
@@ -67,8 +84,8 @@ class Directions:
         return u1, quantize_direction(u, self.bits, derive(query_seed, index, Q2))
 
     def update_direction(self, query_seed: int, index: int, shape, device) -> torch.Tensor:
-        u = gaussian(shape, derive(query_seed, index, U), device)
-        return quantize_direction(u, self.bits, derive(query_seed, index, self.update_stream))
+        u = self._draw(shape, derive(query_seed, index, U), device)
+        return quantize_direction(u, self.bits, derive(query_seed, index, self.update_stream)) if self.rounds else u
 
     @property
     def update_stream(self) -> int:
@@ -80,8 +97,8 @@ class Directions:
         chunk holds exists once (16 MiB), not the whole tensor's direction; the grid of a rounded direction needs
         max|u| first, so a tensor of several chunks draws its Gaussian twice."""
         u_seed, slices = derive(query_seed, index, U), chunk_slices(numel)
-        if self.bits == 0:
-            for part, u in gaussian_chunks(numel, u_seed, device):
+        if not self.rounds:
+            for part, u in self._draw_chunks(numel, u_seed, device):
                 yield part, [u] * len(streams)
             return
         step = None
@@ -125,7 +142,7 @@ class FloatTarget:
         at a time (each element sees the same operations in the same order as whole-tensor arithmetic)."""
         p = self.flat()
         *earlier, (last_seed, last_coef) = list(zip(query_seeds, coefs))
-        streams = (Q1, Q2) if d.bits and d.independent else (Q1,)
+        streams = (Q1, Q2) if d.rounds and d.independent else (Q1,)
         for part, directions in d.chunks(last_seed, self.index, p.numel(), p.device, streams):
             u1, u2 = directions[0].to(p.dtype), directions[-1].to(p.dtype)
             chunk = p[part]
