@@ -63,6 +63,7 @@ ROWS = [
     ("mezo_norms", "MeZO, fp32, norms"),
     ("quzo_int4_norms", "QuZO, int4 base, norms"),
     ("quzo_int4_norms_one_rounding", "QuZO, int4 base, norms, one rounding for both"),
+    ("quzo_int4_norms_signs", "QuZO, int4 base, norms, random-sign directions"),
 ]
 LABELS = dict(ROWS)
 # The plan, in order: (task, recipe, seeds, steps). What the targets need first: the best zeroth-order row on three
@@ -72,6 +73,7 @@ PLAN = [
     ("sst2", "quzo_int4_norms", [0, 1, 2], 600),
     ("sst2", "mezo_norms", [0, 1, 2], 600),
     ("sst2", "quzo_int4_norms_one_rounding", [0, 1, 2], 600),
+    ("sst2", "quzo_int4_norms_signs", [0], 600),
     ("sst2", "ft_full", [0], 300),
     ("sst2", "quzo_int4_loretta_rep", [0], 300),
     ("sst2", "lora", [0], 200),
