@@ -45,19 +45,39 @@ def reset_peak_rss() -> bool:
         return False
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
 def return_freed_memory_to_the_system() -> None:
-    """Fix glibc's mmap and trim thresholds at 128 KiB.
+    """Fix glibc's mmap and trim thresholds at 128 KiB, for loading.
 
     By default glibc raises its mmap threshold after large blocks are freed, so the next fp32 layers come from the
-    heap and stay resident after they are freed: loading grows by a layer's size per layer, and a zeroth-order step
-    by the chunks it draws. Fixed thresholds keep large tensors in their own mappings, returned to the system as soon
-    as they are freed (BENCHMARKS.md, streaming load). Process-wide; the training loop and the streaming loader set it.
+    heap and stay resident after they are freed: loading grows by a layer's size per layer. Fixed thresholds keep
+    large tensors in their own mappings, returned to the system as soon as they are freed (BENCHMARKS.md, streaming
+    load). Process-wide; the streaming loader sets it while it loads, then `reuse_freed_memory`.
     """
+    _set_malloc_thresholds(mmap_bytes=128 << 10, trim_bytes=128 << 10)
+
+
+def reuse_freed_memory() -> None:
+    """Fix glibc's thresholds at 32 MiB (mmap, glibc's largest) and 64 MiB (trim), for training and evaluation.
+
+    With 128 KiB thresholds every temporary of 128 KiB or more (a layer's dequantized weight, the int4 kernel's
+    buffers, a chunk of random numbers) was a mapping of its own, faulted in page by page and unmapped when freed:
+    an int4 forward of SmolLM2-135M took 1.9x as long and a full-parameter QuZO step 2-3x (BENCHMARKS.md,
+    "Zeroth-order step cost on SmolLM2-135M"). Blocks up to 32 MiB are now reused from the heap, at most 64 MiB of
+    freed heap stays resident, and larger tensors still get mappings of their own, returned when freed. Fixed
+    rather than glibc's moving default, so what stays resident does not depend on what was freed before.
+    """
+    _set_malloc_thresholds(mmap_bytes=4 << 20, trim_bytes=64 << 20)
+
+
+def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give back the heap top too
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)
+        libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass

@@ -34,12 +34,12 @@ import torch
 
 from ftkit.data.batches import TrainStream, collate, encode
 from ftkit.data.dataset import load_task_data
-from ftkit.memory import peak_rss_mb
+from ftkit.memory import peak_rss_mb, reuse_freed_memory
 from ftkit.models.build import build_model
 from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
 from ftkit.optim import OPTIMIZERS
-from ftkit.optim.zo_streams import gaussian
+from ftkit.optim.zo_streams import gaussian, signs
 from ftkit.recipe import recipe_from_dict
 
 CASES = {
@@ -79,6 +79,7 @@ def build(case: str, table: dict, batch_size: int, model_name: str = "minilm"):
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
+    reuse_freed_memory()  # as training does (ftkit.memory)
     if causal:  # the first batch training draws (length-grouped)
         features = encode(task.splits["train"], tokenizer, kind, task, recipe.data.max_seq_len)
         batch = collate(TrainStream(features, batch_size, 0, tokenizer.pad_token_id, True).next_features(),
@@ -129,7 +130,8 @@ def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", thread
 
 def bench_draws(threads: tuple[int, ...], numel: int = 40_000_000, repeats: int = 3) -> list[dict]:
     """The random numbers alone: ftkit's block-seeded Gaussian stream (a fresh tensor per call, as the step draws
-    them) at each thread count, against torch.randn into a buffer that is reused (no new memory to fault in)."""
+    them) at each thread count, against torch.randn into a buffer that is reused (no new memory to fault in), and
+    the random signs of `method.zo.direction: rademacher`."""
     rows, buffer = [], torch.empty(numel)
     for count in threads or (torch.get_num_threads(),):
         torch.set_num_threads(count)
@@ -137,7 +139,9 @@ def bench_draws(threads: tuple[int, ...], numel: int = 40_000_000, repeats: int 
         fresh = min(_timed(lambda: gaussian((numel,), 1)) for _ in range(repeats))
         reused = min(_timed(lambda: torch.randn(numel, generator=torch.Generator().manual_seed(1), out=buffer))
                      for _ in range(repeats))
-        rows.append({"threads": count, "stream_ns": 1e9 * fresh / numel, "randn_reused_ns": 1e9 * reused / numel})
+        random_signs = min(_timed(lambda: signs((numel,), 1)) for _ in range(repeats))
+        rows.append({"threads": count, "stream_ns": 1e9 * fresh / numel, "randn_reused_ns": 1e9 * reused / numel,
+                     "signs_ns": 1e9 * random_signs / numel})
     return rows
 
 
@@ -197,10 +201,11 @@ def main() -> None:
                   f"{r['gaussian_ns_per_element']:.2f} |")
         print()
     if "draws" in sections:
-        print("| threads | block-seeded stream, fresh tensor, ns per number | torch.randn into a reused buffer |")
-        print("| ---: | ---: | ---: |")
+        print("| threads | block-seeded Gaussian stream, fresh tensor, ns per number | torch.randn into a reused buffer | "
+              "random signs (method.zo.direction: rademacher), fresh tensor |")
+        print("| ---: | ---: | ---: | ---: |")
         for r in bench_draws(threads):
-            print(f"| {r['threads']} | {r['stream_ns']:.2f} | {r['randn_reused_ns']:.2f} |")
+            print(f"| {r['threads']} | {r['stream_ns']:.2f} | {r['randn_reused_ns']:.2f} | {r['signs_ns']:.2f} |")
         print()
     if "memory" in sections:
         rows = bench_memory(args.batch)

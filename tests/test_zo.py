@@ -308,9 +308,9 @@ def test_a_zeroth_order_update_of_a_large_full_precision_tensor_holds_a_few_chun
 import json, torch
 from ftkit.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 from ftkit.optim.zo_targets import Directions, FloatTarget
-from ftkit.memory import return_freed_memory_to_the_system
+from ftkit.memory import reuse_freed_memory
 torch.set_num_threads(1)
-return_freed_memory_to_the_system()  # as training does: freed chunks go back to the system, so RSS measures use
+reuse_freed_memory()  # as training does
 param = torch.nn.Parameter(torch.ones(8192, 4096))  # written, so its pages are resident before measuring
 target, d = FloatTarget("w", param, 0, decay=True), Directions(bits=4, independent=True, update_rounding="stochastic")
 before, reset = current_rss_mb(), reset_peak_rss()

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ftkit import devices
 from ftkit.devices import model_device
 from ftkit.errors import UserError
-from ftkit.memory import return_freed_memory_to_the_system
+from ftkit.memory import return_freed_memory_to_the_system, reuse_freed_memory
 from ftkit.modules import module_names, replace_module
 from ftkit.quant import ENGINES, FORMATS
 from ftkit.quant.linear import QuantLinear
@@ -83,7 +83,17 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
     patterns = skip_patterns(spec)
     generator = devices.generator(spec.seed, device)
     tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
-    return_freed_memory_to_the_system()
+    return_freed_memory_to_the_system()  # while loading; training and evaluation reuse freed memory (below)
+    try:
+        _fill_and_quantize(model, reader, patterns, generator, tied, skip_prefix, spec, device)
+    finally:
+        reuse_freed_memory()
+    return model.to(device)  # buffers built with the config (rotary tables, position ids) join the weights
+
+
+def _fill_and_quantize(model: nn.Module, reader, patterns, generator, tied: bool, skip_prefix: str, spec,
+                       device) -> None:
+    """Materialise, fill and quantize `model` module by module (see `load_quantized_backbone`)."""
     for name in module_names(model):
         module = model.get_submodule(name)
         own = list(module.named_parameters(recurse=False))
@@ -100,7 +110,6 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
             model.tie_weights()  # now, so the output embedding shares this weight instead of allocating its own
         if type(module) is nn.Linear and not is_skipped(skip_prefix + name, patterns):
             replace_module(model, name, convert_linear(module, name, spec, generator))
-    return model.to(device)  # buffers built with the config (rotary tables, position ids) join the weights
 
 
 class _CheckpointReader:

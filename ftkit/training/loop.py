@@ -21,7 +21,7 @@ from ftkit.devices import deterministic, peak_memory_mb, reset_peak_memory, sync
 from ftkit.distributed import NPROC_ENV, World, close_world, init_world
 from ftkit.errors import Interrupted, TrainingDiverged, UserError
 from ftkit.eval import evaluate
-from ftkit.memory import current_rss_mb, peak_rss_mb, return_freed_memory_to_the_system
+from ftkit.memory import current_rss_mb, peak_rss_mb, reuse_freed_memory
 from ftkit.models.build import build_model
 from ftkit.models.count import count_model
 from ftkit.models.load import load_tokenizer
@@ -68,7 +68,7 @@ def train(recipe: Recipe, resume: bool | str = False, console: Console | None = 
 
 def _train(recipe: Recipe, resume: bool | str, console: Console, world: World, allow_inexact: bool) -> dict:
     started, rss_at_start = time.perf_counter(), current_rss_mb()  # after imports, before data and model
-    return_freed_memory_to_the_system()  # zeroth-order chunks and streamed layers go back to the system when freed
+    reuse_freed_memory()  # temporaries up to 32 MiB come back from the heap, not as fresh pages (ftkit.memory)
     device = world.device
     reset_peak_memory(device)
     if not world.is_main:
