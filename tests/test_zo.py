@@ -192,6 +192,23 @@ def test_directions_are_the_same_whatever_the_thread_count_and_any_range_draws_a
     assert abs(whole.mean().item()) < 4 / math.sqrt(whole.numel()) and abs(whole.std().item() - 1) < 0.01
 
 
+@pytest.mark.parametrize("fill, dtype", [("_normal", torch.float32), ("_words", torch.int32)])
+def test_a_small_tensor_draws_only_the_start_of_its_block_and_gets_the_same_numbers(fill, dtype):
+    """A block is drawn only as far as a tensor needs it (in multiples of 16): the numbers must be the first ones of
+    the whole block's draw, which holds because torch draws a block's numbers in order, Gaussians 16 at a time."""
+    from ftkit.optim import zo_streams
+
+    draw = getattr(zo_streams, fill)
+    whole = torch.empty(zo_streams.BLOCK, dtype=dtype)
+    draw(whole, torch.Generator().manual_seed(9))
+    for count in (1, 15, 16, 17, 576, 4095, zo_streams.BLOCK - 1):
+        part = torch.empty(-(-count // 16) * 16, dtype=dtype)
+        draw(part, torch.Generator().manual_seed(9))
+        assert torch.equal(part[:count], whole[:count]), count
+    assert torch.equal(zo_streams._draw_blocks(4, 0, 100, dtype, draw),
+                       zo_streams._draw_blocks(4, 0, 2 * zo_streams.BLOCK, dtype, draw)[:100])
+
+
 def test_a_perturbed_forward_draws_its_direction_on_several_threads_inside_inference_mode():
     """A quantized layer's perturbation is drawn inside its forward, which the zeroth-order step runs under
     inference_mode; the drawing threads must write in that mode (they do not inherit it), and give the numbers one

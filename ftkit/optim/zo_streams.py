@@ -65,11 +65,18 @@ def _workers() -> ThreadPoolExecutor | None:
     return _pool[0]
 
 
+# A block's numbers come out of its generator in order, Gaussians 16 at a time (torch's Box-Muller pairs numbers
+# within groups of 16), so the first n numbers of a block, n a multiple of 16, are those of a draw of n alone
+# (tests/test_zo.py checks it): a tensor of a few hundred elements draws a few hundred numbers, not a whole block.
+DRAW_GRANULE = 16
+
+
 def _draw_blocks(seed: int, start: int, stop: int, dtype: torch.dtype, fill) -> torch.Tensor:
     """Elements [start, stop) of the CPU stream `seed`: the blocks covering them are drawn (in parallel), each by
-    `fill(out, generator)`, then the range is cut out of them."""
+    `fill(out, generator)` up to the last element needed, then the range is cut out of them."""
     first, last = start // BLOCK, (stop - 1) // BLOCK
-    out = torch.empty((last - first + 1) * BLOCK, dtype=dtype)
+    tail = min(BLOCK, -(-(stop - last * BLOCK) // DRAW_GRANULE) * DRAW_GRANULE)  # what the last block must draw
+    out = torch.empty((last - first) * BLOCK + tail, dtype=dtype)
     # Inference mode is per thread: the pool's threads must write `out` in the mode it was made in (a perturbed
     # forward draws its direction inside the caller's inference_mode).
     inference = torch.is_inference_mode_enabled()
@@ -77,7 +84,7 @@ def _draw_blocks(seed: int, start: int, stop: int, dtype: torch.dtype, fill) -> 
     def draw(block: int) -> None:
         offset = (block - first) * BLOCK
         with torch.inference_mode(inference):
-            fill(out[offset: offset + BLOCK], devices.generator(derive(seed, block)))
+            fill(out[offset: offset + (tail if block == last else BLOCK)], devices.generator(derive(seed, block)))
 
     pool = _workers()
     if pool is None or last == first:
