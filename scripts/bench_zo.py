@@ -4,10 +4,14 @@ first-order training. MiniLM (or SmolLM2-135M) on SST-2 batches; every figure is
     python scripts/bench_zo.py [--batch 32] [--repeats 15] [--sections time,memory]
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 1,2 --sections time
     python scripts/bench_zo.py --threads 1,2 --sections draws
+    python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --sections settings
 
 time:   for each case, the median of a full ZO step and of two plain forward passes of the same model on the same
         batch, timed in turn (round robin) so machine noise falls on both alike; the ratio is what the
         perturbation, regeneration of directions and update cost on top of the forwards.
+settings: the time section for full-parameter MeZO and QuZO int4, each in a fresh process under the process-wide
+        settings the step cost depends on (OpenMP's spin count, glibc's malloc thresholds; SETTINGS).
+draws:  the random numbers alone, per number.
 memory: each case in a fresh process: RSS of the built model above the RSS after imports, then the peak RSS of
         three training steps (the high-water mark restarted after building, Linux /proc/self/clear_refs) above
         the same baseline, against first-order AdamW on fp32.
@@ -18,6 +22,7 @@ from __future__ import annotations
 # ruff: noqa: E402  (OpenMP is configured before torch is imported, as the ftkit command does)
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +39,11 @@ import torch
 
 from ftkit.data.batches import TrainStream, collate, encode
 from ftkit.data.dataset import load_task_data
-from ftkit.memory import peak_rss_mb, reuse_freed_memory
+from ftkit.memory import (
+    peak_rss_mb,
+    return_freed_memory_to_the_system,
+    reuse_freed_memory,
+)
 from ftkit.models.build import build_model
 from ftkit.models.count import trainable_numel
 from ftkit.models.load import load_tokenizer
@@ -79,7 +88,6 @@ def build(case: str, table: dict, batch_size: int, model_name: str = "minilm"):
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
-    reuse_freed_memory()  # as training does (ftkit.memory)
     if causal:  # the first batch training draws (length-grouped)
         features = encode(task.splits["train"], tokenizer, kind, task, recipe.data.max_seq_len)
         batch = collate(TrainStream(features, batch_size, 0, tokenizer.pad_token_id, True).next_features(),
@@ -89,14 +97,29 @@ def build(case: str, table: dict, batch_size: int, model_name: str = "minilm"):
     return model, OPTIMIZERS[recipe.method.optimizer].build(model, recipe), batch, lr
 
 
-def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", threads: tuple[int, ...] = ()) -> list[dict]:
+# Process-wide settings a step's cost depends on, each timed in a fresh process (OpenMP reads its spin count when
+# torch loads): libgomp's default spin with the loader's malloc thresholds (how ftkit trained before 82b86b1 and
+# 41a08ee), the short spin alone, and both as the ftkit command trains now.
+SETTINGS = {
+    "spin 300,000 (libgomp's default), 128 KiB malloc thresholds": ("300000", "loading"),
+    "spin 10,000, 128 KiB malloc thresholds": ("10000", "loading"),
+    "spin 10,000, training malloc thresholds (ftkit now)": ("10000", "training"),
+}
+SETTINGS_CASES = ("MeZO fp32, all weights but embeddings", "QuZO int4 g64, all weights but embeddings")
+MALLOC = {"loading": return_freed_memory_to_the_system, "training": reuse_freed_memory}
+
+
+def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", threads: tuple[int, ...] = (),
+               cases: tuple[str, ...] = (), malloc: str = "training") -> list[dict]:
     """Each case's step and two plain forwards, timed in turn; at each thread count when `threads` is given (the
-    random directions are the same numbers at every count)."""
+    random directions are the same numbers at every count). glibc's thresholds are set as `malloc` says (training:
+    as ftkit trains) after the model is built."""
     rows = []
     table = SMOLLM2_CASES if model_name == "smollm2-135m" else CASES
-    for case, count in [(case, count) for case in table for count in (threads or (torch.get_num_threads(),))]:
+    for case, count in [(case, count) for case in cases or table for count in (threads or (torch.get_num_threads(),))]:
         torch.set_num_threads(count)
         model, method, batch, lr = build(case, table, batch_size, model_name)
+        MALLOC[malloc]()
 
         def forwards():
             model.eval()
@@ -125,6 +148,22 @@ def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", thread
                      "gaussian_ns_per_element": 1e9 * draw / elements})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
+    return rows
+
+
+def bench_settings(batch_size: int, repeats: int, model_name: str, threads: tuple[int, ...]) -> list[dict]:
+    """SETTINGS_CASES under each of SETTINGS, in child processes."""
+    rows = []
+    for setting, (spin, malloc) in SETTINGS.items():
+        for case in SETTINGS_CASES:
+            out = subprocess.run([sys.executable, __file__, "--time-child", case, "--malloc", malloc, "--model",
+                                  model_name, "--batch", str(batch_size), "--repeats", str(repeats), "--threads",
+                                  ",".join(map(str, threads or (torch.get_num_threads(),)))],
+                                 env={**os.environ, "GOMP_SPINCOUNT": spin}, check=True, capture_output=True,
+                                 text=True).stdout
+            for row in json.loads(out.strip().splitlines()[-1]):
+                rows.append({"setting": setting, **row})
+                print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
@@ -181,10 +220,15 @@ def main() -> None:
     parser.add_argument("--model", default="minilm", choices=("minilm", "smollm2-135m"))
     parser.add_argument("--threads", help="comma-separated thread counts to time each case at (default: as set)")
     parser.add_argument("--child")
+    parser.add_argument("--time-child")
+    parser.add_argument("--malloc", default="training", choices=tuple(MALLOC))
     args = parser.parse_args()
     threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else ()
     if args.child:
         print(json.dumps(memory_child(args.child, args.batch)))
+        return
+    if args.time_child:
+        print(json.dumps(bench_time(args.batch, args.repeats, args.model, threads, (args.time_child,), args.malloc)))
         return
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python scripts/bench_zo.py", *sys.argv[1:]])
@@ -199,6 +243,13 @@ def main() -> None:
             print(f"| {r['case']} | {r['threads']} | {r['trained']:,} | {r['step_ms']:.0f} | "
                   f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} | "
                   f"{r['gaussian_ns_per_element']:.2f} |")
+        print()
+    if "settings" in sections:
+        print("| process settings | case | threads | ZO step ms | 2 forwards ms | ratio |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for r in bench_settings(args.batch, args.repeats, args.model, threads):
+            print(f"| {r['setting']} | {r['case']} | {r['threads']} | {r['step_ms']:.0f} | {r['two_forwards_ms']:.0f} | "
+                  f"{r['ratio']:.2f} |")
         print()
     if "draws" in sections:
         print("| threads | block-seeded Gaussian stream, fresh tensor, ns per number | torch.randn into a reused buffer | "

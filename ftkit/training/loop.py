@@ -68,7 +68,7 @@ def train(recipe: Recipe, resume: bool | str = False, console: Console | None = 
 
 def _train(recipe: Recipe, resume: bool | str, console: Console, world: World, allow_inexact: bool) -> dict:
     started, rss_at_start = time.perf_counter(), current_rss_mb()  # after imports, before data and model
-    reuse_freed_memory()  # temporaries up to 32 MiB come back from the heap, not as fresh pages (ftkit.memory)
+    reuse_freed_memory()  # temporaries up to 4 MiB come back from the heap, not as fresh pages (ftkit.memory)
     device = world.device
     reset_peak_memory(device)
     if not world.is_main:
