@@ -109,6 +109,9 @@ CASES = {  # name: (model config, quant, method)
     "llama quzo int4": (TINY_LLAMA, {"format": "int4"}, {"optimizer": "quzo"}),
     "llama adamw loretta_rep": (TINY_LLAMA, {}, {"optimizer": "adamw", "adapter": "loretta_rep"}),
     "llama mezo": (TINY_LLAMA, {}, {"optimizer": "mezo"}),
+    "mezo random signs": (TINY_BERT, {}, {"optimizer": "mezo", "zo": {"direction": "rademacher"}}),
+    "quzo int4 random signs": (TINY_BERT, {"format": "int4"}, {"optimizer": "quzo",
+                                                               "zo": {"direction": "rademacher"}}),
 }
 # Not here: bitsandbytes layers (their kernels have no meta implementation); scripts/gpu_check.py trains them on a
 # GPU, and test_quant.py checks them on the CPU.
