@@ -248,12 +248,12 @@ def main() -> None:
         print("| process settings | case | threads | ZO step ms | 2 forwards ms | ratio |")
         print("| --- | --- | ---: | ---: | ---: | ---: |")
         for r in bench_settings(args.batch, args.repeats, args.model, threads):
-            print(f"| {r['setting']} | {r['case']} | {r['threads']} | {r['step_ms']:.0f} | {r['two_forwards_ms']:.0f} | "
-                  f"{r['ratio']:.2f} |")
+            print(f"| {r['setting']} | {r['case']} | {r['threads']} | {r['step_ms']:.0f} | "
+                  f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} |")
         print()
     if "draws" in sections:
-        print("| threads | block-seeded Gaussian stream, fresh tensor, ns per number | torch.randn into a reused buffer | "
-              "random signs (method.zo.direction: rademacher), fresh tensor |")
+        print("| threads | block-seeded Gaussian stream, fresh tensor, ns per number | torch.randn into a reused "
+              "buffer | random signs (method.zo.direction: rademacher), fresh tensor |")
         print("| ---: | ---: | ---: | ---: |")
         for r in bench_draws(threads):
             print(f"| {r['threads']} | {r['stream_ns']:.2f} | {r['randn_reused_ns']:.2f} | {r['signs_ns']:.2f} |")
