@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from contextlib import contextmanager
 
 
 def current_rss_mb() -> float:
@@ -54,7 +55,7 @@ def return_freed_memory_to_the_system() -> None:
     By default glibc raises its mmap threshold after large blocks are freed, so the next fp32 layers come from the
     heap and stay resident after they are freed: loading grows by a layer's size per layer. Fixed thresholds keep
     large tensors in their own mappings, returned to the system as soon as they are freed (BENCHMARKS.md, streaming
-    load). Process-wide; the streaming loader sets it while it loads, then `reuse_freed_memory`.
+    load). Process-wide; the streaming loader sets it while it loads (`memory_returned_while_loading`).
     """
     _set_malloc_thresholds(mmap_bytes=128 << 10, trim_bytes=128 << 10)
 
@@ -72,6 +73,17 @@ def reuse_freed_memory() -> None:
     resident does not depend on what was freed before.
     """
     _set_malloc_thresholds(mmap_bytes=4 << 20, trim_bytes=64 << 20)
+
+
+@contextmanager
+def memory_returned_while_loading():
+    """Within: `return_freed_memory_to_the_system` (loading a model layer by layer). After, even on an error:
+    `reuse_freed_memory` (what training and evaluation want)."""
+    return_freed_memory_to_the_system()
+    try:
+        yield
+    finally:
+        reuse_freed_memory()
 
 
 def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:

@@ -73,7 +73,7 @@ PLAN = [
     ("sst2", "quzo_int4_norms", [0, 1, 2], 600),
     ("sst2", "mezo_norms", [0, 1, 2], 600),
     ("sst2", "quzo_int4_norms_one_rounding", [0, 1, 2], 600),
-    ("sst2", "quzo_int4_norms_signs", [0], 300),
+    ("sst2", "quzo_int4_norms_signs", [0], 600),
     ("sst2", "ft_full", [0], 300),
     ("sst2", "quzo_int4_loretta_rep", [0], 300),
     ("sst2", "lora", [0], 200),

@@ -9,6 +9,7 @@ of the update onto the weight grid.
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,10 +126,14 @@ def words_to_signs(words: torch.Tensor, first: int, count: int) -> torch.Tensor:
     """+-1.0 for `count` elements from random words, element j taking bit j % 16 of word j // 16, starting at
     element `first` of `words`: each bit is moved into a float32's sign bit and the exponent of 1.0 added, three
     integer passes and no arithmetic."""
-    shifts = torch.tensor(_SIGN_SHIFTS, dtype=torch.int32, device=words.device)
-    signs = torch.bitwise_left_shift(words.view(-1, 1), shifts)  # [words, 16]
+    signs = torch.bitwise_left_shift(words.view(-1, 1), _sign_shifts(words.device))  # [words, 16]
     signs.bitwise_and_(_SIGN).bitwise_or_(_ONE)
     return signs.view(-1)[first: first + count].view(torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_shifts(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_SIGN_SHIFTS, dtype=torch.int32, device=device)
 
 
 def signs(shape, seed: int, device="cpu") -> torch.Tensor:
@@ -137,8 +142,10 @@ def signs(shape, seed: int, device="cpu") -> torch.Tensor:
     numel = math.prod(shape) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
     if torch.device(device).type == "meta":
         return torch.empty(shape, device="meta")
-    return torch.cat([chunk for _, chunk in sign_chunks(numel, seed, device)]).view(shape) if numel else \
-        torch.empty(shape, device=device)
+    if not numel:
+        return torch.empty(shape, device=device)
+    chunks = [chunk for _, chunk in sign_chunks(numel, seed, device)]
+    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(shape)
 
 
 def sign_chunks(numel: int, seed: int, device="cpu"):

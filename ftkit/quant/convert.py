@@ -18,7 +18,7 @@ import torch.nn as nn
 from ftkit import devices
 from ftkit.devices import model_device
 from ftkit.errors import UserError
-from ftkit.memory import return_freed_memory_to_the_system, reuse_freed_memory
+from ftkit.memory import memory_returned_while_loading
 from ftkit.modules import module_names, replace_module
 from ftkit.quant import ENGINES, FORMATS
 from ftkit.quant.linear import QuantLinear
@@ -83,33 +83,24 @@ def load_quantized_backbone(auto_class, config, spec, dtype: torch.dtype, weight
     patterns = skip_patterns(spec)
     generator = devices.generator(spec.seed, device)
     tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
-    return_freed_memory_to_the_system()  # while loading; training and evaluation reuse freed memory (below)
-    try:
-        _fill_and_quantize(model, reader, patterns, generator, tied, skip_prefix, spec, device)
-    finally:
-        reuse_freed_memory()
+    with memory_returned_while_loading():  # loading returns freed layers; training then reuses freed blocks
+        for name in module_names(model):
+            module = model.get_submodule(name)
+            own = list(module.named_parameters(recurse=False))
+            if not own or not any(p.is_meta for _, p in own):
+                continue
+            module.to_empty(device=device, recurse=False)
+            if reader is not None:
+                with torch.no_grad():
+                    for leaf, param in module.named_parameters(recurse=False):
+                        param.copy_(reader.get(f"{name}.{leaf}" if name else leaf).to(param.dtype))
+            else:
+                model._init_weights(module)
+            if tied and module is model.get_input_embeddings():
+                model.tie_weights()  # now, so the output embedding shares this weight instead of allocating its own
+            if type(module) is nn.Linear and not is_skipped(skip_prefix + name, patterns):
+                replace_module(model, name, convert_linear(module, name, spec, generator))
     return model.to(device)  # buffers built with the config (rotary tables, position ids) join the weights
-
-
-def _fill_and_quantize(model: nn.Module, reader, patterns, generator, tied: bool, skip_prefix: str, spec,
-                       device) -> None:
-    """Materialise, fill and quantize `model` module by module (see `load_quantized_backbone`)."""
-    for name in module_names(model):
-        module = model.get_submodule(name)
-        own = list(module.named_parameters(recurse=False))
-        if not own or not any(p.is_meta for _, p in own):
-            continue
-        module.to_empty(device=device, recurse=False)
-        if reader is not None:
-            with torch.no_grad():
-                for leaf, param in module.named_parameters(recurse=False):
-                    param.copy_(reader.get(f"{name}.{leaf}" if name else leaf).to(param.dtype))
-        else:
-            model._init_weights(module)
-        if tied and module is model.get_input_embeddings():
-            model.tie_weights()  # now, so the output embedding shares this weight instead of allocating its own
-        if type(module) is nn.Linear and not is_skipped(skip_prefix + name, patterns):
-            replace_module(model, name, convert_linear(module, name, spec, generator))
 
 
 class _CheckpointReader:
