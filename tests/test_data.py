@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import tiny_recipe
 
-from ftkit.data.batches import TrainStream, collate, encode
+from ftkit.data.batches import TrainStream, _encode_for_causal_lm, collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import DataError
 from ftkit.models.load import load_tokenizer
@@ -150,10 +149,16 @@ def test_causal_lm_candidates_keep_the_answer_when_truncated():
     long = task.splits["dev"][:1]
     long[0].texts = ("word " * 200,)
     (feature,) = encode(long, tokenizer, "causal_lm", task, max_seq_len=16)
-    for row, mask, word in zip(feature["rows"], feature["option_masks"], task.label_words):
-        answer = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        assert len(row) == 16 and row[-len(answer):] == answer
-        assert mask == [0] * (16 - len(answer)) + [1] * len(answer)
+    # single-token label words: the prompt alone, cut to leave the label word's place
+    (row,) = feature["rows"]
+    words = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in task.label_words]
+    assert len(row) == 15 and all(len(w) == 1 for w in words) and feature["next_tokens"] == [w[0] for w in words]
     batch = collate([feature], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (1, 15) and batch["next_tokens"].tolist() == [feature["next_tokens"]]
+    # the general layout, a row per candidate: the same prompt, then the candidate
+    (general,) = _encode_for_causal_lm(long, tokenizer, task, 16, one_row_per_candidate=True)
+    for row, mask, answer in zip(general["rows"], general["option_masks"], words):
+        assert len(row) == 16 and row == feature["rows"][0] + answer and mask == [0] * 15 + [1]
+    batch = collate([general], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, 16) and batch["labels"].tolist() == [long[0].label]
-    assert torch.equal(batch["option_mask"].sum(1), torch.tensor([len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in task.label_words]))
+    assert batch["option_mask"].sum(1).tolist() == [1, 1]

@@ -11,7 +11,7 @@ from conftest import REPO, TINY_LLAMA, TINY_OPT, tiny_recipe
 from typer.testing import CliRunner
 
 from ftkit.cli import app
-from ftkit.data.batches import collate, encode
+from ftkit.data.batches import _encode_for_causal_lm, collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.eval import evaluate
 from ftkit.models.build import build_model
@@ -82,19 +82,46 @@ def test_candidate_scores_match_hand_computation(config):
     model, kind, _ = build_model(recipe, task, tokenizer)
     assert kind == "causal_lm"
     model.eval()
-    features = encode(task.splits["train"][:3], tokenizer, kind, task, 32)
+    examples = task.splits["train"][:3]
+    features = encode(examples, tokenizer, kind, task, 32)
+    # SST-2's label words are one token each: one row per example (the prompt), the candidates' tokens beside it
+    assert all(len(f["rows"]) == 1 and len(f["next_tokens"]) == 2 for f in features)
     batch = collate(features, tokenizer.pad_token_id)
     with torch.no_grad():
         scores = model(batch)
         assert scores.shape == (3, 2)
         for example, feature in enumerate(features):
-            for candidate, (row, mask) in enumerate(zip(feature["rows"], feature["option_masks"])):
-                logits = model.lm(input_ids=torch.tensor([row])).logits[0].float()
-                logprobs = F.log_softmax(logits, -1)
-                positions = [t for t in range(1, len(row)) if mask[t]]
-                expected = sum(logprobs[t - 1, row[t]].item() for t in positions) / len(positions)
+            (prompt,) = feature["rows"]
+            for candidate, token in enumerate(feature["next_tokens"]):
+                logits = model.lm(input_ids=torch.tensor([prompt + [token]])).logits[0].float()
+                expected = F.log_softmax(logits, -1)[len(prompt) - 1, token].item()
                 # the same network run batched (padded) and alone: equal to a relative 1e-5
                 assert scores[example, candidate].item() == pytest.approx(expected, rel=1e-5)
+        # The general layout (a row per candidate, its tokens marked) scores the same: one forward per example
+        # instead of two changes nothing but the cost.
+        general = _encode_for_causal_lm(examples, tokenizer, task, 32, one_row_per_candidate=True)
+        assert all(len(f["rows"]) == 2 and "next_tokens" not in f for f in general)
+        torch.testing.assert_close(model(collate(general, tokenizer.pad_token_id)), scores, rtol=1e-5, atol=1e-6)
+
+
+def test_single_token_candidates_of_differing_counts_score_as_their_own_rows():
+    """One row per example with `next_tokens` (padded with -1) against the general layout built by hand: equal
+    scores, and -inf where an example has fewer candidates."""
+    recipe = recipe_from_dict(tiny_recipe(model={"config": dict(TINY_LLAMA)}))
+    task = load_task_data(recipe, splits=("train",))
+    tokenizer = load_tokenizer(recipe.model)
+    model, _, _ = build_model(recipe, task, tokenizer)
+    model.eval()
+    prompts, tokens = [[101, 7, 8, 9, 10], [101, 11, 12]], [[20, 21, 22], [23, 24]]
+    shared = [{"rows": [p], "next_tokens": t, "labels": 0} for p, t in zip(prompts, tokens)]
+    general = [{"rows": [p + [c] for c in t], "option_masks": [[0] * len(p) + [1] for _ in t], "labels": 0}
+               for p, t in zip(prompts, tokens)]
+    with torch.no_grad():
+        scores = model(collate(shared, tokenizer.pad_token_id))
+        expected = model(collate(general, tokenizer.pad_token_id))
+    assert scores.shape == (2, 3) and torch.isinf(scores[1, 2]) and torch.isinf(expected[1, 2])
+    torch.testing.assert_close(scores[torch.isfinite(scores)], expected[torch.isfinite(expected)], rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_local_directory_loads_through_transformers(tmp_path, write_recipe):

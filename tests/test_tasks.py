@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_LLAMA, TINY_OPT, tiny_recipe
 
-from ftkit.data.batches import collate, encode
+from ftkit.data.batches import _encode_for_causal_lm, collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import DataError, RecipeError, UserError
 from ftkit.eval import evaluate
@@ -80,7 +80,11 @@ def test_generation_trains_on_the_answer_and_decodes(write_recipe, tmp_path):
     task, tokenizer = load_task_data(recipe), load_tokenizer(recipe.model)
     example = task.splits["train"][1]
     assert example.answers == ("blue", "dark blue")
+    # a one-token answer without EOS (BERT's tokenizer has none) alone in its split is scored from the prompt's row;
+    # the general layout appends the answer and marks it
     feature = encode([example], tokenizer, "causal_lm", task, 32)[0]
+    assert feature["next_tokens"] == tokenizer(" blue", add_special_tokens=False)["input_ids"]
+    feature = _encode_for_causal_lm([example], tokenizer, task, 32, one_row_per_candidate=True)[0]
     (row,), (mask,) = feature["rows"], feature["option_masks"]
     assert tokenizer.decode([t for t, m in zip(row, mask) if m]) == "blue"  # the first answer (no EOS in BERT's)
     assert row[: len(feature["prompt"])] == feature["prompt"] and feature["answers"] == ["blue", "dark blue"]
@@ -164,8 +168,9 @@ def test_every_builtin_task_builds_its_prompts_from_its_fixture_rows(write_recip
     else:
         assert first.answers == options and first.answers[0] == target
     features = encode([first], load_tokenizer(recipe.model), "causal_lm", task, 512)
-    assert len(features[0]["rows"]) == {"classification": len(task.labels), "multiple_choice": len(options or ()),
-                                        "generation": 1}[task.spec.kind]
+    scored = features[0].get("next_tokens", features[0]["rows"])  # single-token candidates share one row
+    assert len(scored) == {"classification": len(task.labels), "multiple_choice": len(options or ()),
+                           "generation": 1}[task.spec.kind]
 
 
 def test_record_rows_whose_answer_is_no_entity_are_reported(write_recipe, tmp_path):

@@ -31,20 +31,32 @@ def _encode_for_encoder(examples, tokenizer, max_seq_len):
     return features
 
 
-def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len):
+def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len, one_row_per_candidate: bool = False):
     """Each example becomes one sequence per candidate: prompt tokens, then the candidate's tokens (marked in
-    `option_masks`). The task kind names the candidates (ftkit.task_kinds) and any features beyond them."""
+    `option_masks`). The task kind names the candidates (ftkit.task_kinds) and any features beyond them.
+
+    When every candidate of the split is a single token (SST-2's " great" / " terrible", BoolQ's " Yes" / " No"),
+    the rows of an example would differ only in their last token, so each example is instead one row, the prompt,
+    with the candidates' tokens in `next_tokens`: the head reads all their scores from the prompt's last position,
+    one forward pass instead of one per candidate (ftkit.models.heads). `one_row_per_candidate` keeps the general
+    layout (tests compare the two)."""
     kind = TASK_KINDS[task.spec.kind]
     candidates_of = kind.candidates(task, tokenizer)
+    prompts = [tokenizer(prompt_text(task, example))["input_ids"] for example in examples]
+    candidates = [candidates_of(example) for example in examples]
+    one_row = not one_row_per_candidate and all(len(c) == 1 for cs in candidates for c in cs)
     features = []
-    for example in examples:
-        prompt_ids = tokenizer(prompt_text(task, example))["input_ids"]
-        rows, masks = [], []
-        for candidate in candidates_of(example):
-            ids = left_truncated(prompt_ids, len(candidate), max_seq_len, tokenizer.bos_token_id) + candidate
-            rows.append(ids)
-            masks.append([0] * (len(ids) - len(candidate)) + [1] * len(candidate))
-        feature = {"rows": rows, "option_masks": masks, "labels": example.label}
+    for example, prompt_ids, example_candidates in zip(examples, prompts, candidates):
+        if one_row:
+            feature = {"rows": [left_truncated(prompt_ids, 1, max_seq_len, tokenizer.bos_token_id)],
+                       "next_tokens": [c[0] for c in example_candidates], "labels": example.label}
+        else:
+            rows, masks = [], []
+            for candidate in example_candidates:
+                ids = left_truncated(prompt_ids, len(candidate), max_seq_len, tokenizer.bos_token_id) + candidate
+                rows.append(ids)
+                masks.append([0] * (len(ids) - len(candidate)) + [1] * len(candidate))
+            feature = {"rows": rows, "option_masks": masks, "labels": example.label}
         if kind.extra_features is not None:
             feature.update(kind.extra_features(example, prompt_ids, task, tokenizer, max_seq_len))
         features.append(feature)
@@ -69,11 +81,14 @@ def left_truncated(prompt_ids: list[int], reserved: int, max_seq_len: int, bos_i
 def collate(features: list[dict], pad_id: int) -> dict:
     if "rows" in features[0]:
         rows = [r for f in features for r in f["rows"]]
-        masks = [m for f in features for m in f["option_masks"]]
-        batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0),
-                 "option_mask": _pad(masks, 0),
-                 "num_candidates": torch.tensor([len(f["rows"]) for f in features], dtype=torch.long)}
-        for key in features[0].keys() - {"rows", "option_masks", "labels"}:  # a task kind's own features, as lists
+        batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0)}
+        if "next_tokens" in features[0]:  # one row per example; -1 pads examples with fewer candidates
+            batch["next_tokens"] = _pad([f["next_tokens"] for f in features], -1)
+            batch["num_candidates"] = torch.tensor([len(f["next_tokens"]) for f in features], dtype=torch.long)
+        else:
+            batch["option_mask"] = _pad([m for f in features for m in f["option_masks"]], 0)
+            batch["num_candidates"] = torch.tensor([len(f["rows"]) for f in features], dtype=torch.long)
+        for key in features[0].keys() - {"rows", "option_masks", "next_tokens", "labels"}:  # a kind's own, as lists
             batch[key] = [f[key] for f in features]
     else:
         batch = {key: _pad([f[key] for f in features], pad_id if key == "input_ids" else 0)

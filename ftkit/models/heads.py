@@ -5,7 +5,7 @@ scoring read (ftkit.task_kinds).
   (class prototypes) so the model is far above chance before any step; zeroth-order training cannot recover
   from a random head.
 - Causal LMs: each candidate label is scored by the mean log-probability of its tokens after the prompt
-  (MeZO's protocol); the scores are the logits.
+  (MeZO's protocol); the scores are the logits. Single-token candidates share one row per example.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class CausalLMScorer(nn.Module):
         return self.lm
 
     def forward(self, batch: dict) -> torch.Tensor:
+        if "next_tokens" in batch:
+            return self._score_next_tokens(batch)
         # batch holds one row per (example, candidate); option_mask marks the candidate's tokens.
         hidden = self.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state[:, :-1]
@@ -83,6 +85,18 @@ class CausalLMScorer(nn.Module):
         scores = torch.full((len(counts), width), float("-inf"), device=mean.device)
         scores[slots] = mean
         return scores
+
+    def _score_next_tokens(self, batch: dict) -> torch.Tensor:
+        """Single-token candidates: one row per example, the prompt alone (right-padded). A candidate's score, the
+        mean log-probability of its one token, is read at the prompt's last position, where every candidate's row
+        would have computed the same hidden state."""
+        hidden = self.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        last = batch["attention_mask"].sum(1) - 1
+        hidden = hidden.last_hidden_state[torch.arange(len(last), device=last.device), last]
+        logprobs = self.lm.get_output_embeddings()(hidden).float().log_softmax(-1)
+        tokens = batch["next_tokens"]
+        # -1 pads examples with fewer candidates: -inf, never predicted, no probability mass.
+        return logprobs.gather(-1, tokens.clamp(min=0)).masked_fill(tokens < 0, float("-inf"))
 
 
 @torch.no_grad()
