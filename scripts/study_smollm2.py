@@ -87,7 +87,8 @@ PLAN = [
     ("sst2", "quzo_int8", [0], 100),
     ("sst2", "quzo_fp8_e4m3", [0], 100),
     *[(task, "zero_shot", [0], 0) for task in ("copa", "cb", "boolq", "squad")],
-    *[(task, row, [0], 300) for task in ("copa", "cb", "boolq") for row in ("quzo_int4_norms", "lora")],
+    *[(task, "quzo_int4_norms", [0], 600) for task in ("copa", "cb", "boolq")],
+    *[(task, "lora", [0], 300) for task in ("copa", "cb", "boolq")],
     ("squad", "lora", [0], 200),
 ]
 EVAL_EVERY = 100
