@@ -1,4 +1,4 @@
-"""scripts/study.py and scripts/study_memory.py: the grid's recipes are valid, and the tables are computed from the
+"""scripts/study.py, study_memory.py and study_smollm2.py: the grid's recipes are valid, and the tables are computed from the
 runs' files (means, spreads, ratios, the process's peak), never typed in."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import study  # noqa: E402
 import study_memory  # noqa: E402
+import study_smollm2  # noqa: E402
 
 from ftkit.recipe import recipe_from_dict  # noqa: E402
 
@@ -21,6 +22,15 @@ def test_every_row_of_the_grid_is_a_valid_recipe(name, tmp_path):
     recipe = recipe_from_dict(study.recipe_for(study.ROWS[name], 2, study.MODES["full"], tmp_path / "run"))
     assert recipe.train.seed == 2 and recipe.train.max_steps == study.MODES["full"]["steps"]
     assert recipe.data.task == "sst2" and recipe.train.batch_size == 16
+
+
+@pytest.mark.parametrize("task,row,steps", sorted({(t, r, n) for t, r, _, n in study_smollm2.PLAN}))
+def test_every_run_of_the_smollm2_plan_is_a_valid_recipe(task, row, steps, tmp_path, monkeypatch):
+    monkeypatch.setattr(study_smollm2, "ROOT", tmp_path)  # BoolQ's and SQuAD's test subsets are written there
+    recipe = recipe_from_dict(study_smollm2.recipe_for(task, row, 1, steps))
+    assert recipe.model.name == "smollm2-135m" and recipe.data.task == task and recipe.train.seed == 1
+    assert (recipe.train.max_steps == steps) if steps else row == "zero_shot"
+    assert recipe.train.output_dir == str(tmp_path / task / row / "seed1")
 
 
 def test_quick_grid_is_a_subset_of_the_tables():
