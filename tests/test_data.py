@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import tiny_recipe
 
-from ftkit.data.batches import TrainStream, _encode_for_causal_lm, collate, encode
+from ftkit.data.batches import TrainStream, collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import DataError
 from ftkit.models.load import load_tokenizer
@@ -156,7 +156,7 @@ def test_causal_lm_candidates_keep_the_answer_when_truncated():
     batch = collate([feature], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (1, 15) and batch["next_tokens"].tolist() == [feature["next_tokens"]]
     # the general layout, a row per candidate: the same prompt, then the candidate
-    (general,) = _encode_for_causal_lm(long, tokenizer, task, 16, one_row_per_candidate=True)
+    (general,) = encode(long, tokenizer, "causal_lm", task, 16, one_row_per_candidate=True)
     for row, mask, answer in zip(general["rows"], general["option_masks"], words):
         assert len(row) == 16 and row == feature["rows"][0] + answer and mask == [0] * 15 + [1]
     batch = collate([general], tokenizer.pad_token_id)

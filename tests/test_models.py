@@ -11,7 +11,7 @@ from conftest import REPO, TINY_LLAMA, TINY_OPT, tiny_recipe
 from typer.testing import CliRunner
 
 from ftkit.cli import app
-from ftkit.data.batches import _encode_for_causal_lm, collate, encode
+from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.eval import evaluate
 from ftkit.models.build import build_model
@@ -99,7 +99,7 @@ def test_candidate_scores_match_hand_computation(config):
                 assert scores[example, candidate].item() == pytest.approx(expected, rel=1e-5)
         # The general layout (a row per candidate, its tokens marked) scores the same: one forward per example
         # instead of two changes nothing but the cost.
-        general = _encode_for_causal_lm(examples, tokenizer, task, 32, one_row_per_candidate=True)
+        general = encode(examples, tokenizer, "causal_lm", task, 32, one_row_per_candidate=True)
         assert all(len(f["rows"]) == 2 and "next_tokens" not in f for f in general)
         torch.testing.assert_close(model(collate(general, tokenizer.pad_token_id)), scores, rtol=1e-5, atol=1e-6)
 

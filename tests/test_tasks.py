@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_LLAMA, TINY_OPT, tiny_recipe
 
-from ftkit.data.batches import _encode_for_causal_lm, collate, encode
+from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import load_task_data
 from ftkit.errors import DataError, RecipeError, UserError
 from ftkit.eval import evaluate
@@ -84,7 +84,7 @@ def test_generation_trains_on_the_answer_and_decodes(write_recipe, tmp_path):
     # the general layout appends the answer and marks it
     feature = encode([example], tokenizer, "causal_lm", task, 32)[0]
     assert feature["next_tokens"] == tokenizer(" blue", add_special_tokens=False)["input_ids"]
-    feature = _encode_for_causal_lm([example], tokenizer, task, 32, one_row_per_candidate=True)[0]
+    feature = encode([example], tokenizer, "causal_lm", task, 32, one_row_per_candidate=True)[0]
     (row,), (mask,) = feature["rows"], feature["option_masks"]
     assert tokenizer.decode([t for t, m in zip(row, mask) if m]) == "blue"  # the first answer (no EOS in BERT's)
     assert row[: len(feature["prompt"])] == feature["prompt"] and feature["answers"] == ["blue", "dark blue"]

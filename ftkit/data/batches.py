@@ -12,11 +12,13 @@ from ftkit.devices import to_device
 from ftkit.task_kinds import TASK_KINDS
 
 
-def encode(examples: list[Example], tokenizer, kind: str, task: TaskData, max_seq_len: int) -> list[dict]:
-    """One feature dict per example (lists of token ids), ready for `collate`."""
+def encode(examples: list[Example], tokenizer, kind: str, task: TaskData, max_seq_len: int,
+           one_row_per_candidate: bool = False) -> list[dict]:
+    """One feature dict per example (lists of token ids), ready for `collate`. Causal LMs: single-token candidates
+    share one row per example unless `one_row_per_candidate` (see `_encode_for_causal_lm`)."""
     if kind == "encoder":
         return _encode_for_encoder(examples, tokenizer, max_seq_len)
-    return _encode_for_causal_lm(examples, tokenizer, task, max_seq_len)
+    return _encode_for_causal_lm(examples, tokenizer, task, max_seq_len, one_row_per_candidate)
 
 
 def _encode_for_encoder(examples, tokenizer, max_seq_len):
