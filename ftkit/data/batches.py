@@ -86,7 +86,6 @@ def collate(features: list[dict], pad_id: int) -> dict:
         batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0)}
         if "next_tokens" in features[0]:  # one row per example; -1 pads examples with fewer candidates
             batch["next_tokens"] = _pad([f["next_tokens"] for f in features], -1)
-            batch["num_candidates"] = torch.tensor([len(f["next_tokens"]) for f in features], dtype=torch.long)
         else:
             batch["option_mask"] = _pad([m for f in features for m in f["option_masks"]], 0)
             batch["num_candidates"] = torch.tensor([len(f["rows"]) for f in features], dtype=torch.long)
