@@ -317,6 +317,45 @@ def test_full_precision_tensors_move_a_chunk_at_a_time_with_the_bits_of_whole_te
     assert len(zo_streams.chunk_slices(numel)) > 1 and torch.equal(param.detach(), expected)
 
 
+@pytest.mark.parametrize("ahead", [1 << 24, 3000], ids=["one window", "windows of a tensor or two"])
+def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(monkeypatch, ahead):
+    """With random-sign directions the float targets' words are drawn ahead, a window of tensors at a time by every
+    thread (`with_sign_words`): a MeZO step over tensors of assorted sizes (one larger than a chunk, which draws its
+    own) moves every weight exactly as each tensor's own `signs` say, at one thread and at three."""
+    from ftkit.optim import zo_streams, zo_targets
+    from ftkit.optim.zo import zeroth_order_step
+    from ftkit.optim.zo_streams import U, sign_words, signs
+
+    monkeypatch.setattr(zo_streams, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(zo_targets, "AHEAD_ELEMENTS", ahead)
+    d = Directions(bits=0, independent=True, update_rounding="stochastic", distribution="rademacher")
+    sizes = [7, 1500, 4096, 20_000, 33, 2900, 1]
+    start = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes]
+    eps, lr, grad = 1e-3, 0.1, 0.75
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            params = [nn.Parameter(w.clone()) for w in start]
+            targets = [FloatTarget(f"w{i}", w, i, decay=False) for i, w in enumerate(params)]
+            zeroth_order_step(targets, d, step_seed=9, lr=lr, eps=eps, n_queries=1, weight_decay=0.0,
+                              gradients=[grad])
+            results.append([w.detach().clone() for w in params])
+            words = sign_words([(n, derive(5, i, U)) for i, n in enumerate(sizes[:3])])
+            assert all(torch.equal(zo_streams.words_to_signs(w, 0, n), signs(n, derive(5, i, U)))
+                       for i, (w, n) in enumerate(zip(words, sizes)))
+    finally:
+        torch.set_num_threads(previous)
+    query = derive(9, 0)
+    for i, (w, n) in enumerate(zip(start, sizes)):
+        u = signs(n, derive(query, i, U))
+        expected = w.clone().add_(u, alpha=eps).add_(u, alpha=-2 * eps).add_(u, alpha=eps - lr * grad)
+        assert torch.equal(results[0][i], expected) and torch.equal(results[1][i], expected), n
+    assert zo_streams._balanced_runs([5, 1, 1, 5, 2], 2) == [range(0, 3), range(3, 5)]
+    assert zo_streams._balanced_runs([10], 3) == [range(0, 1)]
+
+
 def test_a_zeroth_order_update_of_a_large_full_precision_tensor_holds_a_few_chunks_not_copies():
     """An 8192 x 4096 fp32 tensor (128 MiB, eight chunks): perturbing and updating it with QuZO's rounded directions
     adds a few 16 MiB chunks to memory, whatever its size, not the two whole float copies (256 MiB) whole-tensor

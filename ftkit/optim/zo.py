@@ -34,7 +34,13 @@ from ftkit.distributed import SINGLE, World
 from ftkit.errors import UserError
 from ftkit.optim.trace import TraceWriter, encode_tensor
 from ftkit.optim.zo_streams import derive
-from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget, zo_targets
+from ftkit.optim.zo_targets import (
+    Directions,
+    FloatTarget,
+    QuantTarget,
+    with_sign_words,
+    zo_targets,
+)
 from ftkit.recipe.schema import Recipe
 
 TRACE_FILE = "trace.ftz"
@@ -196,14 +202,14 @@ def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr:
         _move(targets, directions, query_seeds[-1], -eps, 0.0)  # leave the weights as they were
         return gradients, [math.nan]
     coefs = [-lr * g / n_queries for g in gradients]
-    for target in targets:
-        target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay)
+    for target, words in with_sign_words(targets, directions, query_seeds[-1]):
+        target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay, words=words)
     return gradients, losses
 
 
 def _move(targets: list, directions: Directions, query_seed: int, current: float, to: float) -> None:
-    for target in targets:
-        target.move(directions, query_seed, current, to)
+    for target, words in with_sign_words(targets, directions, query_seed):
+        target.move(directions, query_seed, current, to, words)
 
 
 def _batch_loss(chunk_losses: list[float], shard: Shard) -> float:

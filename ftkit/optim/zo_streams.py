@@ -72,9 +72,10 @@ def _workers() -> ThreadPoolExecutor | None:
 DRAW_GRANULE = 16
 
 
-def _draw_blocks(seed: int, start: int, stop: int, dtype: torch.dtype, fill) -> torch.Tensor:
-    """Elements [start, stop) of the CPU stream `seed`: the blocks covering them are drawn (in parallel), each by
-    `fill(out, generator)` up to the last element needed, then the range is cut out of them."""
+def _draw_blocks(seed: int, start: int, stop: int, dtype: torch.dtype, fill, parallel: bool = True) -> torch.Tensor:
+    """Elements [start, stop) of the CPU stream `seed`: the blocks covering them are drawn (in parallel unless
+    `parallel` is off: a pool thread must not wait on the pool), each by `fill(out, generator)` up to the last
+    element needed, then the range is cut out of them."""
     first, last = start // BLOCK, (stop - 1) // BLOCK
     tail = min(BLOCK, -(-(stop - last * BLOCK) // DRAW_GRANULE) * DRAW_GRANULE)  # what the last block must draw
     out = torch.empty((last - first) * BLOCK + tail, dtype=dtype)
@@ -87,7 +88,7 @@ def _draw_blocks(seed: int, start: int, stop: int, dtype: torch.dtype, fill) -> 
         with torch.inference_mode(inference):
             fill(out[offset: offset + (tail if block == last else BLOCK)], devices.generator(derive(seed, block)))
 
-    pool = _workers()
+    pool = _workers() if parallel else None
     if pool is None or last == first:
         for block in range(first, last + 1):
             draw(block)
@@ -148,11 +149,17 @@ def signs(shape, seed: int, device="cpu") -> torch.Tensor:
     return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(shape)
 
 
-def sign_chunks(numel: int, seed: int, device="cpu"):
+def sign_chunks(numel: int, seed: int, device="cpu", words: torch.Tensor | None = None):
     """The numbers of `signs(numel, seed, device)` as (slice, values) pairs over `chunk_slices`, a chunk at a time.
     Element i takes bit i % 16 of word i // 16 of the stream, so the numbers do not depend on how the range is cut
-    (on the CPU; on a GPU one generator draws the chunks in turn)."""
+    (on the CPU; on a GPU one generator draws the chunks in turn). `words`: the stream's words for a tensor of one
+    chunk, drawn ahead by `sign_words`."""
     per = SIGNS_PER_WORD
+    if words is not None:
+        if numel > CHUNK_ELEMENTS:
+            raise ValueError(f"words drawn ahead serve a tensor of one chunk, not {numel} elements")
+        yield slice(0, numel), words_to_signs(words, 0, numel)
+        return
     if torch.device(device).type == "cpu":
         for part in chunk_slices(numel):
             words = _draw_blocks(seed, part.start // per, -(-part.stop // per), torch.int32, _words)
@@ -162,6 +169,38 @@ def sign_chunks(numel: int, seed: int, device="cpu"):
     for part in chunk_slices(numel):
         words = torch.empty(-(-(part.stop - part.start) // per), dtype=torch.int32, device=device)
         yield part, words_to_signs(words.random_(generator=gen), 0, part.stop - part.start)
+
+
+def sign_words(requests: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The CPU words of `signs(numel, seed)` for each (numel, seed) in `requests`, tensors of at most one chunk,
+    drawn by every thread of the pool at once, each thread a run of whole tensors of about equal size. A tensor of
+    a model like SmolLM2-135M needs less than one block of words (55,296 for a 1536 x 576 matrix, about 0.1 ms),
+    which one core draws, and handing tensors to the pool one at a time costs about as much as their draws, so each
+    thread takes a run of them. The same numbers at any thread count."""
+    counts = [-(-numel // SIGNS_PER_WORD) for numel, _ in requests]
+    pool = _workers()
+    inference = torch.is_inference_mode_enabled()
+
+    def draw(indices: range) -> list[torch.Tensor]:
+        with torch.inference_mode(inference):
+            return [_draw_blocks(requests[i][1], 0, counts[i], torch.int32, _words, parallel=False) for i in indices]
+
+    if pool is None or len(requests) < 2:
+        return draw(range(len(requests)))
+    runs = _balanced_runs(counts, _pool[1])
+    return [words for run in pool.map(draw, runs) for words in run]
+
+
+def _balanced_runs(sizes: list[int], parts: int) -> list[range]:
+    """`parts` consecutive runs of indices into `sizes` (or fewer), each ending where the running total passes its
+    share of the whole."""
+    total, runs, start, done = sum(sizes), [], 0, 0
+    for i, size in enumerate(sizes):
+        done += size
+        if done * parts >= total * (len(runs) + 1) or i == len(sizes) - 1:
+            runs.append(range(start, i + 1))
+            start = i + 1
+    return runs
 
 
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ftkit.optim import zo_streams
 from ftkit.optim.zo_streams import (
     Q1,
     Q2,
@@ -31,6 +32,7 @@ from ftkit.optim.zo_streams import (
     quantize_direction,
     round_onto,
     sign_chunks,
+    sign_words,
     signs,
     uniform_chunks,
 )
@@ -56,7 +58,9 @@ class Directions:
     def _draw(self, shape, seed: int, device) -> torch.Tensor:
         return (gaussian if self.distribution == "gaussian" else signs)(shape, seed, device)
 
-    def _draw_chunks(self, numel: int, seed: int, device):
+    def _draw_chunks(self, numel: int, seed: int, device, words: torch.Tensor | None = None):
+        if words is not None:
+            return sign_chunks(numel, seed, device, words)
         return (gaussian_chunks if self.distribution == "gaussian" else sign_chunks)(numel, seed, device)
 
     @property
@@ -91,14 +95,16 @@ class Directions:
     def update_stream(self) -> int:
         return Q2 if self.independent else Q1
 
-    def chunks(self, query_seed: int, index: int, numel: int, device, streams: tuple[int, ...]):
+    def chunks(self, query_seed: int, index: int, numel: int, device, streams: tuple[int, ...],
+               words: torch.Tensor | None = None):
         """The directions of `streams` (Q1, Q2) for a tensor of `numel` elements, a chunk at a time: (slice, [u_s
         over the slice]), each u_s the one `perturbation` / `update_direction` / `both` give, flattened. What a
         chunk holds exists once (16 MiB), not the whole tensor's direction; the grid of a rounded direction needs
-        max|u| first, so a tensor of several chunks draws its Gaussian twice."""
+        max|u| first, so a tensor of several chunks draws its Gaussian twice. `words`: its signs' random words,
+        drawn ahead (`with_sign_words`)."""
         u_seed, slices = derive(query_seed, index, U), chunk_slices(numel)
         if not self.rounds:
-            for part, u in self._draw_chunks(numel, u_seed, device):
+            for part, u in self._draw_chunks(numel, u_seed, device, words):
                 yield part, [u] * len(streams)
             return
         step = None
@@ -129,21 +135,24 @@ class FloatTarget:
         weights (a tensor-train layer's built matrix) rely on it to notice the weights moved."""
         return self.param.detach().view(-1)
 
-    def move(self, d: Directions, query_seed: int, current: float, to: float) -> None:
-        """From w + current * u1 to w + to * u1, in place, a chunk of the direction at a time."""
+    def move(self, d: Directions, query_seed: int, current: float, to: float,
+             words: torch.Tensor | None = None) -> None:
+        """From w + current * u1 to w + to * u1, in place, a chunk of the direction at a time (`words`: see
+        `with_sign_words`)."""
         p = self.flat()
-        for part, (u1,) in d.chunks(query_seed, self.index, p.numel(), p.device, (Q1,)):
+        for part, (u1,) in d.chunks(query_seed, self.index, p.numel(), p.device, (Q1,), words):
             p[part].add_(u1.to(p.dtype), alpha=to - current)
             del u1
 
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
-               decay: float) -> None:
+               decay: float, words: torch.Tensor | None = None) -> None:
         """Undo the last query's perturbation (+restore * u1) and apply sum_i coef_i * u2_i and weight decay, a chunk
-        at a time (each element sees the same operations in the same order as whole-tensor arithmetic)."""
+        at a time (each element sees the same operations in the same order as whole-tensor arithmetic). `words`:
+        the last query's, see `with_sign_words`."""
         p = self.flat()
         *earlier, (last_seed, last_coef) = list(zip(query_seeds, coefs))
         streams = (Q1, Q2) if d.rounds and d.independent else (Q1,)
-        for part, directions in d.chunks(last_seed, self.index, p.numel(), p.device, streams):
+        for part, directions in d.chunks(last_seed, self.index, p.numel(), p.device, streams, words):
             u1, u2 = directions[0].to(p.dtype), directions[-1].to(p.dtype)
             chunk = p[part]
             if decay and self.decay:
@@ -168,8 +177,9 @@ class QuantTarget:
     def numel(self) -> int:
         return self.layer.in_features * self.layer.out_features
 
-    def move(self, d: Directions, query_seed: int, current: float, to: float) -> None:
-        """The layer dequantizes to w + to * u1 (its codes untouched); `to` = 0 removes the perturbation."""
+    def move(self, d: Directions, query_seed: int, current: float, to: float, words: None = None) -> None:
+        """The layer dequantizes to w + to * u1 (its codes untouched); `to` = 0 removes the perturbation. (Its
+        direction is drawn inside the forward, so none is drawn ahead: `words` is always None.)"""
         if to == 0.0:
             self.layer.perturbation = None
             return
@@ -179,7 +189,7 @@ class QuantTarget:
 
     @torch.no_grad()
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
-               decay: float) -> None:
+               decay: float, words: None = None) -> None:
         """codes <- R(codes + sum_i coef_i * u2_i / scale - decay * codes), R onto the grid (SR or nearest)."""
         layer = self.layer
         layer.perturbation = None
@@ -200,6 +210,38 @@ class QuantTarget:
                 target.add_(codes, alpha=-decay)
             block_noise = None if noise is None else next(noise)[1].view_as(target)
             layer.set_code_values(layer.codec.round(target, d.update_rounding, noise=block_noise), rows)
+
+
+# Float targets whose sign words are drawn together, ahead of their pass: windows of about this many elements (their
+# words: 4 MiB, and at most one tensor more).
+AHEAD_ELEMENTS = 1 << 24
+
+
+def with_sign_words(targets: list, d: Directions, query_seed: int):
+    """(target, words) for each target in order: with random-sign directions, the words of the float targets of
+    one chunk or less on the CPU are drawn ahead, a window of AHEAD_ELEMENTS at a time by every thread at once
+    (`sign_words`); None for the rest, which draw their own. The same numbers either way."""
+    def ahead(target) -> bool:
+        one_chunk = target.numel <= zo_streams.CHUNK_ELEMENTS  # read at each call: tests shrink it
+        return isinstance(target, FloatTarget) and one_chunk and target.param.device.type == "cpu"
+
+    if d.distribution != "rademacher":
+        yield from ((target, None) for target in targets)
+        return
+    start = 0
+    while start < len(targets):
+        window, size, stop = [], 0, start
+        while stop < len(targets) and size < AHEAD_ELEMENTS:
+            if ahead(targets[stop]):
+                window.append(targets[stop])
+                size += targets[stop].numel
+            stop += 1
+        drawn = sign_words([(t.numel, derive(query_seed, t.index, U)) for t in window])
+        words = {t.index: w for t, w in zip(window, drawn)}
+        del drawn
+        for target in targets[start:stop]:
+            yield target, words.pop(target.index, None)  # each window's words freed as they are used
+        start = stop
 
 
 def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget]:
