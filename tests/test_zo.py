@@ -317,17 +317,27 @@ def test_full_precision_tensors_move_a_chunk_at_a_time_with_the_bits_of_whole_te
     assert len(zo_streams.chunk_slices(numel)) > 1 and torch.equal(param.detach(), expected)
 
 
-@pytest.mark.parametrize("ahead", [1 << 24, 3000], ids=["one window", "windows of a tensor or two"])
-def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(monkeypatch, ahead):
+@pytest.mark.parametrize("ahead,keep", [(1 << 24, 64 << 20), (3000, 64 << 20), (1 << 24, 0), (3000, 700)],
+                         ids=["one window", "windows of a tensor or two", "nothing kept", "some kept"])
+def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(monkeypatch, ahead, keep):
     """With random-sign directions the float targets' words are drawn ahead, a window of tensors at a time by every
-    thread (`with_sign_words`): a MeZO step over tensors of assorted sizes (one larger than a chunk, which draws its
-    own) moves every weight exactly as each tensor's own `signs` say, at one thread and at three."""
+    thread (`with_sign_words`), and kept through the step within a bound: a MeZO step over tensors of assorted sizes
+    (one larger than a chunk, which draws its own) moves every weight exactly as each tensor's own `signs` say, at
+    one thread and at three, whatever is kept."""
     from ftkit.optim import zo_streams, zo_targets
     from ftkit.optim.zo import zeroth_order_step
     from ftkit.optim.zo_streams import U, sign_words, signs
 
     monkeypatch.setattr(zo_streams, "CHUNK_ELEMENTS", 4096)
     monkeypatch.setattr(zo_targets, "AHEAD_ELEMENTS", ahead)
+    monkeypatch.setattr(zo_targets, "KEEP_BYTES", keep)
+    requested = []  # the tensors whose words are drawn ahead, each time
+
+    def counted(requests):
+        requested.extend(numel for numel, _ in requests)
+        return sign_words(requests)
+
+    monkeypatch.setattr(zo_targets, "sign_words", counted)
     d = Directions(bits=0, independent=True, update_rounding="stochastic", distribution="rademacher")
     sizes = [7, 1500, 4096, 20_000, 33, 2900, 1]
     start = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes]
@@ -342,6 +352,16 @@ def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(mon
             zeroth_order_step(targets, d, step_seed=9, lr=lr, eps=eps, n_queries=1, weight_decay=0.0,
                               gradients=[grad])
             results.append([w.detach().clone() for w in params])
+            # the words of each tensor of a chunk or less: drawn once and kept for the step's other two passes
+            # while they fit in KEEP_BYTES (in drawing order), drawn for each of the three passes otherwise
+            once, held = [], 0
+            for n in (n for n in sizes if n <= 4096):
+                if held + 4 * -(-n // 16) <= keep:
+                    once.append(n)
+                    held += 4 * -(-n // 16)
+            thrice = [n for n in sizes if n <= 4096 and n not in once]
+            assert sorted(requested) == sorted(once + thrice * 3) and (keep or not once)
+            requested.clear()
             words = sign_words([(n, derive(5, i, U)) for i, n in enumerate(sizes[:3])])
             assert all(torch.equal(zo_streams.words_to_signs(w, 0, n), signs(n, derive(5, i, U)))
                        for i, (w, n) in enumerate(zip(words, sizes)))
@@ -352,6 +372,10 @@ def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(mon
         u = signs(n, derive(query, i, U))
         expected = w.clone().add_(u, alpha=eps).add_(u, alpha=-2 * eps).add_(u, alpha=eps - lr * grad)
         assert torch.equal(results[0][i], expected) and torch.equal(results[1][i], expected), n
+    kept = zo_targets.KeptWords()
+    for i, n in enumerate((100, 300, 400)):
+        kept.offer((1, i), torch.zeros(n, dtype=torch.int32))
+    assert kept.nbytes <= keep and kept.nbytes == sum(w.nbytes for w in kept.values())
     assert zo_streams._balanced_runs([5, 1, 1, 5, 2], 2) == [range(0, 3), range(3, 5)]
     assert zo_streams._balanced_runs([10], 3) == [range(0, 1)]
 

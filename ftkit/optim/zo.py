@@ -9,7 +9,8 @@ One step, with step seed s, query seeds s_i and projected gradients g_i:
 MeZO: u1 = u2 = u ~ N(0, I), R the identity. QuZO: u1 = Q1(u), u2 = Q2(u) with independent rounding bits, and R
 stochastic rounding onto the weight grid for quantized layers (whose perturbation lives in the dequantize hook,
 so their codes change only at the update). All random tensors are regenerated from seeds (ftkit.optim.zo_streams),
-one tensor at a time: memory is inference plus one tensor's direction.
+one tensor at a time: memory is inference plus one tensor's direction (with random-sign directions, plus the words
+they come from, kept through a step up to 64 MiB: ftkit.optim.zo_targets.KEEP_BYTES).
 
 Across processes (ftkit.distributed) every process holds the whole model and applies the identical update from the
 shared seeds; only the losses cross, one all-reduce of 2 x chunks x queries scalars per step. Data parallel: each
@@ -37,6 +38,7 @@ from ftkit.optim.zo_streams import derive
 from ftkit.optim.zo_targets import (
     Directions,
     FloatTarget,
+    KeptWords,
     QuantTarget,
     with_sign_words,
     zo_targets,
@@ -185,30 +187,32 @@ def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr:
     pair per query. A replay passes the projected `gradients` instead and evaluates nothing. Returns (gradients,
     mean losses); with a non-finite gradient the weights are left as they were and the losses are [nan]."""
     query_seeds = [derive(step_seed, i) for i in range(n_queries)]
+    kept = KeptWords()  # random-sign words drawn for a query's first move, kept for its next two (within a bound)
     local = []
     for i, seed in enumerate(query_seeds):
-        _move(targets, directions, seed, 0.0, eps)
+        _move(targets, directions, seed, 0.0, eps, kept)
         local += evaluate(i) if evaluate else []
-        _move(targets, directions, seed, eps, -eps)
+        _move(targets, directions, seed, eps, -eps, kept)
         local += evaluate(i) if evaluate else []
         if i < n_queries - 1:
-            _move(targets, directions, seed, -eps, 0.0)  # the last query's restore is folded into the update
+            _move(targets, directions, seed, -eps, 0.0, kept)  # the last query's restore is folded into the update
     losses = []
     if evaluate is not None:
         pairs = combine(local)
         gradients = [(plus - minus) / (2 * eps) for plus, minus in pairs]
         losses = [(plus + minus) / 2 for plus, minus in pairs]
     if not all(math.isfinite(g) for g in gradients):
-        _move(targets, directions, query_seeds[-1], -eps, 0.0)  # leave the weights as they were
+        _move(targets, directions, query_seeds[-1], -eps, 0.0, kept)  # leave the weights as they were
         return gradients, [math.nan]
     coefs = [-lr * g / n_queries for g in gradients]
-    for target, words in with_sign_words(targets, directions, query_seeds[-1]):
+    for target, words in with_sign_words(targets, directions, query_seeds[-1], kept):
         target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay, words=words)
     return gradients, losses
 
 
-def _move(targets: list, directions: Directions, query_seed: int, current: float, to: float) -> None:
-    for target, words in with_sign_words(targets, directions, query_seed):
+def _move(targets: list, directions: Directions, query_seed: int, current: float, to: float,
+          kept: KeptWords | None = None) -> None:
+    for target, words in with_sign_words(targets, directions, query_seed, kept):
         target.move(directions, query_seed, current, to, words)
 
 

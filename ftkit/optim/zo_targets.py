@@ -215,12 +215,30 @@ class QuantTarget:
 # Float targets whose sign words are drawn together, ahead of their pass: windows of about this many elements (their
 # words: 4 MiB, and at most one tensor more).
 AHEAD_ELEMENTS = 1 << 24
+# A step applies each query's direction three times (to +eps, to -eps, back with the update); the sign words drawn
+# for the first are kept for the other two up to this many bytes: a 16th of the fp32 weights they drive (SmolLM2-135M:
+# 26.5 MB), so they cost memory only up to this bound, and the steps of larger models redraw the rest.
+KEEP_BYTES = 64 << 20
 
 
-def with_sign_words(targets: list, d: Directions, query_seed: int):
+class KeptWords(dict):
+    """The sign words of one step's directions, by (query seed, target index), within KEEP_BYTES."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def offer(self, key: tuple[int, int], words: torch.Tensor) -> None:
+        if self.nbytes + words.nbytes <= KEEP_BYTES:
+            self[key] = words
+            self.nbytes += words.nbytes
+
+
+def with_sign_words(targets: list, d: Directions, query_seed: int, kept: KeptWords | None = None):
     """(target, words) for each target in order: with random-sign directions, the words of the float targets of
     one chunk or less on the CPU are drawn ahead, a window of AHEAD_ELEMENTS at a time by every thread at once
-    (`sign_words`); None for the rest, which draw their own. The same numbers either way."""
+    (`sign_words`), or taken from `kept` (and offered to it when drawn); None for the rest, which draw their own.
+    The same numbers either way."""
     def ahead(target) -> bool:
         one_chunk = target.numel <= zo_streams.CHUNK_ELEMENTS  # read at each call: tests shrink it
         return isinstance(target, FloatTarget) and one_chunk and target.param.device.type == "cpu"
@@ -228,19 +246,24 @@ def with_sign_words(targets: list, d: Directions, query_seed: int):
     if d.distribution != "rademacher":
         yield from ((target, None) for target in targets)
         return
+    kept = KeptWords() if kept is None else kept
     start = 0
     while start < len(targets):
         window, size, stop = [], 0, start
         while stop < len(targets) and size < AHEAD_ELEMENTS:
-            if ahead(targets[stop]):
+            if ahead(targets[stop]) and (query_seed, targets[stop].index) not in kept:
                 window.append(targets[stop])
                 size += targets[stop].numel
             stop += 1
         drawn = sign_words([(t.numel, derive(query_seed, t.index, U)) for t in window])
-        words = {t.index: w for t, w in zip(window, drawn)}
+        fresh = {t.index: w for t, w in zip(window, drawn)}
         del drawn
         for target in targets[start:stop]:
-            yield target, words.pop(target.index, None)  # each window's words freed as they are used
+            words = kept.get((query_seed, target.index))
+            if words is None and target.index in fresh:
+                words = fresh.pop(target.index)  # each window's words freed as they are used, unless kept
+                kept.offer((query_seed, target.index), words)
+            yield target, words
         start = stop
 
 
