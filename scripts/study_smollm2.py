@@ -48,6 +48,7 @@ TEST_FILES = {"boolq": "val.jsonl", "squad": "validation.jsonl"}
 # The rows, in the tables' order: (recipe, label).
 ROWS = [
     ("zero_shot", "zero-shot"),
+    ("zero_shot_int4", "zero-shot, int4 g64 base (the QuZO rows' start)"),
     ("ft_full", "FO AdamW, fp32, all weights"),
     ("lora", "FO LoRA, fp32"),
     ("loretta_adp", "FO LoRETTA_adp, fp32"),
@@ -87,6 +88,8 @@ PLAN = [
     ("sst2", "quzo_int8", [0], 100),
     ("sst2", "quzo_fp8_e4m3", [0], 100),
     *[(task, "zero_shot", [0], 0) for task in ("copa", "cb", "boolq", "squad")],
+    # Where the QuZO rows over the int4 base start: its untrained test figure, the baseline of their gains.
+    *[(task, "zero_shot_int4", [0], 0) for task in ("sst2", "copa", "cb", "boolq")],
     # COPA at the recipe's 600 steps (300 examples); CB (150 examples) and BoolQ (passages of ~200 tokens, 4x an SST-2
     # step here) at 300.
     ("copa", "quzo_int4_norms", [0], 600),
@@ -130,10 +133,11 @@ def test_subset(task: str) -> Path:
 def run(task: str, row: str, seed: int, steps: int, threads: int) -> dict | None:
     """Train (or, for zero-shot, evaluate) one (task, row, seed) unless done; its summary."""
     out = run_dir(task, row, seed)
-    summary = out / ("zero_shot.json" if row == "zero_shot" else "summary.json")
+    untrained = row.startswith("zero_shot")
+    summary = out / ("zero_shot.json" if untrained else "summary.json")
     if summary.is_file():
         finished = json.loads(summary.read_text())
-        if row == "zero_shot" or finished.get("steps", 0) >= steps:
+        if untrained or finished.get("steps", 0) >= steps:
             return finished
         # A shorter run of this row (the plan's budget grew): continue it. Resuming is exact and train.max_steps does
         # not change the computation, so the result is the run the longer plan would have made from scratch.
@@ -142,19 +146,19 @@ def run(task: str, row: str, seed: int, steps: int, threads: int) -> dict | None
     recipe_path.write_text(yaml.safe_dump(recipe_for(task, row, seed, steps), sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     overrides = [f"train.threads={threads}"]
-    if row == "zero_shot":
+    if untrained:
         command = [sys.executable, "-m", "ftkit", "eval", str(recipe_path), *overrides, "--split", "test", "--json"]
     else:
         resume = ["--resume"] if (out / "checkpoints").is_dir() else []
         command = [sys.executable, "-m", "ftkit", "train", str(recipe_path), *overrides, *resume]
     print(f"[{datetime.now():%H:%M:%S}] {task} / {row} / seed {seed}", flush=True)
     with open(out.parent / f"seed{seed}.log", "a") as log:
-        done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE if row == "zero_shot" else log,
+        done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE if untrained else log,
                               stderr=log, env=env, text=True)
     if done.returncode != 0:
         print(f"  failed (status {done.returncode}): {out.parent / f'seed{seed}.log'}", flush=True)
         return None
-    if row == "zero_shot":
+    if untrained:
         summary.write_text(json.dumps(json.loads(done.stdout.strip().splitlines()[-1]), indent=2))
     return json.loads(summary.read_text())
 
@@ -178,7 +182,7 @@ def results() -> dict:
 def trainable(found: dict, row: str) -> str:
     counts = {s.get("trainable_params") for runs in (v for (t, r), v in found.items() if r == row) for s in runs}
     counts.discard(None)
-    return f"{counts.pop():,}" if len(counts) == 1 else ("0" if row == "zero_shot" else "")
+    return f"{counts.pop():,}" if len(counts) == 1 else ("0" if row.startswith("zero_shot") else "")
 
 
 def main_table(found: dict) -> str:

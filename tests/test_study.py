@@ -29,7 +29,7 @@ def test_every_run_of_the_smollm2_plan_is_a_valid_recipe(task, row, steps, tmp_p
     monkeypatch.setattr(study_smollm2, "ROOT", tmp_path)  # BoolQ's and SQuAD's test subsets are written there
     recipe = recipe_from_dict(study_smollm2.recipe_for(task, row, 1, steps))
     assert recipe.model.name == "smollm2-135m" and recipe.data.task == task and recipe.train.seed == 1
-    assert (recipe.train.max_steps == steps) if steps else row == "zero_shot"
+    assert (recipe.train.max_steps == steps) if steps else row.startswith("zero_shot")
     assert recipe.train.output_dir == str(tmp_path / task / row / "seed1")
 
 
@@ -103,3 +103,12 @@ def test_memory_table_takes_the_larger_peak_and_ratios_of_it():
     assert lines[2].startswith("| S | FO AdamW fp32 | | | not run: too large |")
     assert lines[3] == "| S | FO nf4 + LoRA (QLoRA) | 10 | 300 | 800 | 500 | 0.20* | 1.00 | 1.0 | 2.0 |"
     assert lines[4] == "| S | QuZO int4 | 1,000 | 200 | 300 | **400** | 0.10* | 0.50 | 3.0 | 4.0 |"
+
+
+def test_the_int4_zero_shot_row_quantizes_as_the_quzo_rows_it_is_the_start_of():
+    """Its test figure is the baseline of the QuZO int4 rows' gains: the same base, untrained."""
+    start = recipe_from_dict(study_smollm2.recipe_for("cb", "zero_shot_int4", 0, 0))
+    for row in ("quzo_int4_norms", "quzo_int4_norms_one_rounding", "quzo_int4_norms_signs", "quzo_int4"):
+        trained = recipe_from_dict(study_smollm2.recipe_for("cb", row, 0, 100))
+        assert trained.quant == start.quant and trained.data == start.data, row
+    assert start.quant.format == "int4" and start.quant.group_size == 64
