@@ -1,0 +1,79 @@
+"""How many low-bit codes training moved: each run's checkpoint against the untrained quantized model its recipe
+builds (same format, same scales), one line per run.
+
+    python scripts/codes_moved.py runs/study-smollm2/sst2/quzo_int4/seed0 runs/study-smollm2/sst2/quzo_int4_nearest/seed0
+
+For QuZO this is where its update rounding shows: an update far below one grid step moves no code when rounded to
+the nearest point, and moves a fraction of codes proportional to its size when rounded stochastically. Prints, per
+run, the codes in all, how many differ from the base, by how many grid steps, and the largest change of any
+full-precision tensor (norms, adapters).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ftkit.data.dataset import load_task_data
+from ftkit.models.build import build_model
+from ftkit.models.load import load_tokenizer
+from ftkit.quant.linear import QuantLinear
+from ftkit.quant.packing import unpack_int4
+from ftkit.runs import load_run_recipe
+from ftkit.training import checkpoint as ckpt
+
+
+def grid_values(layer: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
+    """A layer's stored codes (its own or a checkpoint's) as grid values [N, K]."""
+    if layer.codec.packed:
+        return unpack_int4(codes, layer.out_features, layer.in_features).to(torch.float32)
+    return layer.codec.decode(codes)
+
+
+def moved(run_dir: Path, which: str) -> dict:
+    recipe = load_run_recipe(run_dir)
+    step_dir = ckpt.resolve(run_dir / "checkpoints", which)
+    if step_dir is None:
+        raise SystemExit(f"{run_dir}: no {which} checkpoint")
+    task = load_task_data(recipe, splits=("train",))
+    model, _, _ = build_model(recipe, task, load_tokenizer(recipe.model))
+    trained = load_file(str(step_dir / ckpt.WEIGHTS))
+    codes = changed = 0
+    by_steps: dict[int, int] = {}
+    float_change = 0.0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, QuantLinear) or f"{name}.codes" not in trained:
+                continue
+            delta = grid_values(module, trained[f"{name}.codes"]) - grid_values(module, module.codes)
+            codes += delta.numel()
+            nonzero = delta[delta != 0]
+            changed += nonzero.numel()
+            for value, count in zip(*torch.unique(nonzero, return_counts=True)):
+                by_steps[int(value)] = by_steps.get(int(value), 0) + int(count)
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for key, tensor in trained.items():
+            if tensor.is_floating_point() and key in tensors and tensors[key].is_floating_point():
+                float_change = max(float_change, (tensor.float() - tensors[key].float()).abs().max().item())
+    return {"run": str(run_dir), "checkpoint": step_dir.name, "codes": codes, "changed": changed,
+            "by_steps": dict(sorted(by_steps.items())), "float_change": float_change}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--checkpoint", default="last", help="which checkpoint of each run: last (default) or best")
+    args = parser.parse_args()
+    for run_dir in args.runs:
+        r = moved(run_dir, args.checkpoint)
+        share = r["changed"] / max(1, r["codes"])
+        steps = ", ".join(f"{k:+d}: {v:,}" for k, v in r["by_steps"].items()) or "none"
+        print(f"{r['run']} ({r['checkpoint']}): {r['changed']:,} of {r['codes']:,} codes moved ({share:.4%}; "
+              f"by grid steps {steps}); largest full-precision change {r['float_change']:.3g}")
+
+
+if __name__ == "__main__":
+    main()

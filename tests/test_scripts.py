@@ -1,0 +1,48 @@
+"""Analysis scripts that read run directories: their figures are computed from the runs' files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import ftkit
+from ftkit.data.dataset import load_task_data
+from ftkit.models.build import build_model
+from ftkit.models.load import load_tokenizer
+from ftkit.quant.linear import QuantLinear
+from ftkit.recipe import recipe_from_dict
+from ftkit.training import checkpoint as ckpt
+from tests.conftest import tiny_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import codes_moved  # noqa: E402
+
+
+def code_values_by_layer(recipe, step_dir=None) -> dict:
+    model, _, _ = build_model(recipe, load_task_data(recipe, splits=("train",)), load_tokenizer(recipe.model))
+    if step_dir is not None:
+        ckpt.load_checkpoint(step_dir, model)
+    return {name: m.code_values() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_codes_moved_counts_the_codes_a_quzo_run_changed_and_none_under_nearest_rounding(tmp_path):
+    counts, recipes = {}, {}
+    for rounding in ("stochastic", "nearest"):
+        run_dir = tmp_path / rounding
+        recipes[rounding] = recipe_from_dict(tiny_recipe(
+            quant={"format": "int4", "group_size": 16},
+            method={"optimizer": "quzo", "zo": {"eps": 1e-3, "update_rounding": rounding}},
+            train={"max_steps": 4, "lr": 1e-5, "eval_every": 0, "save_every": 4, "output_dir": str(run_dir)}))
+        ftkit.train(recipes[rounding])
+        counts[rounding] = codes_moved.moved(run_dir, "last")
+    stochastic, nearest = counts["stochastic"], counts["nearest"]
+    # The tiny BERT's quantized linears, two layers of 4 x [32, 32] (attention) + [64, 32] + [32, 64] (MLP).
+    assert stochastic["codes"] == nearest["codes"] == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert nearest["changed"] == 0 and nearest["by_steps"] == {}  # updates under half a grid step round back
+    assert stochastic["changed"] == sum(stochastic["by_steps"].values()) > 0
+
+    # The same count through the model's own decoding: the checkpoint loaded into a fresh model, against the base.
+    step_dir = ckpt.resolve(tmp_path / "stochastic" / "checkpoints", "last")
+    base = code_values_by_layer(recipes["stochastic"])
+    trained = code_values_by_layer(recipes["stochastic"], step_dir)
+    assert sum(int((trained[name] != base[name]).sum()) for name in base) == stochastic["changed"]
