@@ -380,6 +380,43 @@ def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(mon
     assert zo_streams._balanced_runs([10], 3) == [range(0, 1)]
 
 
+@pytest.mark.parametrize("keep", [64 << 20, 0], ids=["kept", "nothing kept"])
+def test_several_queries_update_with_their_kept_sign_words(monkeypatch, keep):
+    """With several queries a step, the update applies every query's direction: the earlier queries' words come
+    from the step's kept ones (no draw of their own while they fit), and the weights are as each tensor's own
+    `signs` say, in the step's order of operations."""
+    from ftkit.optim import zo_streams, zo_targets
+    from ftkit.optim.zo import zeroth_order_step
+    from ftkit.optim.zo_streams import U, signs
+
+    monkeypatch.setattr(zo_targets, "KEEP_BYTES", keep)
+    own_draws = []  # sign directions drawn without words (a tensor drawing its own)
+
+    def counted(numel, seed, device, words=None):
+        if words is None:
+            own_draws.append(numel)
+        return zo_streams.sign_chunks(numel, seed, device, words)
+
+    monkeypatch.setattr(zo_targets, "sign_chunks", counted)
+    d = Directions(bits=0, independent=True, update_rounding="stochastic", distribution="rademacher")
+    sizes, eps, lr, grads = [300, 5, 1000], 1e-3, 0.1, [0.75, -0.5, 0.25]
+    start = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes]
+    params = [nn.Parameter(w.clone()) for w in start]
+    targets = [FloatTarget(f"w{i}", w, i, decay=False) for i, w in enumerate(params)]
+    zeroth_order_step(targets, d, step_seed=4, lr=lr, eps=eps, n_queries=3, weight_decay=0.0, gradients=grads)
+    # kept: every draw is ahead (sign_words); nothing kept: the update draws the two earlier queries' own
+    assert sorted(own_draws) == ([] if keep else sorted(sizes * 2))
+    coefs = [-lr * g / 3 for g in grads]
+    for i, (w, n) in enumerate(zip(start, sizes)):
+        u = [signs(n, derive(derive(4, q), i, U)) for q in range(3)]
+        expected = w.clone()
+        for q in range(2):
+            expected.add_(u[q], alpha=eps).add_(u[q], alpha=-2 * eps).add_(u[q], alpha=eps)
+        expected.add_(u[2], alpha=eps).add_(u[2], alpha=-2 * eps).add_(u[2], alpha=eps + coefs[2])
+        expected.add_(u[0], alpha=coefs[0]).add_(u[1], alpha=coefs[1])
+        assert torch.equal(params[i].detach(), expected), n
+
+
 def test_a_zeroth_order_update_of_a_large_full_precision_tensor_holds_a_few_chunks_not_copies():
     """An 8192 x 4096 fp32 tensor (128 MiB, eight chunks): perturbing and updating it with QuZO's rounded directions
     adds a few 16 MiB chunks to memory, whatever its size, not the two whole float copies (256 MiB) whole-tensor

@@ -206,7 +206,8 @@ def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr:
         return gradients, [math.nan]
     coefs = [-lr * g / n_queries for g in gradients]
     for target, words in with_sign_words(targets, directions, query_seeds[-1], kept):
-        target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay, words=words)
+        target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay, words=words,
+                      kept=kept)
     return gradients, losses
 
 

@@ -145,10 +145,10 @@ class FloatTarget:
             del u1
 
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
-               decay: float, words: torch.Tensor | None = None) -> None:
+               decay: float, words: torch.Tensor | None = None, kept: KeptWords | None = None) -> None:
         """Undo the last query's perturbation (+restore * u1) and apply sum_i coef_i * u2_i and weight decay, a chunk
         at a time (each element sees the same operations in the same order as whole-tensor arithmetic). `words`:
-        the last query's, see `with_sign_words`."""
+        the last query's, see `with_sign_words`; `kept`: the step's, where the earlier queries' words are found."""
         p = self.flat()
         *earlier, (last_seed, last_coef) = list(zip(query_seeds, coefs))
         streams = (Q1, Q2) if d.rounds and d.independent else (Q1,)
@@ -164,7 +164,8 @@ class FloatTarget:
                 chunk.add_(u1, alpha=restore).add_(u2, alpha=last_coef)
             del directions, u1, u2
         for seed, coef in earlier:
-            for part, (u2,) in d.chunks(seed, self.index, p.numel(), p.device, (d.update_stream,)):
+            earlier_words = None if kept is None else kept.get((seed, self.index))
+            for part, (u2,) in d.chunks(seed, self.index, p.numel(), p.device, (d.update_stream,), earlier_words):
                 p[part].add_(u2.to(p.dtype), alpha=coef)
                 del u2
 
@@ -189,7 +190,7 @@ class QuantTarget:
 
     @torch.no_grad()
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
-               decay: float, words: None = None) -> None:
+               decay: float, words: None = None, kept: None = None) -> None:
         """codes <- R(codes + sum_i coef_i * u2_i / scale - decay * codes), R onto the grid (SR or nearest)."""
         layer = self.layer
         layer.perturbation = None
