@@ -29,7 +29,7 @@ from ftkit.training import checkpoint as ckpt
 def grid_values(layer: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
     """A layer's stored codes (its own or a checkpoint's) as grid values [N, K]."""
     if layer.codec.packed:
-        return unpack_int4(codes, layer.out_features, layer.in_features).to(torch.float32)
+        return unpack_int4(codes, layer.out_features, layer.in_features, torch.float32)
     return layer.codec.decode(codes)
 
 

@@ -92,6 +92,11 @@ def test_int4_packing_round_trip_and_layout(rows, cols):
     packed = pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-rows // 64) * 64 * cols // 2
     assert torch.equal(unpack_int4(packed, rows, cols), codes)
+    assert torch.equal(unpack_int4(packed, rows, cols, torch.float32), codes.to(torch.float32))
+    into = torch.full((packed.shape[0] + 2, cols // 2), 255, dtype=torch.uint8)  # float grid values, into a buffer
+    assert pack_int4(codes.to(torch.float32), out=into[1:-1]).data_ptr() == into[1].data_ptr()
+    assert torch.equal(into[1:-1], packed) and (into[0] == 255).all() and (into[-1] == 255).all()
+    assert torch.equal(codes, unpack_int4(packed, rows, cols))  # the codes given are left as they were
     if rows % 64 == 0:  # exactly the layout PyTorch's CPU kernel packs
         expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
         assert torch.equal(packed, expected)

@@ -90,26 +90,27 @@ class QuantLinear(nn.Module):
             _check_packed_start(rows)
             count = rows.stop - rows.start
             packed = self.codes[rows.start: rows.start + padded_rows(count)]
-            return unpack_int4(packed, count, self.in_features).to(torch.float32)
+            return unpack_int4(packed, count, self.in_features, torch.float32)
         return self.codec.decode(self.codes[rows])
 
     def set_code_values(self, grid_values: torch.Tensor, rows: slice | None = None) -> None:
         """Store grid values [N, K] (or of `rows`; already on the codec's grid) into the codes buffer, in place."""
         rows = rows or slice(0, self.out_features)
-        codes = self.codec.encode(grid_values)
         self.drop_derived()
-        if self.codec.packed:
+        if self.codec.packed:  # packed from the grid values straight into the buffer's rows
             _check_packed_start(rows)
-            packed = pack_int4(codes)
-            self.codes[rows.start: rows.start + packed.shape[0]].copy_(packed)
+            pack_int4(grid_values, out=self.codes[rows.start: rows.start + padded_rows(rows.stop - rows.start)])
         else:
-            self.codes[rows].copy_(codes)
+            self.codes[rows].copy_(self.codec.encode(grid_values))
 
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """The float32 weight [N, K] (or its `rows`), filled a block of rows at a time."""
         if rows is None:
+            blocks = self.row_blocks()
+            if len(blocks) == 1:  # the block is the weight: no second copy
+                return self.dequantize(blocks[0])
             weight = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.codes.device)
-            for block in self.row_blocks():
+            for block in blocks:
                 weight[block] = self.dequantize(block)
             return weight
         weight = self.code_values(rows)  # a fresh float32 tensor, scaled in place

@@ -20,23 +20,31 @@ def padded_rows(rows: int) -> int:
     return -(-rows // BLOCK) * BLOCK
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] int8 codes in -8..7 -> [padded N, K/2] uint8."""
+def pack_int4(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] codes in -8..7 (int8, or float grid values) -> [padded N, K/2] uint8, written into `out` if given.
+
+    The two nibble planes are combined row-wise and transposed into place by one copy (a QuZO step packs every
+    layer once, so this is on its hot path)."""
     rows, cols = codes.shape
     if cols % 2:
         raise ValueError(f"int4 packing needs an even number of input columns, got {cols}")
-    nibbles = (codes.to(torch.int16) + OFFSET).to(torch.uint8)
+    nibbles = codes.to(torch.int8, copy=True).add_(OFFSET).view(torch.uint8)
     if padded_rows(rows) != rows:
-        pad = torch.full((padded_rows(rows) - rows, cols), OFFSET, dtype=torch.uint8, device=codes.device)
-        nibbles = torch.cat([nibbles, pad])
-    blocks = nibbles.view(-1, BLOCK, cols).transpose(1, 2)  # [blocks, K, 64]
-    packed = blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)
-    return packed.contiguous().view(padded_rows(rows), cols // 2)
+        nibbles = torch.cat([nibbles, nibbles.new_full((padded_rows(rows) - rows, cols), OFFSET)])
+    halves = nibbles.view(-1, 2, BLOCK // 2, cols)  # [blocks, lower / upper half, 32, K]
+    if out is None:
+        out = torch.empty(padded_rows(rows), cols // 2, dtype=torch.uint8, device=codes.device)
+    out.view(-1, cols, BLOCK // 2).copy_((halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2))
+    return out
 
 
-def unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[padded N, K/2] uint8 -> [N, K] int8 codes."""
-    blocks = packed.view(-1, cols, BLOCK // 2)
-    low, high = blocks & 0x0F, blocks >> 4
-    nibbles = torch.cat([low, high], dim=2).transpose(1, 2).reshape(-1, cols)[:rows]
-    return nibbles.to(torch.int8) - OFFSET
+def unpack_int4(packed: torch.Tensor, rows: int, cols: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """[padded N, K/2] uint8 -> [N, K] codes (-8..7) as `dtype` (int8, or float32 for arithmetic on the grid).
+
+    Each nibble plane is written straight into its rows, transposed by the copy itself: one pass over bytes,
+    then one conversion into `dtype` (a QuZO step unpacks every layer three times, so this is on its hot path)."""
+    blocks = packed.view(-1, cols, BLOCK // 2)  # [blocks, K, 32]: byte (k, r) holds rows r and 32 + r of its block
+    nibbles = torch.empty(blocks.shape[0], 2, BLOCK // 2, cols, dtype=torch.uint8, device=packed.device)
+    nibbles[:, 0].copy_((blocks & 0x0F).transpose(1, 2))
+    nibbles[:, 1].copy_((blocks >> 4).transpose(1, 2))
+    return nibbles.view(-1, cols)[:rows].to(dtype).sub_(OFFSET)
