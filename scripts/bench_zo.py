@@ -5,6 +5,7 @@ first-order training. MiniLM (or SmolLM2-135M) on SST-2 batches; every figure is
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 1,2 --sections time
     python scripts/bench_zo.py --threads 1,2 --sections draws
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --sections settings
+    python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --profile "QuZO int4 g64, norms"
 
 time:   for each case, the median of a full ZO step and of two plain forward passes of the same model on the same
         batch, timed in turn (round robin) so machine noise falls on both alike; the ratio is what the
@@ -12,6 +13,8 @@ time:   for each case, the median of a full ZO step and of two plain forward pas
 settings: the time section for full-parameter MeZO and QuZO int4, each in a fresh process under the process-wide
         settings the step cost depends on (OpenMP's spin count, glibc's malloc thresholds; SETTINGS).
 draws:  the random numbers alone, per number.
+--profile CASE: where one case's step goes: the functions that take most of it (their own time, cProfile, over a few
+        steps after a warm-up), in ms per step and as a share of the step, beside two plain forwards.
 memory: each case in a fresh process: RSS of the built model above the RSS after imports, then the peak RSS of
         three training steps (the high-water mark restarted after building, Linux /proc/self/clear_refs) above
         the same baseline, against first-order AdamW on fp32.
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import psutil
 
@@ -213,6 +217,39 @@ def bench_memory(batch_size: int) -> list[dict]:
     return rows
 
 
+def profile_step(case: str, batch_size: int, model_name: str, steps: int = 3, top: int = 12):
+    """The `top` functions by own time over `steps` profiled steps of `case` (after one warm-up): [(name, ms per
+    step)], the step's ms, and two plain forwards' ms (the median of `steps`)."""
+    import cProfile
+    import pstats
+
+    table = SMOLLM2_CASES if model_name == "smollm2-135m" else CASES
+    if case not in table:
+        sys.exit(f"--profile: no case {case!r} for {model_name}; the cases: {'; '.join(table)}")
+    model, method, batch, lr = build(case, table, batch_size, model_name)
+    MALLOC["training"]()
+    method.step(batch, lr)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        method.step(batch, lr)
+    profiler.disable()
+    step_ms = 1000 * (time.perf_counter() - start) / steps
+    forwards = []
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(steps):
+            begin = time.perf_counter()
+            model(batch)
+            model(batch)
+            forwards.append(time.perf_counter() - begin)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own time, cumulative, ...)}
+    own = sorted(((f"{Path(file).name}:{name}" if line else name, row[2]) for (file, line, name), row in stats.items()),
+                 key=lambda item: -item[1])[:top]
+    return [(name, 1000 * seconds / steps) for name, seconds in own], step_ms, 1000 * statistics.median(forwards)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=32)
@@ -223,6 +260,7 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--time-child")
     parser.add_argument("--malloc", default="training", choices=tuple(MALLOC))
+    parser.add_argument("--profile", metavar="CASE", help="where one case's step goes (at the first of --threads)")
     args = parser.parse_args()
     threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else ()
     if args.child:
@@ -233,6 +271,16 @@ def main() -> None:
         return
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python scripts/bench_zo.py", *sys.argv[1:]])
+    if args.profile:
+        torch.set_num_threads(threads[0] if threads else torch.get_num_threads())
+        functions, step_ms, forwards_ms = profile_step(args.profile, args.batch, args.model)
+        print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}`: step {step_ms:.0f} ms under the "
+              f"profiler, two plain forwards {forwards_ms:.0f} ms._\n")
+        print("| function (own time) | ms per step | share of the step |")
+        print("| --- | ---: | ---: |")
+        for name, ms in functions:
+            print(f"| `{name}` | {ms:.0f} | {ms / step_ms:.0%} |")
+        return
     sections = args.sections.split(",")
     workload = f" ({args.model}, batch of {args.batch} SST-2 sentences)" if set(sections) - {"draws"} else ""
     print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}`{workload}._\n")
