@@ -78,6 +78,13 @@ def test_key_in_wrong_section_points_to_the_right_one(write_recipe):
         ("method", {"adapter": "loretta_adp", "loretta": {"dropout": 1.5}}, "method.loretta.dropout: must be in [0, 1)"),
         ("method", {"freeze": ["(unclosed"]}, "method.freeze[0]: '(unclosed' is not a valid regular expression"),
         ("data", {"task": "sst3"}, "data.task: 'sst3' is neither a built-in task"),
+        ("data", {"template": "{review} It was"}, "data.template: uses {review}, but task sst2 has the columns "
+                                                  "['sentence']"),
+        ("data", {"label_words": {0: "bad"}}, "data.label_words: lacks label '1': task sst2 has the labels ['0', '1']"),
+        ("data", {"label_words": {0: "bad", 1: "good", 2: "meh"}}, "data.label_words: has label '2', which the task "
+                                                                   "lacks"),
+        ("data", {"task": "copa", "label_words": {0: "bad"}}, "data.label_words: task copa is multiple_choice: only "
+                                                              "classification tasks have label words"),
         ("model", {"config": {"hidden_size": 8}}, "model.config.model_type"),
     ],
 )
@@ -94,6 +101,14 @@ def test_recipe_defined_task_checks(write_recipe):
     task = {"train": "x.tsv", "label_words": {"0": "bad", "1": "good"}, "template": "{review} It was"}
     message = error_of(write_recipe(tiny_recipe(data={"task": "mine", "tasks": {"mine": task}})))
     assert "uses {review}, which is not in text_columns" in message
+
+
+def test_an_override_value_yaml_cannot_read_is_named_with_the_quoting_that_fixes_it(write_recipe):
+    path = write_recipe(tiny_recipe())
+    message = error_of(path, ["data.template={sentence} It was"])
+    assert message.startswith("override 'data.template={sentence} It was': its value is not valid YAML") and \
+        "needs quotes" in message and "\n" not in message
+    assert load_recipe(path, ["data.template='{sentence} It was'"]).data.template == "{sentence} It was"
 
 
 def test_missing_recipe_file_suggests_close_name(tmp_path):

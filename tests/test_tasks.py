@@ -173,6 +173,29 @@ def test_every_builtin_task_builds_its_prompts_from_its_fixture_rows(write_recip
                            "generation": 1}[task.spec.kind]
 
 
+def test_a_recipe_gives_a_builtin_task_its_own_prompt_and_label_words(write_recipe):
+    """data.template and data.label_words replace a built-in task's (here SST-2 in a chat format ending a line, so
+    the label word follows it directly), and only those."""
+    from ftkit.data.batches import prompt_text
+    from ftkit.data.dataset import after_prompt
+    from ftkit.data.tasks import BUILTIN_TASKS
+
+    template = "<|user|>\nReview: {sentence}\nPositive or negative?\n<|assistant|>\n"
+    data = {"task": "sst2", "n_train": 4, "n_dev": 2, "template": template, "label_words": {0: "negative", 1: "positive"}}
+    recipe = load_recipe(write_recipe({"model": dict(LLAMA), "data": data}))
+    task = load_task_data(recipe, splits=("train",))
+    example = task.splits["train"][0]
+    assert prompt_text(task, example) == template.format(sentence=example.texts[0])
+    assert task.label_words == ["negative", "positive"] and after_prompt(task, "positive") == "positive"
+    builtin = BUILTIN_TASKS["sst2"].spec
+    assert task.spec.label_phrases == builtin.label_phrases and task.spec.text_columns == builtin.text_columns
+    assert builtin.template == "{sentence} It was" and builtin.label_words == {"0": "terrible", "1": "great"}
+    tokenizer = load_tokenizer(recipe.model)
+    feature = encode([example], tokenizer, "causal_lm", task, 128)[0]
+    prompt = tokenizer(prompt_text(task, example), add_special_tokens=True)["input_ids"]
+    assert feature["rows"][0][: len(prompt)] == prompt
+
+
 def test_record_rows_whose_answer_is_no_entity_are_reported(write_recipe, tmp_path):
     bad = tmp_path / "record.jsonl"
     bad.write_text('{"passage": "p", "query": "q @placeholder", "entities": ["A", "B"], "answers": ["C"]}\n')

@@ -6,6 +6,7 @@ the Hugging Face hub. A recipe-defined task reads only its own files.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass, field
@@ -47,8 +48,13 @@ class TaskData:
 
 
 def task_spec(recipe: Recipe) -> TaskSpec:
+    """The recipe's task: built-in or defined under data.tasks, with data.template / data.label_words in place of
+    its own."""
     name = recipe.data.task
-    return recipe.data.tasks[name] if name in recipe.data.tasks else BUILTIN_TASKS[name].spec
+    spec = recipe.data.tasks[name] if name in recipe.data.tasks else BUILTIN_TASKS[name].spec
+    overrides = {key: getattr(recipe.data, key) for key in ("template", "label_words")
+                 if getattr(recipe.data, key) is not None}
+    return dataclasses.replace(spec, **overrides) if overrides else spec
 
 
 def task_kind(recipe: Recipe):

@@ -119,6 +119,8 @@ def _check_data(recipe: Recipe, fail, where: str) -> None:
         for key in ("train_file", "dev_file", "test_file"):
             if getattr(d, key):
                 fail(f"data.{key}", f"applies to built-in tasks; set data.tasks.{d.task}.{key.split('_')[0]} instead")
+    if d.task in BUILTIN_TASKS or d.task in d.tasks:
+        _check_prompt_overrides(d, fail)
     for name, task in d.tasks.items():
         prefix = f"data.tasks.{name}"
         kind = TASK_KINDS.choose(task.kind, where, key=f"{prefix}.kind")
@@ -133,6 +135,23 @@ def _check_data(recipe: Recipe, fail, where: str) -> None:
             missing = [c for c in re.findall(r"{(\w+)}", task.template) if c not in task.text_columns]
             if missing:
                 fail(f"{prefix}.template", f"uses {{{missing[0]}}}, which is not in text_columns {task.text_columns}")
+
+
+def _check_prompt_overrides(d, fail) -> None:
+    """data.template may use only the task's columns; data.label_words must name exactly the task's labels."""
+    task = d.tasks[d.task] if d.task in d.tasks else BUILTIN_TASKS[d.task].spec
+    if d.template is not None:
+        missing = [c for c in re.findall(r"{(\w+)}", d.template) if c not in task.text_columns]
+        if missing:
+            fail("data.template", f"uses {{{missing[0]}}}, but task {d.task} has the columns {task.text_columns}")
+    if d.label_words is not None:
+        if task.kind != "classification":
+            fail("data.label_words", f"task {d.task} is {task.kind}: only classification tasks have label words")
+        elif set(d.label_words) != set(task.label_words):
+            missing = sorted(set(task.label_words) - set(d.label_words))
+            extra = sorted(set(d.label_words) - set(task.label_words))
+            problem = f"lacks label {missing[0]!r}" if missing else f"has label {extra[0]!r}, which the task lacks"
+            fail("data.label_words", f"{problem}: task {d.task} has the labels {sorted(task.label_words)}")
 
 
 def _check_patterns(fail, key: str, patterns: list[str]) -> None:

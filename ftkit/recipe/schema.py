@@ -146,6 +146,11 @@ class DataSpec:
                                                   "$FTKIT_DATA_DIR/<task>/, then the hub.")
     dev_file: Optional[str] = option(None, help="Explicit validation file of a built-in task.")
     test_file: Optional[str] = option(None, help="Explicit test file of a built-in task.")
+    template: Optional[str] = option(None, help="A prompt of your own for the task (causal LMs), with its {column} "
+                                                "fields: replaces the task's template (for an instruct model, its "
+                                                "chat format; docs/tasks.md).")
+    label_words: Optional[dict[str, str]] = option(None, help="Words of your own for a classification task's labels "
+                                                              "(label value -> word), replacing the task's.")
     tasks: dict[str, TaskSpec] = option(factory=dict, help="Tasks defined in the recipe, by name; `task` may name "
                                                            "one of them.")
     n_train: Optional[int] = option(None, help="MeZO's protocol: draw n_train / n_dev examples from the train split "
