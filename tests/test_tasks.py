@@ -181,7 +181,8 @@ def test_a_recipe_gives_a_builtin_task_its_own_prompt_and_label_words(write_reci
     from ftkit.data.tasks import BUILTIN_TASKS
 
     template = "<|user|>\nReview: {sentence}\nPositive or negative?\n<|assistant|>\n"
-    data = {"task": "sst2", "n_train": 4, "n_dev": 2, "template": template, "label_words": {0: "negative", 1: "positive"}}
+    data = {"task": "sst2", "n_train": 4, "n_dev": 2, "template": template,
+            "label_words": {0: "negative", 1: "positive"}}
     recipe = load_recipe(write_recipe({"model": dict(LLAMA), "data": data}))
     task = load_task_data(recipe, splits=("train",))
     example = task.splits["train"][0]
