@@ -67,6 +67,8 @@ ROWS = [
     ("quzo_int4_norms", "QuZO, int4 base, norms"),
     ("quzo_int4_norms_one_rounding", "QuZO, int4 base, norms, one rounding for both"),
     ("quzo_int4_norms_signs", "QuZO, int4 base, norms, random-sign directions"),
+    ("zero_shot_int4_chat", "zero-shot, int4 g64 base, SST-2 prompt in the chat format"),
+    ("quzo_int4_norms_chat", "QuZO, int4 base, norms, SST-2 prompt in the chat format"),
 ]
 LABELS = dict(ROWS)
 # The plan, in order: (task, recipe, seeds, steps). What the targets need first: the best zeroth-order row on three
@@ -104,6 +106,9 @@ PLAN = [
     # score and first-order full fine-tuning on three seeds, the same data, steps and rate as ft_full.
     ("sst2", "zero_shot_chat", [0], 0),
     ("sst2", "ft_full_chat", [0, 1, 2], 300),
+    # QuZO's best row (the norms over the int4 base) from the chat-format prompt: its base and one seed.
+    ("sst2", "zero_shot_int4_chat", [0], 0),
+    ("sst2", "quzo_int4_norms_chat", [0], 600),
 ]
 EVAL_EVERY = 100
 
