@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -270,7 +271,7 @@ def main() -> None:
         print(json.dumps(bench_time(args.batch, args.repeats, args.model, threads, (args.time_child,), args.malloc)))
         return
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python scripts/bench_zo.py", *sys.argv[1:]])
+    command = shlex.join(["python", "scripts/bench_zo.py", *sys.argv[1:]])
     if args.profile:
         torch.set_num_threads(threads[0] if threads else torch.get_num_threads())
         functions, step_ms, forwards_ms = profile_step(args.profile, args.batch, args.model)
