@@ -106,9 +106,9 @@ PLAN = [
     # score and first-order full fine-tuning on three seeds, the same data, steps and rate as ft_full.
     ("sst2", "zero_shot_chat", [0], 0),
     ("sst2", "ft_full_chat", [0, 1, 2], 300),
-    # QuZO's best row (the norms over the int4 base) from the chat-format prompt: its base and one seed.
+    # QuZO's best row (the norms over the int4 base) from the chat-format prompt: its base and three seeds.
     ("sst2", "zero_shot_int4_chat", [0], 0),
-    ("sst2", "quzo_int4_norms_chat", [0], 600),
+    ("sst2", "quzo_int4_norms_chat", [0, 1, 2], 600),
 ]
 EVAL_EVERY = 100
 
