@@ -6,7 +6,8 @@ builds (same format, same scales), one line per run.
 For QuZO this is where its update rounding shows: an update far below one grid step moves no code when rounded to
 the nearest point, and moves a fraction of codes proportional to its size when rounded stochastically. Prints, per
 run, the codes in all, how many differ from the base, by how many grid steps, and the largest change of any
-full-precision tensor (norms, adapters).
+full-precision tensor (norms, adapters). The codes are decoded by the layers themselves, the checkpoint read by the
+loader `ftkit eval` uses.
 """
 
 from __future__ import annotations
@@ -15,22 +16,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ftkit.data.dataset import load_task_data
 from ftkit.models.build import build_model
 from ftkit.models.load import load_tokenizer
 from ftkit.quant.linear import QuantLinear
-from ftkit.quant.packing import unpack_int4
 from ftkit.runs import load_run_recipe
 from ftkit.training import checkpoint as ckpt
-
-
-def grid_values(layer: QuantLinear, codes: torch.Tensor) -> torch.Tensor:
-    """A layer's stored codes (its own or a checkpoint's) as grid values [N, K]."""
-    if layer.codec.packed:
-        return unpack_int4(codes, layer.out_features, layer.in_features, torch.float32)
-    return layer.codec.decode(codes)
 
 
 def moved(run_dir: Path, which: str) -> dict:
@@ -40,24 +32,24 @@ def moved(run_dir: Path, which: str) -> dict:
         raise SystemExit(f"{run_dir}: no {which} checkpoint")
     task = load_task_data(recipe, splits=("train",))
     model, _, _ = build_model(recipe, task, load_tokenizer(recipe.model))
-    trained = load_file(str(step_dir / ckpt.WEIGHTS))
-    codes = changed = 0
-    by_steps: dict[int, int] = {}
-    float_change = 0.0
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if not isinstance(module, QuantLinear) or f"{name}.codes" not in trained:
-                continue
-            delta = grid_values(module, trained[f"{name}.codes"]) - grid_values(module, module.codes)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    floats = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+    with torch.no_grad():  # the untrained base, then the checkpoint loaded into the same model
+        base_codes = {name: layer.code_values() for name, layer in layers.items()}  # grid values, float32
+        base_floats = {name: t.detach().clone() for name, t in floats.items()}
+        ckpt.load_checkpoint(step_dir, model)
+        codes = changed = 0
+        by_steps: dict[int, int] = {}
+        for name, layer in layers.items():
+            delta = layer.code_values() - base_codes[name]
             codes += delta.numel()
             nonzero = delta[delta != 0]
             changed += nonzero.numel()
-            for value, count in zip(*torch.unique(nonzero, return_counts=True)):
-                by_steps[int(value)] = by_steps.get(int(value), 0) + int(count)
-        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        for key, tensor in trained.items():
-            if tensor.is_floating_point() and key in tensors and tensors[key].is_floating_point():
-                float_change = max(float_change, (tensor.float() - tensors[key].float()).abs().max().item())
+            if layer.fmt.startswith("int"):  # integer grids: a change is a whole number of grid steps
+                for value, count in zip(*torch.unique(nonzero, return_counts=True)):
+                    by_steps[int(value)] = by_steps.get(int(value), 0) + int(count)
+        float_change = max(((t.float() - base_floats[name].float()).abs().max().item()
+                            for name, t in floats.items() if t.numel()), default=0.0)
     return {"run": str(run_dir), "checkpoint": step_dir.name, "codes": codes, "changed": changed,
             "by_steps": dict(sorted(by_steps.items())), "float_change": float_change}
 
