@@ -132,18 +132,18 @@ def _check_data(recipe: Recipe, fail, where: str) -> None:
         if not task.text_columns:
             fail(f"{prefix}.text_columns", "needs at least one column (encoders read one sentence or a pair)")
         if task.template is not None:
-            missing = [c for c in re.findall(r"{(\w+)}", task.template) if c not in task.text_columns]
+            missing = _unknown_fields(task.template, task.text_columns)
             if missing:
-                fail(f"{prefix}.template", f"uses {{{missing[0]}}}, which is not in text_columns {task.text_columns}")
+                fail(f"{prefix}.template", f"uses {{{missing}}}, which is not in text_columns {task.text_columns}")
 
 
 def _check_prompt_overrides(d, fail) -> None:
     """data.template may use only the task's columns; data.label_words must name exactly the task's labels."""
     task = d.tasks[d.task] if d.task in d.tasks else BUILTIN_TASKS[d.task].spec
     if d.template is not None:
-        missing = [c for c in re.findall(r"{(\w+)}", d.template) if c not in task.text_columns]
+        missing = _unknown_fields(d.template, task.text_columns)
         if missing:
-            fail("data.template", f"uses {{{missing[0]}}}, but task {d.task} has the columns {task.text_columns}")
+            fail("data.template", f"uses {{{missing}}}, but task {d.task} has the columns {task.text_columns}")
     if d.label_words is not None:
         if task.kind != "classification":
             fail("data.label_words", f"task {d.task} is {task.kind}: only classification tasks have label words")
@@ -152,6 +152,11 @@ def _check_prompt_overrides(d, fail) -> None:
             extra = sorted(set(d.label_words) - set(task.label_words))
             problem = f"lacks label {missing[0]!r}" if missing else f"has label {extra[0]!r}, which the task lacks"
             fail("data.label_words", f"{problem}: task {d.task} has the labels {sorted(task.label_words)}")
+
+
+def _unknown_fields(template: str, columns: list[str]) -> str | None:
+    """The first {field} of a prompt template that is not one of the task's columns."""
+    return next((c for c in re.findall(r"{(\w+)}", template) if c not in columns), None)
 
 
 def _check_patterns(fail, key: str, patterns: list[str]) -> None:

@@ -50,15 +50,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if not sep or not key.strip():
             raise RecipeError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-5)")
         override_keys[key.strip()] = item
-    for item in overrides:  # one at a time first, so that a value YAML cannot read is named
+    parsed = []
+    for item in overrides:  # one at a time, so that a value YAML cannot read is named
         try:
-            OmegaConf.from_dotlist([item])
+            parsed.append(OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise RecipeError(f"override {item!r}: its value is not valid YAML ({first_line(err)}); a value that "
                               f"starts with {{ or [ but is text needs quotes, e.g. data.template=\"'{{sentence}} "
                               f"It was'\"") from None
     try:
-        merged = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides))) if overrides else raw
+        merged = OmegaConf.merge(raw, *parsed) if parsed else raw
         data = OmegaConf.to_container(merged, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise RecipeError(f"{where}: {first_line(err)}") from None
