@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from ftkit.quant.codecs import CODECS
 from ftkit.quant.convert import quantize_model
 from ftkit.quant.linear import QuantLinear
-from ftkit.quant.packing import pack_int4, unpack_int4
+from ftkit.quant.packing import pack_int4, step_int4, unpack_int4
 from ftkit.recipe import recipe_from_dict
 from ftkit.recipe.schema import QuantSpec
 
@@ -101,6 +101,43 @@ def test_int4_packing_round_trip_and_layout(rows, cols):
         expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
         assert torch.equal(packed, expected)
 
+
+
+@pytest.mark.parametrize("rows, cols", [(64, 8), (200, 128), (1, 2)])
+def test_int4_codes_step_in_place_as_unpacked_arithmetic_does(rows, cols):
+    """Moving a few codes by whole steps reads and writes only their bytes: the result is unpack, add, clamp to
+    -8..7, pack; with both nibbles of some bytes moving at once (rows r and r + 32) and codes pushed past the ends."""
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=gen)
+    codes[0, 0], codes[-1, -1] = 7, -8
+    positions = torch.randperm(rows * cols, generator=gen)[: max(2, rows * cols // 3)]
+    positions[:2] = torch.tensor([0, rows * cols - 1])  # up from 7, down from -8: clamped
+    steps = torch.randint(0, 2, (positions.numel(),), generator=gen) * 2 - 1
+    steps[:2] = torch.tensor([1, -1])
+    packed = pack_int4(codes)
+    step_int4(packed, positions, steps, cols)
+    expected = codes.view(-1).to(torch.int16).clone()
+    expected[positions] += steps.to(torch.int16)
+    assert torch.equal(unpack_int4(packed, rows, cols), expected.clamp(-8, 7).to(torch.int8).view(rows, cols))
+    if rows >= 64:
+        rows_moved = positions // cols
+        same_byte = set((positions[rows_moved % 64 < 32] + 32 * cols).tolist()) & set(positions.tolist())
+        assert same_byte, "no byte had both of its codes moved"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8_e4m3"])
+def test_a_layer_steps_its_codes_in_place_on_integer_grids_only(fmt):
+    layer = QuantLinear.from_linear(linear(rows=64, cols=32), fmt, group_size=16)
+    before = layer.code_values()
+    positions, steps = torch.tensor([0, 5, 2047]), torch.tensor([1, -1, 1])
+    if fmt == "fp8_e4m3":
+        with pytest.raises(ValueError, match="fp8_e4m3 codes are not on a uniform grid"):
+            layer.step_codes(positions, steps)
+        return
+    layer.step_codes(positions, steps)
+    expected = before.view(-1).clone()
+    expected[positions] = (expected[positions] + steps).clamp(layer.codec.qmin, layer.codec.qmax)
+    assert torch.equal(layer.code_values().view(-1), expected)
 
 def linear(rows=96, cols=256, seed=6):
     torch.manual_seed(seed)

@@ -17,7 +17,7 @@ from ftkit.data.batches import Shard
 from ftkit.errors import RecipeError, UserError
 from ftkit.optim.trace import read_trace, record_format
 from ftkit.optim.zo import TRACE_FILE, ZerothOrder
-from ftkit.optim.zo_streams import derive, gaussian, quantize_direction
+from ftkit.optim.zo_streams import derive, gaussian, quantize_direction, signs
 from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget
 from ftkit.quant.linear import QuantLinear
 from ftkit.recipe import load_recipe
@@ -160,6 +160,153 @@ def test_nearest_updates_vanish_at_small_lr_while_stochastic_ones_move_the_right
     assert abs((actual - wanted).mean().item()) < 4 * se
     assert (actual * wanted).sum() / (wanted * wanted).sum() == pytest.approx(1.0, abs=0.05)
 
+
+
+# --- the update of random signs on an integer grid, drawn as its moves (ftkit.optim.sparse_update) -------------------
+
+SIGNS = Directions(bits=4, independent=True, update_rounding="stochastic", distribution="rademacher")
+
+
+def test_binomial_counts_have_the_binomial_mean_and_variance_down_to_tiny_probabilities():
+    from ftkit.optim.sparse_update import binomial_counts
+    from ftkit.optim.zo_streams import uniform64
+
+    m = 400_000
+    for k, (p, n) in enumerate([(1e-6, 64), (2e-4, 64), (0.03, 64), (0.02, 576), (0.9, 16)]):
+        counts = binomial_counts(torch.full((m,), p, dtype=torch.float64), n, uniform64(m, seed=k)).double()
+        mean, var = n * p, n * p * (1 - p)
+        assert counts.min() >= 0 and counts.max() <= n
+        assert abs(counts.mean().item() - mean) < 4 * math.sqrt(var / m), (p, n)  # 4 standard errors
+        if n * p > 1:
+            assert counts.var().item() == pytest.approx(var, rel=0.03), (p, n)
+    # one size per element, as for layers of different widths side by side
+    p, n = torch.tensor([0.1, 0.2] * 50_000, dtype=torch.float64), torch.tensor([10, 40] * 50_000)
+    counts = binomial_counts(p, n, uniform64(100_000, seed=9))
+    assert counts[0::2].double().mean().item() == pytest.approx(1.0, abs=4 * math.sqrt(0.9 / 50_000))
+    assert counts[1::2].double().mean().item() == pytest.approx(8.0, abs=4 * math.sqrt(6.4 / 50_000))
+    assert counts[0::2].max() <= 10
+
+
+def int4_layer(out_features: int, in_features: int, seed: int = 0, group: int = 64) -> QuantLinear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features)
+    linear.weight.data *= 1 + 2 * torch.rand(out_features, 1)  # scales spread over 3x, as in real layers
+    return QuantLinear.from_linear(linear, "int4", group)
+
+
+def test_the_sparse_update_moves_each_code_with_its_rounding_probability_along_its_sign():
+    """Stochastic rounding of c + coef * u_i / s_g onto the integers: one step along sign(coef) u_i with probability
+    |coef| / s_g, clamped; nothing else moves. Checked on 2M codes against the per-group expectation."""
+    layer = int4_layer(2048, 1024)
+    before = layer.code_values()
+    coef = -0.02 * layer.scales.float().min().item()  # p_g from 0.02 down: most groups move a code or two
+    target = QuantTarget("w", layer, 3)
+    target.update(SIGNS, step_seed=11, query_seeds=[7], coefs=[coef], restore=0.0, decay=0.0)
+    change = layer.code_values() - before
+    u = signs(before.shape, derive(7, 3, 0))
+    moved = change != 0
+    assert set(change.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.equal(change[moved], -u[moved])  # coef < 0: against the sign
+    at_end = (before == -8) & (u > 0) | (before == 7) & (u < 0)  # moves that clamp away
+    p = (abs(coef) / layer.scales.double()).repeat_interleave(64, dim=1)
+    free = ~at_end
+    expected, observed = p[free].sum().item(), moved[free].sum().item()
+    assert abs(observed - expected) < 4 * math.sqrt(expected), (observed, expected)
+    # per group: the moves follow p_g (regression slope 1 within 5%)
+    per_group = moved.double().view(2048, 16, 64).sum(-1)
+    p_group = abs(coef) / layer.scales.double()
+    assert (per_group * p_group).sum() / (64 * p_group * p_group).sum() == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_sparse_update_keeps_probabilities_the_dense_rounding_noise_cannot_resolve():
+    """The general path's noise has 15 bits: an update of 1e-5 of a grid step (below 2^-16) moves no code there, so
+    it is lost. Drawn as its moves it moves 1e-5 of the codes, as stochastic rounding should."""
+    from ftkit.optim.zo_streams import uniform_chunks
+
+    layer = int4_layer(4096, 1024, seed=1)
+    coef = 1e-5 * layer.scales.float().min().item()
+    p = (coef / layer.scales.double()).repeat_interleave(64, dim=1)
+    noise = next(uniform_chunks(p.numel(), seed=3))[1]
+    assert not torch.floor(p.view(-1)[: noise.numel()].float() + noise).any()  # the dense rounding: no move
+    before = layer.code_values()
+    QuantTarget("w", layer, 0).update(SIGNS, step_seed=2, query_seeds=[4], coefs=[coef], restore=0.0, decay=0.0)
+    moved = (layer.code_values() != before).sum().item()
+    expected = p.sum().item()  # about 27
+    assert abs(moved - expected) < 4 * math.sqrt(expected) and moved > 0, (moved, expected)
+
+
+def test_the_sparse_update_is_the_same_at_any_thread_count_with_kept_or_drawn_words_and_alone_or_together():
+    from ftkit.optim.zo_targets import KeptWords, update_sparse_targets
+
+    def run(threads: int, keep: bool, together: bool) -> list[torch.Tensor]:
+        layers = [int4_layer(256, 512, seed=0), int4_layer(192, 128, seed=1, group=32)]
+        targets = [QuantTarget(f"w{i}", layer, i) for i, layer in enumerate(layers)]
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            kept = KeptWords()
+            x = [torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)) for layer in layers]
+            for target, inputs in zip(targets, x):
+                target.move(SIGNS, 21, 0.0, 1e-3, kept=kept if keep else None)
+                with torch.inference_mode():
+                    target.layer(inputs)
+            coef = [-0.05 * min(layer.scales.float().min().item() for layer in layers)]
+            if together:
+                assert update_sparse_targets(targets, SIGNS, 8, [21], coef, 0.0, kept if keep else None) == []
+            else:
+                for target in targets:
+                    target.update(SIGNS, 8, [21], coef, restore=1e-3, decay=0.0)
+        finally:
+            torch.set_num_threads(previous)
+        return [layer.codes.clone() for layer in layers]
+
+    reference = run(1, keep=False, together=False)
+    untrained = [int4_layer(256, 512), int4_layer(192, 128, seed=1, group=32)]
+    assert any(not torch.equal(a, b.codes) for a, b in zip(reference, untrained))
+    for threads, keep, together in [(2, False, False), (2, True, True), (1, True, True), (3, False, True)]:
+        assert all(torch.equal(a, b) for a, b in zip(reference, run(threads, keep, together)))
+
+
+def test_kept_sign_words_perturb_a_quantized_layer_exactly_as_drawn_ones():
+    from ftkit.optim.zo_streams import words_to_signs
+    from ftkit.optim.zo_targets import KeptWords
+
+    layer = int4_layer(128, 256)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
+    target, outputs, kept = QuantTarget("w", layer, 0), [], KeptWords()
+    for to, keep in [(1e-3, False), (1e-3, True), (-1e-3, False), (-1e-3, True)]:
+        target.move(SIGNS, 4, 0.0, to, kept=kept if keep else None)
+        with torch.inference_mode():
+            outputs.append(layer(x))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[2], outputs[3])
+    assert list(kept) == [(4, 0)]  # drawn once, by the first forward that needed them
+    words = kept[(4, 0)]
+    for value in (1.0, 1e-3, -1e-3, -2.5):
+        assert torch.equal(words_to_signs(words, 0, 1000, value), words_to_signs(words, 0, 1000) * value)
+
+
+def test_updates_outside_the_sparse_case_take_the_general_path(monkeypatch):
+    """Several queries, weight decay, Gaussian directions, an FP8 grid or a move of a whole step or more are not
+    drawn as moves; an update under half a step with nearest rounding changes nothing, without drawing."""
+    from ftkit.optim import sparse_update
+
+    drawn = []
+    monkeypatch.setattr(sparse_update, "moves", lambda *a, **k: drawn.append(1) or [])
+    layer = int4_layer(64, 128)
+    small = 0.1 * layer.scales.float().min().item()
+    assert sparse_update.applies(layer, "rademacher", "stochastic", [small], 0.0)
+    for distribution, rounding, coefs, decay, fmt_layer in [
+            ("rademacher", "stochastic", [small, small], 0.0, layer),
+            ("rademacher", "stochastic", [small], 0.01, layer),
+            ("gaussian", "stochastic", [small], 0.0, layer), ("rademacher", "stochastic", [1e3], 0.0, layer),
+            ("rademacher", "stochastic", [3 * small], 0.0, layer),  # up to 0.3 x 64 = 19 moves a group: too many
+            ("rademacher", "stochastic", [small], 0.0, quant_layer("fp8_e4m3", 8, 16))]:
+        assert not sparse_update.applies(fmt_layer, distribution, rounding, coefs, decay)
+    nearest = Directions(bits=4, independent=True, update_rounding="nearest", distribution="rademacher")
+    before = layer.codes.clone()
+    QuantTarget("w", layer, 0).update(nearest, step_seed=1, query_seeds=[2], coefs=[4 * small], restore=0.0,
+                                      decay=0.0)
+    assert torch.equal(layer.codes, before) and not drawn
 
 def test_rounding_noise_does_not_depend_on_its_chunk_size_and_is_uniform():
     from ftkit.optim.zo_streams import uniform_chunks
@@ -547,6 +694,29 @@ def test_replay_is_bit_identical_for_every_variant(write_recipe, tmp_path, optim
     _, records = read_trace(tmp_path / "run" / TRACE_FILE)
     assert all(len(r["gradients"]) == zo.get("n_queries", 1) for r in records)
 
+
+
+def test_a_run_whose_updates_are_drawn_as_moves_replays_and_resumes_bit_for_bit(write_recipe, tmp_path, monkeypatch):
+    """Full-parameter QuZO int4 with random signs at a small rate: every step's update of the codes is drawn as its
+    moves (counted), the codes do move, and replay and resume reproduce the run exactly."""
+    from ftkit.optim import sparse_update
+
+    drawn = []
+    moves = sparse_update.moves
+    monkeypatch.setattr(sparse_update, "moves", lambda *a, **k: drawn.append(len(a[0])) or moves(*a, **k))
+    settings = dict(quant={"format": "int4"}, method={"zo": {"direction": "rademacher"}})
+    full = zo_recipe(write_recipe, tmp_path, "full", **settings, train={"max_steps": 8, "save_every": 4, "lr": 1e-5})
+    train(full)
+    assert len(drawn) == 8 and all(count == drawn[0] > 0 for count in drawn)
+    end = weights(tmp_path / "full")
+    replay(full, tmp_path / "full" / TRACE_FILE, tmp_path / "replayed")
+    assert same_bits(end, weights(tmp_path / "replayed"))
+    train(zo_recipe(write_recipe, tmp_path, "parts", **settings, train={"max_steps": 4, "save_every": 4, "lr": 1e-5}))
+    half = weights(tmp_path / "parts")
+    assert any(not torch.equal(half[k], end[k]) for k in end if k.endswith(".codes"))  # steps 5-8 moved codes
+    train(zo_recipe(write_recipe, tmp_path, "parts", **settings, train={"max_steps": 8, "save_every": 4, "lr": 1e-5}),
+          resume=True)
+    assert same_bits(end, weights(tmp_path / "parts"))
 
 def test_replay_refuses_a_different_recipe(write_recipe, tmp_path):
     recipe = zo_recipe(write_recipe, tmp_path, "mezo", "mezo", train={"max_steps": 3})

@@ -40,6 +40,7 @@ from ftkit.optim.zo_targets import (
     FloatTarget,
     KeptWords,
     QuantTarget,
+    update_sparse_targets,
     with_sign_words,
     zo_targets,
 )
@@ -205,7 +206,8 @@ def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr:
         _move(targets, directions, query_seeds[-1], -eps, 0.0, kept)  # leave the weights as they were
         return gradients, [math.nan]
     coefs = [-lr * g / n_queries for g in gradients]
-    for target, words in with_sign_words(targets, directions, query_seeds[-1], kept):
+    rest = update_sparse_targets(targets, directions, step_seed, query_seeds, coefs, lr * weight_decay, kept)
+    for target, words in with_sign_words(rest, directions, query_seeds[-1], kept):
         target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay, words=words,
                       kept=kept)
     return gradients, losses
@@ -214,7 +216,10 @@ def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr:
 def _move(targets: list, directions: Directions, query_seed: int, current: float, to: float,
           kept: KeptWords | None = None) -> None:
     for target, words in with_sign_words(targets, directions, query_seed, kept):
-        target.move(directions, query_seed, current, to, words)
+        if isinstance(target, QuantTarget):
+            target.move(directions, query_seed, current, to, kept=kept)
+        else:
+            target.move(directions, query_seed, current, to, words)
 
 
 def _batch_loss(chunk_losses: list[float], shard: Shard) -> float:

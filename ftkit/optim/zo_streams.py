@@ -4,7 +4,7 @@ an uninterrupted one would, and `ftkit replay` regenerates a whole run from its 
 
 Streams: the Gaussian direction u, the perturbation's rounding Q1, the update direction's rounding Q2 (the same
 stream as Q1 when `independent_roundings` is off, which is what the authors' public code does) and the rounding
-of the update onto the weight grid.
+of the update onto the weight grid (with the places of its moves, when it is drawn sparsely).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from ftkit import devices
 
 U, Q1, Q2, UPDATE = 0, 1, 2, 3
+UPDATE_PLACES = 4  # where a sparse update's moves fall within their groups (ftkit.optim.sparse_update)
 MASK64 = (1 << 64) - 1
 
 
@@ -119,16 +120,16 @@ def gaussian(shape, seed: int, device="cpu") -> torch.Tensor:
 # shifted into the sign bit of a float32 (see `words_to_signs`).
 SIGNS_PER_WORD = 16
 _SIGN_SHIFTS = [31 - i for i in range(SIGNS_PER_WORD)]
-_ONE = 0x3F800000  # the bits of 1.0f
 _SIGN = -(1 << 31)  # the sign bit, as an int32
 
 
-def words_to_signs(words: torch.Tensor, first: int, count: int) -> torch.Tensor:
-    """+-1.0 for `count` elements from random words, element j taking bit j % 16 of word j // 16, starting at
-    element `first` of `words`: each bit is moved into a float32's sign bit and the exponent of 1.0 added, three
-    integer passes and no arithmetic."""
+def words_to_signs(words: torch.Tensor, first: int, count: int, value: float = 1.0) -> torch.Tensor:
+    """+-value (float32) for `count` elements from random words, element j taking bit j % 16 of word j // 16 (set:
+    the sign flipped), starting at element `first` of `words`: each bit is moved into a float32's sign bit and the
+    bits of `value` laid over it, three integer passes and no arithmetic (the same numbers as +-1.0 times value)."""
+    pattern = int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item())
     signs = torch.bitwise_left_shift(words.view(-1, 1), _sign_shifts(words.device))  # [words, 16]
-    signs.bitwise_and_(_SIGN).bitwise_or_(_ONE)
+    signs.bitwise_and_(_SIGN).bitwise_xor_(pattern)
     return signs.view(-1)[first: first + count].view(torch.float32)
 
 
@@ -154,40 +155,71 @@ def sign_chunks(numel: int, seed: int, device="cpu", words: torch.Tensor | None 
     Element i takes bit i % 16 of word i // 16 of the stream, so the numbers do not depend on how the range is cut
     (on the CPU; on a GPU one generator draws the chunks in turn). `words`: the stream's words for a tensor of one
     chunk, drawn ahead by `sign_words`."""
-    per = SIGNS_PER_WORD
     if words is not None:
         if numel > CHUNK_ELEMENTS:
             raise ValueError(f"words drawn ahead serve a tensor of one chunk, not {numel} elements")
         yield slice(0, numel), words_to_signs(words, 0, numel)
         return
+    for part, words in _sign_word_chunks(numel, seed, device):
+        yield part, words_to_signs(words, part.start % SIGNS_PER_WORD, part.stop - part.start)
+
+
+def _sign_word_chunks(numel: int, seed: int, device):
+    """(slice, words) over `chunk_slices(numel)`: the words holding the signs of the slice's elements, the first
+    holding element `slice.start` at bit `slice.start % 16` (CHUNK_ELEMENTS is a multiple of 16, so a chunk's words
+    are its own)."""
+    per = SIGNS_PER_WORD
     if torch.device(device).type == "cpu":
         for part in chunk_slices(numel):
-            words = _draw_blocks(seed, part.start // per, -(-part.stop // per), torch.int32, _words)
-            yield part, words_to_signs(words, part.start % per, part.stop - part.start)
+            yield part, _draw_blocks(seed, part.start // per, -(-part.stop // per), torch.int32, _words)
         return
     gen = generator(seed, device)
     for part in chunk_slices(numel):
         words = torch.empty(-(-(part.stop - part.start) // per), dtype=torch.int32, device=device)
-        yield part, words_to_signs(words.random_(generator=gen), 0, part.stop - part.start)
+        yield part, words.random_(generator=gen)
+
+
+def tensor_sign_words(numel: int, seed: int, device="cpu") -> torch.Tensor:
+    """All the words of `signs(numel, seed, device)`: element i is negative where bit i % 16 of word i // 16 is set
+    (`sign_at`). A 16th of the direction's elements, for reading the signs of a few elements."""
+    return torch.cat([words for _, words in _sign_word_chunks(numel, seed, device)])
+
+
+def sign_at(words: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """+-1 (int16) of the elements at flat `positions` of the direction whose words are `words`."""
+    bits = (words[positions // SIGNS_PER_WORD] >> (positions % SIGNS_PER_WORD).to(torch.int32)) & 1
+    return (1 - 2 * bits).to(torch.int16)
 
 
 def sign_words(requests: list[tuple[int, int]]) -> list[torch.Tensor]:
     """The CPU words of `signs(numel, seed)` for each (numel, seed) in `requests`, tensors of at most one chunk,
-    drawn by every thread of the pool at once, each thread a run of whole tensors of about equal size. A tensor of
-    a model like SmolLM2-135M needs less than one block of words (55,296 for a 1536 x 576 matrix, about 0.1 ms),
-    which one core draws, and handing tensors to the pool one at a time costs about as much as their draws, so each
-    thread takes a run of them. The same numbers at any thread count."""
-    counts = [-(-numel // SIGNS_PER_WORD) for numel, _ in requests]
+    drawn by every thread of the pool at once (`stream_words`)."""
+    return stream_words([(-(-numel // SIGNS_PER_WORD), seed) for numel, seed in requests])
+
+
+def stream_words(requests: list[tuple[int, int]], device="cpu") -> list[torch.Tensor]:
+    """The first `count` random words (int32, 31 bits) of the stream `seed`, for each (count, seed) in `requests`.
+
+    On the CPU, drawn by every thread of the pool at once, each thread a run of whole requests of about equal size.
+    A tensor of a model like SmolLM2-135M needs less than one block of words (55,296 signs' words for a 1536 x 576
+    matrix, about 0.1 ms), which one core draws, and handing tensors to the pool one at a time costs about as much
+    as their draws, so each thread takes a run of them. The same numbers at any thread count. On a GPU, each
+    request's words come from one draw of its stream's generator."""
+    if torch.device(device).type != "cpu":
+        return [torch.empty(count, dtype=torch.int32, device=device).random_(generator=generator(seed, device))
+                for count, seed in requests]
     pool = _workers()
     inference = torch.is_inference_mode_enabled()
 
     def draw(indices: range) -> list[torch.Tensor]:
         with torch.inference_mode(inference):
-            return [_draw_blocks(requests[i][1], 0, counts[i], torch.int32, _words, parallel=False) for i in indices]
+            return [_draw_blocks(requests[i][1], 0, requests[i][0], torch.int32, _words, parallel=False)
+                    if requests[i][0] else torch.empty(0, dtype=torch.int32) for i in indices]
 
-    if pool is None or len(requests) < 2:
-        return draw(range(len(requests)))
-    runs = _balanced_runs(counts, _pool[1])
+    if pool is None or len(requests) < 2:  # one request: its blocks drawn side by side
+        return [_draw_blocks(seed, 0, count, torch.int32, _words) if count else torch.empty(0, dtype=torch.int32)
+                for count, seed in requests]
+    runs = _balanced_runs([count for count, _ in requests], _pool[1])
     return [words for run in pool.map(draw, runs) for words in run]
 
 
@@ -206,6 +238,17 @@ def _balanced_runs(sizes: list[int], parts: int) -> list[range]:
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
     """15 of each element's bits as (k + 1/2) / 2^15: uniform in (0, 1)."""
     return (bits & 0x7FFF).to(torch.float32).mul_(2.0**-15).add_(2.0**-16)
+
+
+def uniform64(count: int, seed: int, device="cpu") -> torch.Tensor:
+    """`count` uniform numbers in (0, 1) as float64 from the stream `seed` (`words_to_uniform64`)."""
+    return words_to_uniform64(stream_words([(count, seed)], device)[0])
+
+
+def words_to_uniform64(words: torch.Tensor) -> torch.Tensor:
+    """(k + 1/2) / 2^31 for 31-bit words k, as float64: fine enough to draw events of probability down to about
+    1e-9 (ftkit.optim.sparse_update), where the 15 bits of `uniform_chunks` stop at 2^-15."""
+    return words.to(torch.float64).add_(0.5).mul_(2.0**-31)
 
 
 def chunk_slices(numel: int, size: int = 0) -> list[slice]:

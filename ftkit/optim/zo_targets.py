@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ftkit.optim import zo_streams
+from ftkit.optim import sparse_update, zo_streams
 from ftkit.optim.zo_streams import (
     Q1,
     Q2,
@@ -34,7 +34,9 @@ from ftkit.optim.zo_streams import (
     sign_chunks,
     sign_words,
     signs,
+    tensor_sign_words,
     uniform_chunks,
+    words_to_signs,
 )
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import group_view
@@ -178,22 +180,41 @@ class QuantTarget:
     def numel(self) -> int:
         return self.layer.in_features * self.layer.out_features
 
-    def move(self, d: Directions, query_seed: int, current: float, to: float, words: None = None) -> None:
+    def move(self, d: Directions, query_seed: int, current: float, to: float, words: None = None,
+             kept: KeptWords | None = None) -> None:
         """The layer dequantizes to w + to * u1 (its codes untouched); `to` = 0 removes the perturbation. (Its
-        direction is drawn inside the forward, so none is drawn ahead: `words` is always None.)"""
+        direction is drawn inside the forward, so none is drawn ahead: `words` is always None.) Random signs come
+        from words kept in `kept` for the step, drawn by the first forward that needs them (within its bound)."""
         if to == 0.0:
             self.layer.perturbation = None
             return
         shape = (self.layer.out_features, self.layer.in_features)
+        if d.distribution == "rademacher" and kept is not None:
+            self.layer.perturbation = lambda layer: words_to_signs(
+                self.kept_words(query_seed, kept), 0, self.numel, to).view(shape)
+            return
         self.layer.perturbation = lambda layer: d.perturbation(query_seed, self.index, shape,
                                                                layer.codes.device).mul_(to)
+
+    def kept_words(self, query_seed: int, kept: KeptWords) -> torch.Tensor:
+        """The words of this tensor's random signs for `query_seed`: kept ones, or drawn (and offered to `kept`)."""
+        words = kept.get((query_seed, self.index))
+        if words is None:
+            words = tensor_sign_words(self.numel, derive(query_seed, self.index, U), self.layer.codes.device)
+            kept.offer((query_seed, self.index), words)
+        return words
 
     @torch.no_grad()
     def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
                decay: float, words: None = None, kept: None = None) -> None:
-        """codes <- R(codes + sum_i coef_i * u2_i / scale - decay * codes), R onto the grid (SR or nearest)."""
+        """codes <- R(codes + sum_i coef_i * u2_i / scale - decay * codes), R onto the grid (SR or nearest). The
+        update of random signs, one query and no decay on an integer grid is drawn as the moves it makes
+        (ftkit.optim.sparse_update): the same distribution, without a random number per code."""
         layer = self.layer
         layer.perturbation = None
+        if sparse_update.applies(layer, d.distribution, d.update_rounding, coefs, decay):
+            sparse_update.update([(layer, self.index)], d.update_rounding, step_seed, query_seeds[0], coefs[0])
+            return
         shape, device = (layer.out_features, layer.in_features), layer.codes.device
         step = None
         for seed, coef in zip(query_seeds, coefs):
@@ -211,6 +232,22 @@ class QuantTarget:
                 target.add_(codes, alpha=-decay)
             block_noise = None if noise is None else next(noise)[1].view_as(target)
             layer.set_code_values(layer.codec.round(target, d.update_rounding, noise=block_noise), rows)
+
+
+def update_sparse_targets(targets: list, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float],
+                          decay: float, kept: KeptWords | None = None) -> list:
+    """Update together the quantized targets whose update is drawn as its moves (ftkit.optim.sparse_update), with
+    the sign words the step's forwards kept, and return the other targets, for `update` one at a time."""
+    sparse = [t for t in targets if isinstance(t, QuantTarget)
+              and sparse_update.applies(t.layer, d.distribution, d.update_rounding, coefs, decay)]
+    for target in sparse:
+        target.layer.perturbation = None
+    if sparse:
+        words = None if kept is None else [kept.get((query_seeds[0], t.index)) for t in sparse]
+        sparse_update.update([(t.layer, t.index) for t in sparse], d.update_rounding, step_seed, query_seeds[0],
+                             coefs[0], words)
+    chosen = {id(t) for t in sparse}
+    return [t for t in targets if id(t) not in chosen]
 
 
 # Float targets whose sign words are drawn together, ahead of their pass: windows of about this many elements (their

@@ -26,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftkit.quant import FORMATS
+from ftkit.quant.codecs import IntCodec
 from ftkit.quant.kernels import kernel_for, matmul
-from ftkit.quant.packing import BLOCK, pack_int4, padded_rows, unpack_int4
+from ftkit.quant.packing import BLOCK, pack_int4, padded_rows, step_int4, unpack_int4
 from ftkit.quant.scales import compute_scales, group_view
 
 # Elements per block of rows when dequantizing or rewriting codes: temporaries of about 16 MiB.
@@ -102,6 +103,19 @@ class QuantLinear(nn.Module):
             pack_int4(grid_values, out=self.codes[rows.start: rows.start + padded_rows(rows.stop - rows.start)])
         else:
             self.codes[rows].copy_(self.codec.encode(grid_values))
+
+    def step_codes(self, positions: torch.Tensor, steps: torch.Tensor) -> None:
+        """Move the codes at flat `positions` (row * K + column, distinct) by `steps` whole grid steps, clamped to
+        the grid's range, in place, reading and writing only those codes (integer formats)."""
+        if not isinstance(self.codec, IntCodec):
+            raise ValueError(f"{self.fmt} codes are not on a uniform grid; whole grid steps are not defined")
+        self.drop_derived()
+        if self.codec.packed:
+            step_int4(self.codes, positions, steps, self.in_features)
+            return
+        flat = self.codes.view(-1)
+        moved = flat[positions].to(torch.int16).add_(steps.to(torch.int16))
+        flat[positions] = moved.clamp_(self.codec.qmin, self.codec.qmax).to(flat.dtype)
 
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """The float32 weight [N, K] (or its `rows`), filled a block of rows at a time."""

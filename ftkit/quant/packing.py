@@ -48,3 +48,19 @@ def unpack_int4(packed: torch.Tensor, rows: int, cols: int, dtype: torch.dtype =
     nibbles[:, 0].copy_((blocks & 0x0F).transpose(1, 2))
     nibbles[:, 1].copy_((blocks >> 4).transpose(1, 2))
     return nibbles.view(-1, cols)[:rows].to(dtype).sub_(OFFSET)
+
+
+def step_int4(packed: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, cols: int) -> None:
+    """Add `steps` (whole grid steps, int) to the codes at flat `positions` (row * cols + column, distinct) of the
+    packed codes, in place, each clamped to -8..7: only the bytes holding them are read and written. The codes of
+    rows r and r + 32 share a byte, so the low nibbles are rewritten first, then the high ones."""
+    rows = positions // cols
+    within = rows % BLOCK
+    byte = (rows // BLOCK) * (cols * (BLOCK // 2)) + (positions % cols) * (BLOCK // 2) + within % (BLOCK // 2)
+    high = within >= BLOCK // 2
+    flat = packed.view(-1)
+    for shift, pick in ((0, ~high), (4, high)):
+        where, by = byte[pick], steps[pick].to(torch.int16)
+        current = flat[where]
+        nibble = ((current >> shift) & 0x0F).to(torch.int16).add_(by).clamp_(0, 15).to(torch.uint8)
+        flat[where] = (current & (0xF0 >> shift)) | (nibble << shift)
