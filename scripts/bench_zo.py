@@ -5,11 +5,14 @@ first-order training. MiniLM (or SmolLM2-135M) on SST-2 batches; every figure is
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 1,2 --sections time
     python scripts/bench_zo.py --threads 1,2 --sections draws
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --sections settings
+    python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --sections window --window 50
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --profile "QuZO int4 g64, norms"
 
 time:   for each case, the median of a full ZO step and of two plain forward passes of the same model on the same
         batch, timed in turn (round robin) so machine noise falls on both alike; the ratio is what the
         perturbation, regeneration of directions and update cost on top of the forwards.
+window: full-parameter MeZO and QuZO int4 (SmolLM2-135M) over the first --window batches training draws, each batch's
+        two forwards then its step: the ratio training pays on average (the time section's batch is the shortest).
 settings: the time section for full-parameter MeZO and QuZO int4, each in a fresh process under the process-wide
         settings the step cost depends on (OpenMP's spin count, glibc's malloc thresholds; SETTINGS).
 draws:  the random numbers alone, per number.
@@ -81,8 +84,9 @@ SMOLLM2_CASES = {
 }
 
 
-def build(case: str, table: dict, batch_size: int, model_name: str = "minilm"):
-    """Model, method, one batch of SST-2 as training draws it (length-grouped), and the case's rate."""
+def build(case: str, table: dict, batch_size: int, model_name: str = "minilm", count: int = 1):
+    """Model, method, the first batch of SST-2 training draws (length-grouped; the first `count` batches, a list,
+    when count > 1), and the case's rate."""
     method, quant, lr = table[case]
     causal = model_name != "minilm"
     recipe = recipe_from_dict({"method": method, "quant": quant,
@@ -93,10 +97,11 @@ def build(case: str, table: dict, batch_size: int, model_name: str = "minilm"):
     task = load_task_data(recipe, splits=("train",))
     tokenizer = load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
-    if causal:  # the first batch training draws (length-grouped)
+    if causal:  # the batches training draws (length-grouped)
         features = encode(task.splits["train"], tokenizer, kind, task, recipe.data.max_seq_len)
-        batch = collate(TrainStream(features, batch_size, 0, tokenizer.pad_token_id, True).next_features(),
-                        tokenizer.pad_token_id)
+        stream = TrainStream(features, batch_size, 0, tokenizer.pad_token_id, True)
+        batches = [collate(stream.next_features(), tokenizer.pad_token_id) for _ in range(count)]
+        batch = batches[0] if count == 1 else batches
     else:  # MiniLM: the first sentences, as the earlier figures in BENCHMARKS.md were measured
         batch = collate(encode(task.splits["train"][:batch_size], tokenizer, kind, task, 64), tokenizer.pad_token_id)
     return model, OPTIMIZERS[recipe.method.optimizer].build(model, recipe), batch, lr
@@ -153,6 +158,42 @@ def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", thread
                      "gaussian_ns_per_element": 1e9 * draw / elements})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
+    return rows
+
+
+# The cases timed over the batches training draws (--sections window).
+WINDOW_CASES = ("MeZO fp32, all weights but embeddings, random signs",
+                "QuZO int4 g64, all weights but embeddings, random signs", "QuZO int4 g64, all weights but embeddings")
+
+
+def bench_window(batch_size: int, count: int, model_name: str, threads: tuple[int, ...] = ()) -> list[dict]:
+    """Each case over the first `count` batches training draws (one length-grouping window is 50): for each batch in
+    turn two plain forwards, then a step, so noise falls on both alike; the ratio of the totals is what training
+    pays per step against its forwards. The first batch is the window's shortest (4 tokens a row on SST-2's
+    template), where the forwards are cheapest and the ratio largest (the time section)."""
+    rows = []
+    for case, threads_now in [(case, n) for case in WINDOW_CASES for n in (threads or (torch.get_num_threads(),))]:
+        torch.set_num_threads(threads_now)
+        model, method, batches, lr = build(case, SMOLLM2_CASES, batch_size, model_name, count=count)
+        MALLOC["training"]()
+
+        def forwards(batch):
+            model.eval()
+            with torch.inference_mode():
+                model(batch)
+                model(batch)
+
+        forwards(batches[0])
+        method.step(batches[0], lr)  # warm-up
+        step_s = forward_s = 0.0
+        for batch in batches:
+            forward_s += _timed(lambda: forwards(batch))
+            step_s += _timed(lambda: method.step(batch, lr))
+        lengths = sorted(batch["input_ids"].shape[1] for batch in batches)
+        rows.append({"case": case, "threads": threads_now, "batches": count, "tokens": (lengths[0],
+                     lengths[len(lengths) // 2], lengths[-1]), "step_ms": 1000 * step_s / count,
+                     "two_forwards_ms": 1000 * forward_s / count, "ratio": step_s / forward_s})
+        print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
@@ -261,6 +302,7 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--time-child")
     parser.add_argument("--malloc", default="training", choices=tuple(MALLOC))
+    parser.add_argument("--window", type=int, default=50, help="batches the window section times (smollm2-135m)")
     parser.add_argument("--profile", metavar="CASE", help="where one case's step goes (at the first of --threads)")
     args = parser.parse_args()
     threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else ()
@@ -293,6 +335,14 @@ def main() -> None:
             print(f"| {r['case']} | {r['threads']} | {r['trained']:,} | {r['step_ms']:.0f} | "
                   f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} | "
                   f"{r['gaussian_ns_per_element']:.2f} |")
+        print()
+    if "window" in sections:
+        print("| case | threads | batches | tokens a row (shortest / median / longest) | ZO step ms | 2 forwards ms | "
+              "ratio |")
+        print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+        for r in bench_window(args.batch, args.window, args.model, threads):
+            print(f"| {r['case']} | {r['threads']} | {r['batches']} | {' / '.join(map(str, r['tokens']))} | "
+                  f"{r['step_ms']:.0f} | {r['two_forwards_ms']:.0f} | {r['ratio']:.2f} |")
         print()
     if "settings" in sections:
         print("| process settings | case | threads | ZO step ms | 2 forwards ms | ratio |")

@@ -110,8 +110,8 @@ def test_int4_codes_step_in_place_as_unpacked_arithmetic_does(rows, cols):
     gen = torch.Generator().manual_seed(3)
     codes = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=gen)
     codes[0, 0], codes[-1, -1] = 7, -8
-    positions = torch.randperm(rows * cols, generator=gen)[: max(2, rows * cols // 3)]
-    positions[:2] = torch.tensor([0, rows * cols - 1])  # up from 7, down from -8: clamped
+    inner = torch.randperm(rows * cols - 2, generator=gen)[: rows * cols // 3] + 1
+    positions = torch.cat([torch.tensor([0, rows * cols - 1]), inner])  # distinct; up from 7, down from -8: clamped
     steps = torch.randint(0, 2, (positions.numel(),), generator=gen) * 2 - 1
     steps[:2] = torch.tensor([1, -1])
     packed = pack_int4(codes)
@@ -138,6 +138,15 @@ def test_a_layer_steps_its_codes_in_place_on_integer_grids_only(fmt):
     expected = before.view(-1).clone()
     expected[positions] = (expected[positions] + steps).clamp(layer.codec.qmin, layer.codec.qmax)
     assert torch.equal(layer.code_values().view(-1), expected)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8_e4m3"])
+def test_a_perturbation_takes_the_dequantized_weight_in_one_pass_bit_for_bit(fmt):
+    layer = QuantLinear.from_linear(linear(rows=128, cols=128), fmt, group_size=32)
+    delta = torch.randn(128, 128, generator=torch.Generator().manual_seed(1)) * 1e-3
+    into = delta.clone()
+    layer.add_dequantized(into[64:], slice(64, 128))
+    assert torch.equal(into[64:], delta[64:] + layer.dequantize(slice(64, 128))) and torch.equal(into[:64], delta[:64])
 
 def linear(rows=96, cols=256, seed=6):
     torch.manual_seed(seed)

@@ -33,6 +33,7 @@ from ftkit.optim.zo_streams import (
     words_to_uniform64,
 )
 from ftkit.quant.codecs import IntCodec
+from ftkit.quant.linear import step_codes_of
 
 # Drawn as moves only while no group expects more than this many: beyond it most codes move anyway (a uniform per
 # code costs no more), and P(K = 0) = (1 - p)^n of a wide per-channel group would underflow.
@@ -58,9 +59,10 @@ def update(layers: list, rounding: str, step_seed: int, query_seed: int, coef: f
     sign words where the step kept them (None: drawn)."""
     if rounding == "nearest" or coef == 0.0 or not layers:
         return
-    for (layer, _), (positions, steps) in zip(layers, moves(layers, step_seed, query_seed, coef, words)):
-        if positions.numel():
-            layer.step_codes(positions, steps)
+    moved = [(layer, positions, steps) for (layer, _), (positions, steps)
+             in zip(layers, moves(layers, step_seed, query_seed, coef, words)) if positions.numel()]
+    if moved:
+        step_codes_of(*(list(column) for column in zip(*moved)))
 
 
 def moves(layers: list, step_seed: int, query_seed: int, coef: float,
@@ -113,10 +115,14 @@ def binomial_counts(p: torch.Tensor, n: int | torch.Tensor, u: torch.Tensor) -> 
     """k ~ Binomial(n, p) per element (int64; n one number or one per element), the inverse of its distribution
     function at u: the number of k' < n with P(K <= k') <= u. Exact but for float64 rounding; p in [0, 1)."""
     n = torch.as_tensor(n, dtype=torch.float64, device=p.device).expand_as(p)
-    pmf = torch.exp(n * torch.log1p(-p))  # P(K = 0)
     counts = torch.zeros_like(p, dtype=torch.int64)
-    rest = (u >= pmf).nonzero().squeeze(1)  # the elements with K >= 1 (a few per cent of groups at QuZO's rates)
-    cdf, pmf, u_rest, odds, n_rest = pmf[rest], pmf[rest], u[rest], p[rest] / (1 - p[rest]), n[rest]
+    # K >= 1 where u >= P(K = 0) = (1 - p)^n, which is at least 1 - n p: only elements with u above that bound (a
+    # few per cent of groups at QuZO's rates; the margin covers its rounding) need the exact test.
+    rest = (u >= 1 - n * p - 1e-12).nonzero().squeeze(1)
+    pmf = torch.exp(n[rest] * torch.log1p(-p[rest]))  # P(K = 0)
+    more = u[rest] >= pmf
+    rest, pmf = rest[more], pmf[more]  # the elements with K >= 1
+    cdf, u_rest, odds, n_rest = pmf, u[rest], p[rest] / (1 - p[rest]), n[rest]
     k = 0
     while rest.numel():
         k += 1

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from ftkit.quant import FORMATS
 from ftkit.quant.codecs import IntCodec
 from ftkit.quant.kernels import kernel_for, matmul
-from ftkit.quant.packing import BLOCK, pack_int4, padded_rows, step_int4, unpack_int4
+from ftkit.quant.packing import (
+    BLOCK,
+    pack_int4,
+    padded_rows,
+    step_int4,
+    step_int4_layers,
+    unpack_int4,
+)
 from ftkit.quant.scales import compute_scales, group_view
 
 # Elements per block of rows when dequantizing or rewriting codes: temporaries of about 16 MiB.
@@ -131,13 +138,22 @@ class QuantLinear(nn.Module):
         group_view(weight, self.group_size).mul_(self.scales[rows].to(torch.float32).unsqueeze(-1))
         return weight
 
+    def add_dequantized(self, into: torch.Tensor, rows: slice) -> None:
+        """into += the float32 weight of `rows`, codes times scales in the same pass. With bf16 scales (the default)
+        a code times its scale is exact in float32, so this is `into + dequantize(rows)` bit for bit; with float32
+        scales the product may be fused into the sum (one rounding instead of two)."""
+        size = self.group_size or self.in_features
+        groups = into.view(into.shape[0], -1, size)  # a view (raises otherwise): the sum must land in `into`
+        codes = self.code_values(rows).view_as(groups)
+        groups.addcmul_(codes, self.scales[rows].to(torch.float32).unsqueeze(-1))
+
     # --- forward ----------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perturbation is not None:
             weight = self.perturbation(self)
             for block in self.row_blocks():  # W + delta, added into the delta: no second full-size tensor
-                weight[block].add_(self.dequantize(block))
+                self.add_dequantized(weight[block], block)
             return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return matmul(self, x)
 
@@ -157,6 +173,21 @@ class QuantLinear(nn.Module):
     @property
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales))
+
+
+def step_codes_of(layers: list[QuantLinear], positions: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
+    """`QuantLinear.step_codes` for several layers at once: int4 layers' moves are applied together
+    (ftkit.quant.packing.step_int4_layers), a read and a write per layer; others one at a time."""
+    packed = [j for j, layer in enumerate(layers) if layer.codec.packed]
+    is_packed = set(packed)
+    for j, layer in enumerate(layers):
+        if j in is_packed:
+            layer.drop_derived()
+        else:
+            layer.step_codes(positions[j], steps[j])
+    if packed:
+        step_int4_layers([layers[j].codes for j in packed], [positions[j] for j in packed], [steps[j] for j in packed],
+                         [layers[j].in_features for j in packed])
 
 
 def _check_packed_start(rows: slice) -> None:

@@ -52,15 +52,33 @@ def unpack_int4(packed: torch.Tensor, rows: int, cols: int, dtype: torch.dtype =
 
 def step_int4(packed: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, cols: int) -> None:
     """Add `steps` (whole grid steps, int) to the codes at flat `positions` (row * cols + column, distinct) of the
-    packed codes, in place, each clamped to -8..7: only the bytes holding them are read and written. The codes of
-    rows r and r + 32 share a byte, so the low nibbles are rewritten first, then the high ones."""
-    rows = positions // cols
+    packed codes, in place, each clamped to -8..7: only the bytes holding them are read and written."""
+    step_int4_layers([packed], [positions], [steps], [cols])
+
+
+def step_int4_layers(packed: list[torch.Tensor], positions: list[torch.Tensor], steps: list[torch.Tensor],
+                     cols: list[int]) -> None:
+    """`step_int4` for several layers at once: the arithmetic on all their moves together, then one read and one
+    write of the touched bytes per layer. The codes of rows r and r + 32 share a byte: each byte's two nibbles take
+    their own step (at most one each, the positions being distinct) and are clamped apart."""
+    device = packed[0].device
+    counts = torch.tensor([p.numel() for p in positions], device=device)
+    width = torch.repeat_interleave(torch.tensor(cols, device=device), counts)  # each move's layer's K
+    owner = torch.repeat_interleave(torch.arange(len(packed), device=device), counts)
+    flat, by = torch.cat(positions), torch.cat(steps).to(torch.int16)
+    rows = flat // width
     within = rows % BLOCK
-    byte = (rows // BLOCK) * (cols * (BLOCK // 2)) + (positions % cols) * (BLOCK // 2) + within % (BLOCK // 2)
+    byte = (rows // BLOCK) * (width * (BLOCK // 2)) + (flat % width) * (BLOCK // 2) + within % (BLOCK // 2)
+    span = max(p.numel() for p in packed)
+    touched, slot = torch.unique(owner * span + byte, return_inverse=True)  # sorted: layer after layer
     high = within >= BLOCK // 2
-    flat = packed.view(-1)
-    for shift, pick in ((0, ~high), (4, high)):
-        where, by = byte[pick], steps[pick].to(torch.int16)
-        current = flat[where]
-        nibble = ((current >> shift) & 0x0F).to(torch.int16).add_(by).clamp_(0, 15).to(torch.uint8)
-        flat[where] = (current & (0xF0 >> shift)) | (nibble << shift)
+    low_step = torch.zeros(touched.numel(), dtype=torch.int16, device=device).index_add_(0, slot[~high], by[~high])
+    high_step = torch.zeros_like(low_step).index_add_(0, slot[high], by[high])
+    per_layer = torch.bincount(touched // span, minlength=len(packed)).tolist()
+    where = (touched % span).split(per_layer)
+    current = torch.cat([p.view(-1)[w] for p, w in zip(packed, where)])
+    low = ((current & 0x0F).to(torch.int16) + low_step).clamp_(0, 15)
+    high_nibble = ((current >> 4).to(torch.int16) + high_step).clamp_(0, 15)
+    new = (low | (high_nibble << 4)).to(torch.uint8)
+    for p, w, values in zip(packed, where, new.split(per_layer)):
+        p.view(-1)[w] = values
