@@ -78,6 +78,9 @@ GRID = {
     "quzo_fp8_e4m3": base(quant={"format": "fp8_e4m3"}, method={"optimizer": "quzo"}, train=ZO),
     "quzo_fp8_e5m2": base(quant={"format": "fp8_e5m2", "rounding": "stochastic"}, method={"optimizer": "quzo"},
                           train=ZO),
+    # random signs at a rate where every update of the codes is drawn as its moves (ftkit.optim.sparse_update)
+    "quzo_int4_signs": base(quant={"format": "int4"}, train={**ZO, "lr": 1e-5},
+                            method={"optimizer": "quzo", "zo": {"direction": "rademacher"}}),
     "quzo_one_rounding": base(quant={"format": "int4"}, train=ZO,
                               method={"optimizer": "quzo", "zo": {"independent_roundings": False}}),
     "quzo_nearest_update": base(quant={"format": "int4"}, train=ZO,
