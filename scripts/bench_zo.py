@@ -131,13 +131,7 @@ def bench_time(batch_size: int, repeats: int, model_name: str = "minilm", thread
         model, method, batch, lr = build(case, table, batch_size, model_name)
         MALLOC[malloc]()
 
-        def forwards():
-            model.eval()
-            with torch.inference_mode():
-                model(batch)
-                model(batch)
-
-        calls = {"step": lambda: method.step(batch, lr), "forwards": forwards}
+        calls = {"step": lambda: method.step(batch, lr), "forwards": lambda: two_forwards(model, batch)}
         times = {name: [] for name in calls}
         for call in calls.values():
             call()
@@ -177,17 +171,11 @@ def bench_window(batch_size: int, count: int, model_name: str, threads: tuple[in
         model, method, batches, lr = build(case, SMOLLM2_CASES, batch_size, model_name, count=count)
         MALLOC["training"]()
 
-        def forwards(batch):
-            model.eval()
-            with torch.inference_mode():
-                model(batch)
-                model(batch)
-
-        forwards(batches[0])
+        two_forwards(model, batches[0])
         method.step(batches[0], lr)  # warm-up
         step_s = forward_s = 0.0
         for batch in batches:
-            forward_s += _timed(lambda: forwards(batch))
+            forward_s += _timed(lambda: two_forwards(model, batch))
             step_s += _timed(lambda: method.step(batch, lr))
         lengths = sorted(batch["input_ids"].shape[1] for batch in batches)
         rows.append({"case": case, "threads": threads_now, "batches": count, "tokens": (lengths[0],
@@ -228,6 +216,14 @@ def bench_draws(threads: tuple[int, ...], numel: int = 40_000_000, repeats: int 
         rows.append({"threads": count, "stream_ns": 1e9 * fresh / numel, "randn_reused_ns": 1e9 * reused / numel,
                      "signs_ns": 1e9 * random_signs / numel})
     return rows
+
+
+def two_forwards(model, batch) -> None:
+    """What a step cannot avoid: two plain forward passes on its batch (eval mode, no autograd)."""
+    model.eval()
+    with torch.inference_mode():
+        model(batch)
+        model(batch)
 
 
 def _timed(call) -> float:
@@ -278,14 +274,7 @@ def profile_step(case: str, batch_size: int, model_name: str, steps: int = 3, to
         method.step(batch, lr)
     profiler.disable()
     step_ms = 1000 * (time.perf_counter() - start) / steps
-    forwards = []
-    model.eval()
-    with torch.inference_mode():
-        for _ in range(steps):
-            begin = time.perf_counter()
-            model(batch)
-            model(batch)
-            forwards.append(time.perf_counter() - begin)
+    forwards = [_timed(lambda: two_forwards(model, batch)) for _ in range(steps)]
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own time, cumulative, ...)}
     own = sorted(((f"{Path(file).name}:{name}" if line else name, row[2]) for (file, line, name), row in stats.items()),
                  key=lambda item: -item[1])[:top]
