@@ -3,6 +3,7 @@ trace bit for bit, bit-exact resume, and the trainable sets over every weight fo
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -717,6 +718,17 @@ def test_a_run_whose_updates_are_drawn_as_moves_replays_and_resumes_bit_for_bit(
     train(zo_recipe(write_recipe, tmp_path, "parts", **settings, train={"max_steps": 8, "save_every": 4, "lr": 1e-5}),
           resume=True)
     assert same_bits(end, weights(tmp_path / "parts"))
+    # A trace from before these updates were drawn as moves (its header without the mark) is refused, not replayed
+    # into other weights.
+    raw = (tmp_path / "full" / TRACE_FILE).read_bytes()
+    size = int.from_bytes(raw[8:12], "little")
+    header = json.loads(raw[12: 12 + size])
+    assert header.pop("sign_update_draw") == "moves"
+    blob = json.dumps(header).encode()
+    (tmp_path / "old.ftz").write_bytes(raw[:8] + len(blob).to_bytes(4, "little") + blob + raw[12 + size:])
+    with pytest.raises(UserError, match="drew the update of random signs on int4 codes with a uniform number per "
+                                        "code; .* replay it with the ftkit that wrote it"):
+        replay(full, tmp_path / "old.ftz", tmp_path / "old")
 
 def test_replay_refuses_a_different_recipe(write_recipe, tmp_path):
     recipe = zo_recipe(write_recipe, tmp_path, "mezo", "mezo", train={"max_steps": 3})

@@ -41,6 +41,10 @@ from ftkit.optim.zo_streams import (
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import group_view
 
+# Traces record that the update of random signs on integer codes is drawn as the codes it moves
+# (ftkit.optim.sparse_update); traces without it drew a uniform per code, other numbers.
+SIGN_UPDATE_DRAW = "moves"
+
 
 @dataclass(frozen=True)
 class Directions:
@@ -72,8 +76,11 @@ class Directions:
         return Q1, Q2 if self.independent else Q1, UPDATE
 
     def trace_fields(self) -> dict:
-        return {"perturb_bits": self.bits, "independent_roundings": self.independent,
-                "update_rounding": self.update_rounding, "direction": self.distribution}
+        fields = {"perturb_bits": self.bits, "independent_roundings": self.independent,
+                  "update_rounding": self.update_rounding, "direction": self.distribution}
+        if self.distribution == "rademacher":  # how updates of random signs on integer codes are drawn: replay checks
+            fields["sign_update_draw"] = SIGN_UPDATE_DRAW
+        return fields
 
     def perturbation(self, query_seed: int, index: int, shape, device) -> torch.Tensor:
         u = self._draw(shape, derive(query_seed, index, U), device)
