@@ -308,6 +308,10 @@ def test_updates_outside_the_sparse_case_take_the_general_path(monkeypatch):
     QuantTarget("w", layer, 0).update(nearest, step_seed=1, query_seeds=[2], coefs=[4 * small], restore=0.0,
                                       decay=0.0)
     assert torch.equal(layer.codes, before) and not drawn
+    # the smallest scale is read once and kept until the scales change: larger scales, smaller moves, few enough
+    layer.scales.mul_(4)
+    assert sparse_update.applies(layer, "rademacher", "stochastic", [3 * small], 0.0)
+
 
 def test_rounding_noise_does_not_depend_on_its_chunk_size_and_is_uniform():
     from ftkit.optim.zo_streams import uniform_chunks

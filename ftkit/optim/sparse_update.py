@@ -45,10 +45,21 @@ def applies(layer, distribution: str, rounding: str, coefs: list[float], decay: 
     grid step and few per group: the case drawn here (everything else takes the general path)."""
     if distribution != "rademacher" or len(coefs) != 1 or decay or not isinstance(layer.codec, IntCodec):
         return False
-    largest = abs(coefs[0]) / layer.scales.to(torch.float64).min().item()
+    largest = abs(coefs[0]) / smallest_scale(layer)
     if rounding == "nearest":
         return largest < 0.5  # under half a step nothing moves
     return largest < 1.0 and largest * (layer.group_size or layer.in_features) <= MOST_MOVES_PER_GROUP
+
+
+def smallest_scale(layer) -> float:
+    """The layer's smallest scale, kept until its scales change (QuZO moves codes, never scales): read once, not at
+    every step, so a GPU step does not wait on the device once per layer to decide its path."""
+    key = (layer.scales._version, layer.scales.data_ptr())
+    cached = getattr(layer, "_smallest_scale", None)
+    if cached is None or cached[0] != key:
+        cached = (key, layer.scales.to(torch.float64).min().item())
+        layer._smallest_scale = cached
+    return cached[1]
 
 
 @torch.no_grad()
