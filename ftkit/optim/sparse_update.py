@@ -87,8 +87,9 @@ def moves(layers: list, step_seed: int, query_seed: int, coef: float,
     size = _per_group(sizes, groups_of, device)
     u = torch.cat(stream_words([(g, derive(step_seed, i, UPDATE)) for g, (_, i) in zip(groups_of, layers)], device))
     counts = binomial_counts(chance, size, words_to_uniform64(u))
-    moving = [c.nonzero().squeeze(1) for c in counts.split(groups_of)]  # each layer's moving groups
-    places = places_within(layers, sizes, moving, counts.split(groups_of), step_seed, device)
+    per_layer = counts.split(groups_of)
+    moving = [c.nonzero().squeeze(1) for c in per_layer]  # each layer's moving groups
+    places = places_within(layers, sizes, moving, per_layer, step_seed, device)
     numels = [layer.out_features * layer.in_features for layer, _ in layers]
     words = _sign_words(numels, [derive(query_seed, i, U) for _, i in layers], device, words)
     direction = 1 if coef > 0 else -1
