@@ -101,9 +101,11 @@ PLAN = [
     *[(task, "lora", [0], 300) for task in ("copa", "cb", "boolq")],
     ("squad", "lora", [0], 200),
     # COPA (short rows, 300 examples: the cheapest task here) across the remaining families: LoRETTA beside LoRA at
-    # LoRA's 300 steps, and MeZO beside QuZO on the norms at QuZO's 600.
+    # LoRA's 300 steps, MeZO beside QuZO on the norms at QuZO's 600, first-order full and QuZO over LoRETTA_rep at
+    # 300.
     *[("copa", row, [0], 300) for row in ("loretta_rep", "loretta_adp")],
     ("copa", "mezo_norms", [0], 600),
+    *[("copa", row, [0], 300) for row in ("ft_full", "quzo_int4_loretta_rep")],
     # First-order full fine-tuning's seed spread, against the 88% target (seed 0 above).
     ("sst2", "ft_full", [1, 2], 300),
     # The Instruct model's chat format for the SST-2 prompt instead of MeZO's template (data.template): its untrained
