@@ -86,10 +86,13 @@ def _check_sign_update_draw(recipe: Recipe, header: dict, trace_path: Path) -> N
     as the codes they move (ftkit.optim.sparse_update) drew other numbers: it cannot be replayed bit for bit."""
     from ftkit.adapters import ADAPTERS
     from ftkit.optim.zo_targets import SIGN_UPDATE_DRAW
+    from ftkit.quant import FORMATS
+    from ftkit.quant.codecs import IntCodec
 
     method = recipe.method
     drawn_as_moves = (method.optimizer == "quzo" and method.zo.direction == "rademacher"
-                      and recipe.quant.format in ("int4", "int8") and ADAPTERS[method.adapter].trains_base)
+                      and isinstance(FORMATS[recipe.quant.format].grid(), IntCodec)  # as sparse_update.applies
+                      and ADAPTERS[method.adapter].trains_base)
     if drawn_as_moves and header.get("sign_update_draw") != SIGN_UPDATE_DRAW:
         raise UserError(f"the trace {trace_path} was written by an ftkit that drew the update of random signs on "
                         f"{recipe.quant.format} codes with a uniform number per code; this one draws the codes it "

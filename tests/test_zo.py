@@ -426,7 +426,6 @@ with torch.no_grad():
     target.update(d, 2, [1], [1.0], 0.0, 0.0)
 print(json.dumps({"reset": reset, "above_mb": peak_rss_mb() - before}))
 """
-    import json
     import subprocess
     import sys
 
@@ -588,7 +587,6 @@ with torch.no_grad():
     target.update(d, 2, [1], [1e-3], 1e-3, 0.01)
 print(json.dumps({"reset": reset, "above_mb": peak_rss_mb() - before}))
 """
-    import json
     import subprocess
     import sys
 
@@ -724,15 +722,18 @@ def test_a_run_whose_updates_are_drawn_as_moves_replays_and_resumes_bit_for_bit(
     assert same_bits(end, weights(tmp_path / "parts"))
     # A trace from before these updates were drawn as moves (its header without the mark) is refused, not replayed
     # into other weights.
-    raw = (tmp_path / "full" / TRACE_FILE).read_bytes()
-    size = int.from_bytes(raw[8:12], "little")
-    header = json.loads(raw[12: 12 + size])
+    from ftkit.optim.trace import _header_size, header_bytes, read_trace
+
+    trace = tmp_path / "full" / TRACE_FILE
+    header, _ = read_trace(trace)
     assert header.pop("sign_update_draw") == "moves"
-    blob = json.dumps(header).encode()
-    (tmp_path / "old.ftz").write_bytes(raw[:8] + len(blob).to_bytes(4, "little") + blob + raw[12 + size:])
+    with open(trace, "rb") as f:
+        records = trace.read_bytes()[_header_size(f):]
+    (tmp_path / "old.ftz").write_bytes(header_bytes(header) + records)
     with pytest.raises(UserError, match="drew the update of random signs on int4 codes with a uniform number per "
                                         "code; .* replay it with the ftkit that wrote it"):
         replay(full, tmp_path / "old.ftz", tmp_path / "old")
+
 
 def test_replay_refuses_a_different_recipe(write_recipe, tmp_path):
     recipe = zo_recipe(write_recipe, tmp_path, "mezo", "mezo", train={"max_steps": 3})

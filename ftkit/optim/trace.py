@@ -48,9 +48,8 @@ class TraceWriter:
         self.path, self.header = Path(path), header
         self.record = record_format(header["n_queries"])
         if resume_step is None:
-            blob = json.dumps(header).encode()
             self.file = open_file(self.path, "wb")
-            self.file.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+            self.file.write(header_bytes(header))
         else:
             if not self.path.is_file():
                 raise ValueError(f"{self.path} is missing")
@@ -76,6 +75,12 @@ class TraceWriter:
         if not self.file.closed:
             self.flush()
             self.file.close()
+
+
+def header_bytes(header: dict) -> bytes:
+    """The start of a trace file: the magic, the header's length, the header as JSON."""
+    blob = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(blob)) + blob
 
 
 def _header_size(f) -> int:
