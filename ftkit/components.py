@@ -57,12 +57,13 @@ class Section:
     """A recipe section that holds a component's options, e.g. `method.zo` (shared by mezo and quzo).
 
     `options` is a dataclass of typed, documented fields (`metadata={"help": ...}`); `validate(options, recipe,
-    fail)` checks what the types cannot say. Every registered section appears in every resolved recipe with its
-    defaults, so `recipe.yaml` documents the run completely."""
+    chosen, fail)` checks what the types cannot say (`chosen`: the recipe's components, a `Chosen`). Every
+    registered section appears in every resolved recipe with its defaults, so `recipe.yaml` documents the run
+    completely."""
 
     name: str
     options: type
-    validate: Callable[[Any, Any, Fail], None] = no_checks
+    validate: Callable[[Any, Any, Chosen, Fail], None] = no_checks
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,10 @@ class Engine:
     fo_trains_weights: bool = False
     # count(module, leaf, tensor) -> (parameters it stands for, stored bytes, trained) or None when not its layer
     count: Optional[Callable] = None
-    validate: Callable[[Any, Fail], None] = no_checks
+    # Options of its own (`quant.<section>`, e.g. quant.bitsandbytes), read by `convert` from the quant spec.
+    section: Optional[Section] = None
+    # validate(recipe, chosen, fail): combinations of this engine with the rest of the recipe
+    validate: Callable[[Any, Chosen, Fail], None] = no_checks
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,10 @@ class Adapter:
     # tt_dims(options, architecture) -> {role: [(in, out), ...]}: the matrices a role's TT shape must factor, for the
     # roles the architecture (a model config as plain data) tells; recipe checks compare explicit shapes with them.
     tt_dims: Optional[Callable] = None
+    # Engines whose low-bit layers it can wrap (None: every engine's); over a full-precision base it wraps any.
+    base_engines: Optional[tuple[str, ...]] = None
+    # validate(recipe, chosen, fail): combinations of this adapter with the rest of the recipe
+    validate: Callable[[Any, Chosen, Fail], None] = no_checks
 
     @property
     def trains_base(self) -> bool:
@@ -135,10 +143,23 @@ class Optimizer:
     section: Optional[Section] = None
     # Estimates gradients from forward passes only (writes a trace that `ftkit replay` rebuilds weights from).
     zeroth_order: bool = False
+    # Can train low-bit weights themselves (QuZO updates codes on their grid); else only full-precision tensors.
+    trains_low_bit: bool = False
     # prepare(model, recipe): decide what the method trains beyond parameters with requires_grad
     prepare: Optional[Callable] = None
-    # validate(recipe, fail): combinations of this optimizer with the rest of the recipe
-    validate: Callable[[Any, Fail], None] = no_checks
+    # validate(recipe, chosen, fail): combinations of this optimizer with the rest of the recipe
+    validate: Callable[[Any, Chosen, Fail], None] = no_checks
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The components a recipe names, resolved by the recipe checks and handed to every validator, so that a
+    component checks its combinations with the others by what they declare, never by their names."""
+
+    format: Format
+    engine: Engine
+    adapter: Adapter
+    optimizer: Optimizer
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ class ScaleSpec:
     targets: list[str] = option(factory=lambda: ["query", "value"], help="Module-name suffixes to scale.")
 
 
-def check_scales(spec: ScaleSpec, recipe, fail) -> None:
+def check_scales(spec: ScaleSpec, recipe, chosen, fail) -> None:
     if spec.init <= 0:
         fail("method.scales.init", f"must be positive, got {spec.init}")
 

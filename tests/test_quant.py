@@ -290,7 +290,8 @@ def test_bitsandbytes_engine_runs_frozen_and_counts_its_bytes(fmt, kind, double)
     model = nn.Sequential(nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 64))
     x = torch.randn(5, 256)
     reference = model(x)
-    spec = QuantSpec(format=fmt, engine="bitsandbytes", bnb_4bit_type=kind, bnb_double_quant=double, skip=[])
+    spec = QuantSpec(format=fmt, engine="bitsandbytes", skip=[])
+    spec.bitsandbytes.int4_type, spec.bitsandbytes.double_quant = kind, double
     quantize_model(model, spec)
     expected_type = bnb.nn.Linear4bit if fmt == "int4" else bnb.nn.Linear8bitLt
     assert all(isinstance(model[i], expected_type) for i in (0, 2))

@@ -31,9 +31,7 @@ class LorettaSpec:
     dropout: float = option(0.0, help="Dropout on the adapter's input.")
 
 
-def _check(spec: LorettaSpec, recipe, fail) -> None:
-    from ftkit.adapters import ADAPTERS
-
+def _check(spec: LorettaSpec, recipe, chosen, fail) -> None:
     for key in ("tensor_rank", "bottleneck", "r"):
         if getattr(spec, key) < 1:
             fail(f"method.loretta.{key}", f"must be at least 1, got {getattr(spec, key)}")
@@ -41,8 +39,7 @@ def _check(spec: LorettaSpec, recipe, fail) -> None:
         fail("method.loretta.modes", f"must be at least 1, got {spec.modes}")
     if not 0 <= spec.dropout < 1:
         fail("method.loretta.dropout", f"must be in [0, 1), got {spec.dropout}")
-    adapter = recipe.method.adapter
-    roles = ADAPTERS[adapter].tt_roles if adapter in ADAPTERS else ()
+    adapter, roles = chosen.adapter.name, chosen.adapter.tt_roles
     for role, shape in spec.shapes.items():
         if role not in roles:
             fail(f"method.loretta.shapes.{role}", f"not a TT role of method.adapter {adapter} "

@@ -50,19 +50,19 @@ class ZOSpec:
                                      "whole batch and n_queries / processes of the queries (queries). Same result.")
 
 
-def _check_adamw(spec: AdamWSpec, recipe, fail) -> None:
+def _check_adamw(spec: AdamWSpec, recipe, chosen, fail) -> None:
     if len(spec.betas) != 2 or not all(0 <= b < 1 for b in spec.betas):
         fail("method.adamw.betas", f"must be two numbers in [0, 1), got {spec.betas}")
 
 
-def _check_sgd(spec: SGDSpec, recipe, fail) -> None:
+def _check_sgd(spec: SGDSpec, recipe, chosen, fail) -> None:
     if spec.momentum < 0:
         fail("method.sgd.momentum", f"must be at least 0, got {spec.momentum}")
     if spec.nesterov and spec.momentum == 0:
         fail("method.sgd.nesterov", "Nesterov momentum needs method.sgd.momentum > 0")
 
 
-def _check_zo(zo: ZOSpec, recipe, fail) -> None:
+def _check_zo(zo: ZOSpec, recipe, chosen, fail) -> None:
     if zo.eps <= 0:
         fail("method.zo.eps", f"must be positive, got {zo.eps}")
     if zo.n_queries < 1:
@@ -73,24 +73,20 @@ def _check_zo(zo: ZOSpec, recipe, fail) -> None:
         fail("method.zo.perturb_bits", f"must be 0 (unrounded directions) or 2..16, got {zo.perturb_bits}")
 
 
-def _check_zeroth_order(recipe, fail) -> None:
+def _check_zeroth_order(recipe, chosen, fail) -> None:
     """What a zeroth-order optimizer needs of the rest of the recipe."""
-    from ftkit.adapters import ADAPTERS
-    from ftkit.quant import ENGINES, FORMATS
-
-    name, quant = recipe.method.optimizer, recipe.quant
-    full = ADAPTERS[recipe.method.adapter].trains_base
-    low_bit = FORMATS[quant.format].low_bit
+    name, quant = chosen.optimizer.name, recipe.quant
+    full, low_bit = chosen.adapter.trains_base, chosen.format.low_bit
     if recipe.train.weight_decay:
         fail("train.weight_decay", f"applies to first-order optimizers; set method.zo.weight_decay for {name}")
     if recipe.train.grad_clip is not None:
         fail("train.grad_clip", f"clips a backpropagated gradient's norm, which {name} does not have; remove it (a "
              f"zeroth-order run that blows up wants a lower train.lr or method.zo.eps)")
-    if name == "mezo" and full and low_bit:
-        fail("method.optimizer", f"mezo trains full-precision weights, and quant.format is {quant.format}: use quzo "
+    if full and low_bit and not chosen.optimizer.trains_low_bit:
+        fail("method.optimizer", f"{name} trains full-precision weights, and quant.format is {quant.format}: use quzo "
              f"for the quantized weights themselves, or set method.adapter to train an adapter over the quantized "
              f"base")
-    if full and low_bit and not ENGINES[quant.engine].zo_trains_weights:
+    if full and low_bit and not chosen.engine.zo_trains_weights:
         fail("method.adapter", f"{quant.engine} weights are frozen; zeroth-order training over them needs an "
              f"adapter (lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
 
@@ -108,5 +104,5 @@ MEZO = Optimizer("mezo", "MeZO: zeroth-order SGD on full-precision tensors, two 
                  prepare=Hook("ftkit.optim.zo_targets:prepare_model"), validate=_check_zeroth_order)
 QUZO = Optimizer("quzo", "QuZO: zeroth-order on low-precision weights, quantized directions, stochastically "
                          "rounded updates", build=Hook("ftkit.optim.zo:build_quzo"), section=ZO_SECTION,
-                 zeroth_order=True, prepare=Hook("ftkit.optim.zo_targets:prepare_model"),
+                 zeroth_order=True, trains_low_bit=True, prepare=Hook("ftkit.optim.zo_targets:prepare_model"),
                  validate=_check_zeroth_order)

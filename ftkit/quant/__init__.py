@@ -9,6 +9,7 @@ module as they are built or loaded (convert.py), so their full-precision weights
 """
 
 from ftkit.components import Engine, Format, Hook, Registry
+from ftkit.quant.bnb_options import BITSANDBYTES_SECTION
 
 FORMATS: Registry = Registry("quant.format", [
     Format("none", "the model's own dtype (fp32 or bf16)"),
@@ -22,24 +23,20 @@ FORMATS: Registry = Registry("quant.format", [
 ])
 
 
-def _check_bitsandbytes(recipe, fail) -> None:
-    fmt = recipe.quant.format
-    if fmt != "none" and fmt not in BITSANDBYTES.formats:
-        fail("quant.format", f"the bitsandbytes engine provides {', '.join(BITSANDBYTES.formats)} (int4 is nf4 or fp4 "
-             f"by quant.bnb_4bit_type), not '{fmt}'; use quant.engine: native for it")
+def _check_bitsandbytes(recipe, chosen, fail) -> None:
+    fmt, engine = chosen.format, chosen.engine
+    if fmt.low_bit and fmt.name not in engine.formats:
+        fail("quant.format", f"the bitsandbytes engine provides {', '.join(engine.formats)} (int4 is nf4 or fp4 by "
+             f"quant.bitsandbytes.int4_type), not '{fmt.name}'; use quant.engine: native for it")
 
 
-def _check_straight_through(recipe, fail) -> None:
-    from ftkit.adapters import ADAPTERS
-    from ftkit.optim import OPTIMIZERS
-
-    optimizer = recipe.method.optimizer
-    if not FORMATS[recipe.quant.format].low_bit:
+def _check_straight_through(recipe, chosen, fail) -> None:
+    if not chosen.format.low_bit:
         fail("quant.engine", "straight_through simulates a low-bit format: set quant.format (int8, int4, fp8_*)")
-    if optimizer in OPTIMIZERS and OPTIMIZERS[optimizer].zeroth_order:
+    if chosen.optimizer.zeroth_order:
         fail("quant.engine", f"straight_through is the first-order baseline (full-precision master weights); "
-             f"{optimizer} trains the low-bit weights themselves with quant.engine: native")
-    if recipe.method.adapter in ADAPTERS and not ADAPTERS[recipe.method.adapter].trains_base:
+             f"{chosen.optimizer.name} trains the low-bit weights themselves with quant.engine: native")
+    if not chosen.adapter.trains_base:
         fail("quant.engine", "straight_through trains the quantized weights themselves; for an adapter over a "
              "frozen quantized base use quant.engine: native or bitsandbytes")
 
@@ -49,7 +46,8 @@ NATIVE = Engine("native", "ftkit's QuantLinear: real codes + scales, no full-pre
                 count=Hook("ftkit.quant.linear:count_tensor"))
 BITSANDBYTES = Engine("bitsandbytes", "bitsandbytes' frozen nf4 / fp4 (int4) and LLM.int8 (int8) layers",
                       convert=Hook("ftkit.quant.bnb:to_bnb_linear"), formats=("int8", "int4"),
-                      count=Hook("ftkit.quant.bnb:count_tensor"), validate=_check_bitsandbytes)
+                      count=Hook("ftkit.quant.bnb:count_tensor"), section=BITSANDBYTES_SECTION,
+                      validate=_check_bitsandbytes)
 STRAIGHT_THROUGH = Engine("straight_through", "first-order QAT: full-precision master weights, quantized forward, "
                                               "rounding passed straight through",
                           convert=Hook("ftkit.quant.straight_through:to_straight_through"), fo_trains_weights=True,

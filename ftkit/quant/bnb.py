@@ -20,13 +20,14 @@ def to_bnb_linear(linear: nn.Linear, name: str, spec, generator=None) -> nn.Modu
     import bitsandbytes as bnb
 
     device, compute_dtype = linear.weight.device, linear.weight.dtype
+    options = spec.bitsandbytes
     if spec.format == "int4":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type=spec.bnb_4bit_type,
-                                  compress_statistics=spec.bnb_double_quant, device="meta" if device.type == "meta" else None)
+                                  compute_dtype=compute_dtype, quant_type=options.int4_type,
+                                  compress_statistics=options.double_quant, device="meta" if device.type == "meta" else None)
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=spec.bnb_int8_threshold,
+                                    has_fp16_weights=False, threshold=options.int8_threshold,
                                     device="meta" if device.type == "meta" else None)
     if device.type != "meta":
         layer.load_state_dict(linear.state_dict())

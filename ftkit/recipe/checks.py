@@ -1,5 +1,9 @@
 """Cross-field checks: what the schema's types cannot say. Generic checks live here; each component checks its own
-options and its combinations with the rest of the recipe (ftkit.components), so this file names none of them."""
+options and its combinations with the rest of the recipe (ftkit.components), so this file names none of them.
+
+This is the one place that sees every registry: it resolves the recipe's format, engine, adapter and optimizer into
+a `Chosen` and hands it to each validator, so components check one another by what they declare and never import
+one another's registries."""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ import math
 import re
 
 from ftkit.adapters import ADAPTERS
+from ftkit.components import Chosen
 from ftkit.data.tasks import BUILTIN_TASKS
 from ftkit.errors import RecipeError
 from ftkit.optim import OPTIMIZERS
 from ftkit.quant import ENGINES, FORMATS
 from ftkit.recipe.architecture import known_architecture, positions
-from ftkit.recipe.schema import Recipe, method_sections
+from ftkit.recipe.schema import Recipe, engine_sections, method_sections
 from ftkit.task_kinds import TASK_KINDS
 
 
@@ -22,21 +27,18 @@ def run_checks(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: {key}: {message}")
 
     q, m = recipe.quant, recipe.method
-    fmt = FORMATS.choose(q.format, where)
-    engine = ENGINES.choose(q.engine, where)
-    ADAPTERS.choose(m.adapter, where)
-    optimizer = OPTIMIZERS.choose(m.optimizer, where)
+    chosen = choose(recipe, where)
 
     _check_train(recipe, fail)
     for name, section in method_sections().items():
-        section.validate(getattr(m, name), recipe, fail)
+        section.validate(getattr(m, name), recipe, chosen, fail)
     _check_patterns(fail, "method.freeze", m.freeze)
 
-    engine.validate(recipe, fail)
-    optimizer.validate(recipe, fail)
-    if q.kernel not in ("auto", "dequantize") and q.kernel not in fmt.kernels:
-        fail("quant.kernel", f"{q.kernel} does not read {q.format} codes (kernels of {q.format}: "
-             f"{', '.join(('dequantize',) + fmt.kernels)})")
+    for name, section in engine_sections().items():
+        section.validate(getattr(q, name), recipe, chosen, fail)
+    for component in (chosen.engine, chosen.optimizer, chosen.adapter):
+        component.validate(recipe, chosen, fail)
+    _check_kernel(q.kernel, chosen.format, fail)
     if q.group_size and q.group_size % 2:
         fail("quant.group_size", f"must be even (0 for one scale per output channel), got {q.group_size}")
     _check_patterns(fail, "quant.skip", q.skip)
@@ -48,6 +50,26 @@ def run_checks(recipe: Recipe, where: str) -> None:
     architecture = known_architecture(recipe.model)
     if architecture is not None:
         check_architecture(recipe, architecture, fail)
+
+
+def choose(recipe: Recipe, where: str) -> Chosen:
+    """The components the recipe names, or a RecipeError naming an unknown one and the closest choice."""
+    q, m = recipe.quant, recipe.method
+    return Chosen(format=FORMATS.choose(q.format, where), engine=ENGINES.choose(q.engine, where),
+                  adapter=ADAPTERS.choose(m.adapter, where), optimizer=OPTIMIZERS.choose(m.optimizer, where))
+
+
+def _check_kernel(kernel: str, fmt, fail) -> None:
+    """`auto` and `dequantize` read every format; any other kernel must be one the chosen format declares."""
+    everywhere = ("auto", "dequantize")
+    known = list(everywhere) + sorted({k for f in FORMATS for k in f.kernels})
+    if kernel not in known:
+        close = difflib.get_close_matches(kernel, known, n=1)
+        suggestion = f"; did you mean '{close[0]}'?" if close else ""
+        fail("quant.kernel", f"unknown kernel {kernel!r} (available: {', '.join(known)}{suggestion})")
+    if kernel not in everywhere and kernel not in fmt.kernels:
+        fail("quant.kernel", f"{kernel} does not read {fmt.name} codes (kernels of {fmt.name}: "
+             f"{', '.join(('dequantize',) + fmt.kernels)})")
 
 
 def check_architecture(recipe: Recipe, architecture: dict, fail) -> None:

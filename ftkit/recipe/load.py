@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ftkit.errors import RecipeError, first_line
-from ftkit.recipe.schema import Recipe
+from ftkit.recipe.schema import MOVED_KEYS, Recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -75,10 +75,12 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", override_keys: dict[str
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    """Plain data, as recipe.yaml holds it: component sections appear as sections of `method`."""
+    """Plain data, as recipe.yaml holds it: component sections appear as sections of `method` and `quant`."""
     data = dataclasses.asdict(recipe)
     data.pop("source", None)
-    method = data["method"]
+    quant, method = data["quant"], data["method"]
+    engine_sections = quant.pop("sections")
+    data["quant"] = {**quant, **engine_sections}
     sections = method.pop("sections")
     freeze = method.pop("freeze")
     data["method"] = {**method, **sections, "freeze": freeze}
@@ -122,6 +124,8 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Context):
             values[key] = _convert(hints[key], value, dotted, ctx)
         elif key in sections:
             built[key] = _build(sections[key].options, value, dotted + ".", ctx)
+        elif dotted in MOVED_KEYS:
+            raise ctx.error(dotted, f"has moved to {MOVED_KEYS[dotted]}")
         else:
             raise ctx.error(dotted, f"unknown key{_suggest(str(key), prefix, list(fields) + list(sections))}")
     if holder is not None:

@@ -62,11 +62,15 @@ class QuantSpec:
     skip: list[str] = option(factory=lambda: list(DEFAULT_QUANT_SKIP),
                              help="Linear layers whose names match one of these regular expressions stay in full "
                                   "precision.")
-    kernel: Literal["auto", "dequantize", "int8pack", "int_mm", "int4pack", "scaled_mm"] = option(
-        "auto", help="Matmul path: auto picks the fastest measured one for the format and device (BENCHMARKS.md).")
-    bnb_4bit_type: Literal["nf4", "fp4"] = option("nf4", help="bitsandbytes engine: the 4-bit type of int4.")
-    bnb_double_quant: bool = option(False, help="bitsandbytes engine: quantize the 4-bit statistics too.")
-    bnb_int8_threshold: float = option(6.0, help="bitsandbytes engine: LLM.int8's outlier threshold.")
+    kernel: str = option("auto", help="Matmul path: auto picks the fastest measured one for the format and device "
+                                      "(BENCHMARKS.md); dequantize always works; or one of the kernels the format "
+                                      "declares (ftkit.quant.FORMATS).")
+    # The options of engines that declare some (quant.bitsandbytes), by section, as for `method` below.
+    sections: dict[str, Any] = field(default_factory=lambda: _defaults(engine_sections()),
+                                     metadata={"internal": True, "sections": lambda: engine_sections()})
+
+    def __getattr__(self, name: str):
+        return _section(self, "quant", name)
 
 
 @dataclass
@@ -79,14 +83,18 @@ class MethodSpec:
                                                   "of what the method freezes.")
     # The options of every optimizer and adapter, by section (method.zo, method.lora, ...). They are read as
     # attributes, recipe.method.zo.eps, and written to recipe.yaml as sections of `method`.
-    sections: dict[str, Any] = field(default_factory=lambda: default_sections(),
+    sections: dict[str, Any] = field(default_factory=lambda: _defaults(method_sections()),
                                      metadata={"internal": True, "sections": lambda: method_sections()})
 
     def __getattr__(self, name: str):
-        sections = self.__dict__.get("sections")
-        if sections is not None and name in sections:
-            return sections[name]
-        raise AttributeError(f"method has no key or section '{name}'")
+        return _section(self, "method", name)
+
+
+def _section(spec, where: str, name: str):
+    sections = spec.__dict__.get("sections")
+    if sections is not None and name in sections:
+        return sections[name]
+    raise AttributeError(f"{where} has no key or section '{name}'")
 
 
 def method_sections() -> dict:
@@ -98,8 +106,22 @@ def method_sections() -> dict:
     return sections_of(OPTIMIZERS, ADAPTERS)
 
 
-def default_sections() -> dict[str, Any]:
-    return {name: section.options() for name, section in method_sections().items()}
+def engine_sections() -> dict:
+    """name -> ftkit.components.Section, for every section the registered engines declare (quant.bitsandbytes)."""
+    from ftkit.components import sections_of
+    from ftkit.quant import ENGINES
+
+    return sections_of(ENGINES)
+
+
+def _defaults(sections: dict) -> dict[str, Any]:
+    return {name: section.options() for name, section in sections.items()}
+
+
+# Keys that moved, old -> new: a recipe that still writes the old key is told the new one.
+MOVED_KEYS = {"quant.bnb_4bit_type": "quant.bitsandbytes.int4_type",
+              "quant.bnb_double_quant": "quant.bitsandbytes.double_quant",
+              "quant.bnb_int8_threshold": "quant.bitsandbytes.int8_threshold"}
 
 
 @dataclass

@@ -18,20 +18,22 @@ class LoraSpec:
                                                             "architecture's query and value projections.")
 
 
-def _check(spec: LoraSpec, recipe, fail) -> None:
+def _check(spec: LoraSpec, recipe, chosen, fail) -> None:
     if not 0 <= spec.dropout < 1:
         fail("method.lora.dropout", f"must be in [0, 1), got {spec.dropout}")
     if spec.r < 1:
         fail("method.lora.r", f"must be at least 1, got {spec.r}")
-    from ftkit.quant import FORMATS
 
-    quant = recipe.quant
-    if recipe.method.adapter == "lora" and FORMATS[quant.format].low_bit and quant.engine == "native":
-        fail("method.adapter", f"lora wraps the layer types PEFT knows, and ftkit's native {quant.format} "
-             f"layers are not one of them: use quant.engine: bitsandbytes (QLoRA), or loretta_rep / loretta_adp, "
-             f"which work over every format")
+
+def _check_base(recipe, chosen, fail) -> None:
+    """PEFT wraps the layer types it knows: full-precision ones and those of the engines in `base_engines`."""
+    if chosen.format.low_bit and chosen.engine.name not in chosen.adapter.base_engines:
+        fail("method.adapter", f"lora wraps the layer types PEFT knows, and ftkit's {chosen.engine.name} "
+             f"{chosen.format.name} layers are not one of them: use quant.engine: bitsandbytes (QLoRA), or "
+             f"loretta_rep / loretta_adp, which work over every format")
 
 
 LORA = Adapter("lora", "LoRA through PEFT (full-precision or bitsandbytes bases)",
                section=Section("lora", LoraSpec, _check), inject=Hook("ftkit.adapters.lora.layer:inject"),
-               unwrap=Hook("ftkit.adapters.lora.layer:unwrap"), mergeable=True, parameters=r"lora_")
+               unwrap=Hook("ftkit.adapters.lora.layer:unwrap"), mergeable=True, parameters=r"lora_",
+               base_engines=("bitsandbytes",), validate=_check_base)
