@@ -68,6 +68,13 @@ def test_key_in_wrong_section_points_to_the_right_one(write_recipe):
                                       "none; did you mean 'int8'?)"),
         ("quant", {"format": "fp8_e4m3", "engine": "bitsandbytes"}, "the bitsandbytes engine provides int8, int4"),
         ("quant", {"group_size": 33}, "quant.group_size: must be even"),
+        ("quant", {"kernel": "int4pak"}, "quant.kernel: unknown kernel 'int4pak' (available: auto, dequantize, "
+                                         "int4pack, int8pack, int_mm, scaled_mm; did you mean 'int4pack'?)"),
+        ("quant", {"kernel": "int4pack", "format": "int8"}, "quant.kernel: int4pack does not read int8 codes "
+                                                            "(kernels of int8: dequantize, int8pack, int_mm)"),
+        ("quant", {"bnb_4bit_type": "fp4"}, "quant.bnb_4bit_type: has moved to quant.bitsandbytes.int4_type"),
+        ("quant", {"bitsandbytes": {"int4_type": "fp5"}}, "quant.bitsandbytes.int4_type: 'fp5' is not one of: nf4, "
+                                                          "fp4"),
         ("quant", {"skip": ["[bad"]}, "quant.skip[0]: '[bad' is not a valid regular expression"),
         ("method", {"optimizer": "quzzo"}, "method.optimizer: unknown choice 'quzzo' (available: adamw, mezo, quzo, "
                                            "sgd; did you mean 'quzo'?)"),

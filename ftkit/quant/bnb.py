@@ -24,7 +24,8 @@ def to_bnb_linear(linear: nn.Linear, name: str, spec, generator=None) -> nn.Modu
     if spec.format == "int4":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, quant_type=options.int4_type,
-                                  compress_statistics=options.double_quant, device="meta" if device.type == "meta" else None)
+                                  compress_statistics=options.double_quant,
+                                  device="meta" if device.type == "meta" else None)
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                     has_fp16_weights=False, threshold=options.int8_threshold,

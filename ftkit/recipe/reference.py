@@ -16,9 +16,9 @@ from ftkit.recipe.load import all_keys
 INTRO = """# Recipe reference
 
 Every key a recipe may hold, its type, default and meaning. Generated from `ftkit/recipe/schema.py` and the options
-the optimizers and adapters declare (`python -m ftkit.recipe.reference docs/recipe.md`; a test checks it is current).
-Keys marked *no* under "computes" decide how long, how often or where, not what is computed: a resumed run and a
-replay may change them. An unknown key, a value of the wrong type or an impossible combination is refused before
+the engines, optimizers and adapters declare (`python -m ftkit.recipe.reference docs/recipe.md`; a test checks it is
+current). Keys marked *no* under "computes" decide how long, how often or where, not what is computed: a resumed run
+and a replay may change them. An unknown key, a value of the wrong type or an impossible combination is refused before
 anything is loaded, with one line naming the file and the key.
 """
 
