@@ -183,6 +183,8 @@ class TaskKind:
     extra_features: Optional[Callable] = None
     # Whether an encoder with a classification head can learn it (else it needs a causal LM).
     encoders: bool = False
+    # Whether its labels are named by words (`label_words`), which a recipe's `data.label_words` may replace.
+    label_words: bool = False
     validate: Callable[[Any, Fail], None] = no_checks
 
 

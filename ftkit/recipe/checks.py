@@ -141,8 +141,6 @@ def _check_data(recipe: Recipe, fail, where: str) -> None:
         for key in ("train_file", "dev_file", "test_file"):
             if getattr(d, key):
                 fail(f"data.{key}", f"applies to built-in tasks; set data.tasks.{d.task}.{key.split('_')[0]} instead")
-    if d.task in BUILTIN_TASKS or d.task in d.tasks:
-        _check_prompt_overrides(d, fail)
     for name, task in d.tasks.items():
         prefix = f"data.tasks.{name}"
         kind = TASK_KINDS.choose(task.kind, where, key=f"{prefix}.kind")
@@ -157,6 +155,8 @@ def _check_data(recipe: Recipe, fail, where: str) -> None:
             missing = _unknown_fields(task.template, task.text_columns)
             if missing:
                 fail(f"{prefix}.template", f"uses {{{missing}}}, which is not in text_columns {task.text_columns}")
+    if d.task in BUILTIN_TASKS or d.task in d.tasks:  # after the tasks' own checks: their kinds are known
+        _check_prompt_overrides(d, fail)
 
 
 def _check_prompt_overrides(d, fail) -> None:
@@ -167,8 +167,9 @@ def _check_prompt_overrides(d, fail) -> None:
         if missing:
             fail("data.template", f"uses {{{missing}}}, but task {d.task} has the columns {task.text_columns}")
     if d.label_words is not None:
-        if task.kind != "classification":
-            fail("data.label_words", f"task {d.task} is {task.kind}: only classification tasks have label words")
+        if not TASK_KINDS[task.kind].label_words:
+            named = " and ".join(kind.name for kind in TASK_KINDS if kind.label_words)
+            fail("data.label_words", f"task {d.task} is {task.kind}: only {named} tasks have label words")
         elif set(d.label_words) != set(task.label_words):
             missing = sorted(set(task.label_words) - set(d.label_words))
             extra = sorted(set(d.label_words) - set(task.label_words))
