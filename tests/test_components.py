@@ -160,7 +160,7 @@ def assert_export_computes_the_trained_model(run_dir, exported):
     recipe = load_run_recipe(run_dir)
     task, tokenizer = load_task_data(recipe), load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
-    ckpt.load_checkpoint(ckpt.best_or_last(run_dir / "checkpoints"), model)
+    ckpt.load_checkpoint(ckpt.resolve(run_dir / "checkpoints", "best"), model)
     batch = collate(encode(task.splits["dev"][:8], tokenizer, kind, task, 32), tokenizer.pad_token_id)
     plain = AutoModel.from_pretrained(exported).eval()
     assert not any("toy_scale" in n for n, _ in plain.named_parameters())

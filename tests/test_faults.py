@@ -297,25 +297,31 @@ def test_eval_and_export_skip_a_damaged_checkpoint_for_the_newest_intact_one(fin
         assert json.loads((tmp_path / "hf" / "ftkit_task.json").read_text())["checkpoint"] == str(fallback.resolve())
 
 
-def test_checkpoints_from_before_manifests_are_read_and_resumed_unverified(finished, tmp_path, data_files):
+def reseal(step: Path) -> None:
+    """Rewrite a checkpoint's manifest to match its files as they now are (a change made on purpose)."""
+    files = {p.name: ckpt.fingerprint(p) for p in sorted(step.iterdir()) if p.name != ckpt.MANIFEST}
+    (step / ckpt.MANIFEST).write_text(json.dumps({"files": files}))
+
+
+def test_checkpoints_and_run_directories_of_an_earlier_layout_are_refused_in_one_line(finished, tmp_path):
     run_dir = copy_run(finished, tmp_path / "run")
-    (run_dir / rundir.MARKER).unlink()  # no mark: recognised by recipe.yaml beside checkpoints/
-    (run_dir / rundir.LOCK).unlink()
-    for step in ckpt.step_dirs(run_dir / "checkpoints"):
+    for step in ckpt.step_dirs(run_dir / "checkpoints"):  # as checkpoints were before manifests
         (step / ckpt.MANIFEST).unlink()
         state = json.loads((step / ckpt.TRAINER_STATE).read_text())
         del state["checkpoint_format"]
         (step / ckpt.TRAINER_STATE).write_text(json.dumps(state))
-    code, lines = cli("eval", run_dir, "--json")
-    assert code == 0 and len(lines) == 1, lines
-    # A truncated old checkpoint is still caught: the weights file's length is checked against its own header.
-    os.truncate(step_dir(run_dir, 12) / ckpt.WEIGHTS, 5000)
-    assert "weights.safetensors is truncated or damaged" in ckpt.verify(step_dir(run_dir, 12))
-    shutil.rmtree(step_dir(run_dir, 12))
-    code, lines = cli("train", run_dir, "--resume")
-    assert code == 0 and f"resuming {run_dir} from step 8" in lines, lines
-    assert_same_run(run_dir, finished)
-    assert (run_dir / rundir.MARKER).is_file()
+    refused = "written in checkpoint layout 1, which this version does not read (it reads layout 2)"
+    assert ckpt.verify(step_dir(run_dir, 12)) == refused
+    one_error_line(["eval", run_dir, "--checkpoint", step_dir(run_dir, 12)], refused)
+    step = step_dir(run_dir, 8)  # a layout named by a manifest-sealed trainer state
+    state = json.loads((step / ckpt.TRAINER_STATE).read_text())
+    (step / ckpt.TRAINER_STATE).write_text(json.dumps({**state, "checkpoint_format": 3}))
+    reseal(step)
+    assert ckpt.verify(step) == "written in checkpoint layout 3, which this version does not read (it reads layout 2)"
+    (run_dir / rundir.MARKER).unlink()  # as run directories were before run.json marked them
+    (run_dir / rundir.LOCK).unlink()
+    one_error_line(["train", run_dir, "--resume"], f"{run_dir} is laid out as runs were before run.json marked "
+                                                   f"them, a layout this version does not continue")
 
 
 def test_weights_that_give_a_non_finite_loss_are_reported_and_nan_is_written_as_null(finished, tmp_path):
@@ -323,10 +329,8 @@ def test_weights_that_give_a_non_finite_loss_are_reported_and_nan_is_written_as_
     step = ckpt.pointer(run_dir / "checkpoints", "best")
     weights = load_file(str(step / ckpt.WEIGHTS))
     weights["head.weight"] = torch.full_like(weights["head.weight"], float("nan"))
-    save_file(weights, str(step / ckpt.WEIGHTS))  # as a damaged checkpoint from before manifests would be
-    (step / ckpt.MANIFEST).unlink()
-    state = json.loads((step / ckpt.TRAINER_STATE).read_text())
-    (step / ckpt.TRAINER_STATE).write_text(json.dumps({**state, "checkpoint_format": 1}))
+    save_file(weights, str(step / ckpt.WEIGHTS))
+    reseal(step)  # intact as far as the manifest tells: the loss is what gives it away
     result = RUNNER.invoke(app, ["eval", str(run_dir), "--json"])
     assert result.exit_code == 1
     out, error = result.stdout.strip().splitlines(), result.stderr.strip().splitlines()

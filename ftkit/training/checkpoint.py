@@ -7,8 +7,8 @@ never a half-written one behind a pointer; a save that fails (a full disk) remov
 names the last intact checkpoint.
 
 Reading verifies (verify.py): `find` returns the newest checkpoint whose files match their manifest (a flipped bit,
-a truncated or deleted file is caught) and describes each damaged one it skipped. Checkpoints from before manifests existed are
-read unverified, after the checks their layout allows (the weights file's length against its own header).
+a truncated or deleted file is caught) and describes each damaged one it skipped; a checkpoint of another layout
+(`checkpoint_format` in trainer_state.json) is passed over with the reason.
 
 A checkpoint holds the tensors training changes (`weights.safetensors`), the method's state (`method.pt`,
 loaded with weights_only=True), and `trainer_state.json`: step, data position, best metric, RNG states.
@@ -39,6 +39,7 @@ from ftkit.safe_files import (
 from ftkit.training.metrics import to_json
 from ftkit.training.rundir import POINTERS, STEP
 from ftkit.training.verify import (
+    FORMAT,
     MANIFEST,
     METHOD_STATE,
     TRAINER_STATE,
@@ -46,9 +47,6 @@ from ftkit.training.verify import (
     fingerprint,
     verify,
 )
-
-FORMAT = 2  # trainer_state.json's checkpoint_format; 2: the checkpoint has a manifest (1: written before them)
-
 
 class DamagedCheckpoint(UserError):
     """A checkpoint whose files are not what was saved, or that cannot be read."""
@@ -169,11 +167,6 @@ def find(root: Path, prefer: str = "last", need_method: bool = False) -> tuple[P
 def resolve(root: Path, which: str = "last") -> Path | None:
     """The newest intact checkpoint (`which` "best": the best one when it is intact)."""
     return find(root, which)[0]
-
-
-def best_or_last(root: Path) -> Path | None:
-    """The checkpoint a finished run is judged by: the best dev metric's, else the newest intact one."""
-    return resolve(root, "best")
 
 
 def step_dirs(root: Path) -> list[Path]:

@@ -3,8 +3,8 @@
 - One writer: `claim` takes an exclusive lock (flock on `run.lock`, which records the holder's pid and host) that
   the run holds to its end; a second process is told who holds it. The kernel releases a flock when its process
   dies, so a lock that can be taken is free whatever the file says: a killed run's lock is taken over.
-- ftkit's own: a run starts only in a new or empty directory, or in a run directory (marked by `run.json`, or laid
-  out as one: recipe.yaml beside checkpoints/); it never writes into a folder of the user's.
+- ftkit's own: a run starts only in a new or empty directory, or in a run directory (marked by `run.json`); it
+  never writes into a folder of the user's.
 - No links: a symbolic link inside a run directory (in place of recipe.yaml, of a step directory, ...) is an error,
   never followed, written through or pruned. `checkpoints/last` and `best` are ftkit's own links and must name a
   step directory beside them. (The run directory itself may be a link: where the user keeps it is theirs.)
@@ -149,12 +149,14 @@ def claim(run_dir: Path, source: str | None, elsewhere: str) -> RunLock:
 
 
 def is_run_dir(run_dir: Path) -> bool:
-    """Marked as one, or laid out as runs were before the mark: recipe.yaml beside checkpoints/."""
-    return (run_dir / MARKER).is_file() or ((run_dir / RECIPE).is_file() and (run_dir / CHECKPOINTS).is_dir())
+    return (run_dir / MARKER).is_file()
 
 
 def refuse_foreign(run_dir: Path, elsewhere: str) -> None:
     entries = sorted(name for name in os.listdir(run_dir) if name != LOCK)
+    if entries and not is_run_dir(run_dir) and {RECIPE, CHECKPOINTS} <= set(entries):
+        raise RunDirError(f"{run_dir} is laid out as runs were before {MARKER} marked them, a layout this version "
+                          f"does not continue: {elsewhere}")
     if entries and not is_run_dir(run_dir):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise RunDirError(f"{run_dir} holds files ftkit did not write ({shown}); a run goes into a new or empty "

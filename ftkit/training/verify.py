@@ -1,9 +1,9 @@
 """What a checkpoint holds, and whether it still holds what was saved.
 
 `manifest.json`, written last, records the size and SHA-256 of every other file; `verify` compares them, then
-checks what a loader relies on: a trainer state with a step (and, to resume, a data position and random states),
-a weights file whose length is the one its own header describes, a method state the safe loader accepts.
-Checkpoints written before manifests get only the latter checks.
+checks what a loader relies on: a trainer state of this layout with a step (and, to resume, a data position and
+random states), a weights file whose length is the one its own header describes, a method state the safe loader
+accepts. A checkpoint of another layout is refused by name.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ WEIGHTS = "weights.safetensors"
 METHOD_STATE = "method.pt"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+FORMAT = 2  # trainer_state.json's checkpoint_format: the layout this version writes and reads
 
 
 def fingerprint(path: Path) -> dict:
@@ -44,6 +45,8 @@ def verify(step_dir: Path, need_method: bool = False) -> str | None:
         return "it does not exist"
     if not stat.S_ISDIR(info.st_mode):
         return "not a directory"
+    if not os.path.lexists(step_dir / MANIFEST):
+        return _older_layout(step_dir) or f"{MANIFEST} is missing (the save did not finish, or it was deleted)"
     problem = _check_manifest(step_dir)
     if problem is not None:
         return problem
@@ -56,11 +59,11 @@ def verify(step_dir: Path, need_method: bool = False) -> str | None:
     if not isinstance(state, dict) or not isinstance(state.get("loop"), dict) or not isinstance(
             state["loop"].get("step"), int):
         return f"{TRAINER_STATE} does not hold a trainer state"
+    if state.get("checkpoint_format") != FORMAT:
+        return _layout_refused(state.get("checkpoint_format"))
     if need_method and not all(isinstance(state.get(key), dict) for key in ("stream", "rng")):
         return (f"{TRAINER_STATE} holds no data position or random state to resume from"
                 + (" (ftkit replay rebuilds weights only)" if "replayed_from" in state else ""))
-    if state.get("checkpoint_format", 1) >= 2 and not os.path.lexists(step_dir / MANIFEST):
-        return f"{MANIFEST} is missing (the save did not finish, or it was deleted)"
     problem = _check_safetensors(step_dir / WEIGHTS)
     if problem is None and need_method:
         problem = _check_method_state(step_dir / METHOD_STATE)
@@ -68,12 +71,11 @@ def verify(step_dir: Path, need_method: bool = False) -> str | None:
 
 
 def _check_manifest(step_dir: Path) -> str | None:
-    """Every file the manifest lists has the size and SHA-256 it was saved with. No manifest: nothing to compare
-    (a checkpoint written before manifests; `verify` tells it from one whose manifest went missing)."""
+    """Every file the manifest lists has the size and SHA-256 it was saved with."""
     try:
         manifest = json.loads(read_bytes(step_dir / MANIFEST))
     except FileNotFoundError:
-        return None
+        return f"{MANIFEST} is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return f"{MANIFEST} is unreadable ({first_line(err)})"
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -84,6 +86,23 @@ def _check_manifest(step_dir: Path) -> str | None:
         if problem:
             return problem
     return None
+
+
+def _older_layout(step_dir: Path) -> str | None:
+    """Why a checkpoint without a manifest is refused, when its trainer state is of an earlier layout (which wrote
+    none, and named none or layout 1)."""
+    try:
+        state = json.loads(read_bytes(step_dir / TRAINER_STATE))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(state, dict) and isinstance(state.get("loop"), dict) and state.get("checkpoint_format") != FORMAT:
+        return _layout_refused(state.get("checkpoint_format"))
+    return None
+
+
+def _layout_refused(layout) -> str:
+    return (f"written in checkpoint layout {layout if layout is not None else 1}, which this version does not read "
+            f"(it reads layout {FORMAT})")
 
 
 def _check_file(step_dir: Path, name: str, expected) -> str | None:
