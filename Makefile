@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # QuZO on SmolLM2-135M in int4, training its norm scales; prints dev accuracy every 50 steps and test at the end
-# (about 6 minutes on 2 cores; the first run also converts the packaged model, about 20 s).
+# (a few minutes on 2 cores, timed in BENCHMARKS.md; the first run also converts the packaged model once).
 demo: install
 	rm -rf runs/demo
 	$(BIN)/ftkit train recipes/quzo_int4_sst2.yaml train.output_dir=runs/demo

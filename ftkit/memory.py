@@ -64,9 +64,9 @@ def reuse_freed_memory() -> None:
     """Fix glibc's thresholds at 4 MiB (mmap) and 64 MiB (trim), for training and evaluation.
 
     With 128 KiB thresholds every temporary of 128 KiB or more (a layer's dequantized weight, the int4 kernel's
-    buffers, a chunk of random numbers) was a mapping of its own, faulted in page by page and unmapped when freed:
-    an int4 forward of SmolLM2-135M took 1.9x as long and a full-parameter QuZO step 2-3x (BENCHMARKS.md,
-    "Zeroth-order step cost on SmolLM2-135M"). Blocks up to 4 MiB (a layer's temporaries in a model of that size)
+    buffers, a chunk of random numbers) was a mapping of its own, faulted in page by page and unmapped when freed,
+    which slowed int4 forwards and full-parameter QuZO steps severalfold (measured in BENCHMARKS.md, "Zeroth-order
+    step cost on SmolLM2-135M"). Blocks up to 4 MiB (a layer's temporaries in a model of that size)
     are now reused from the heap and at most 64 MiB of freed heap stays resident; larger tensors, 16 MiB chunks of
     random directions included, still get mappings of their own, returned when freed, so a step over a large tensor
     holds a few chunks, not copies (tests/test_zo.py). Fixed rather than glibc's moving default, so what stays

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-# After each parallel op torch's OpenMP threads spin-wait for the next one: 300,000 spins by default (libgomp),
-# which holds a core for milliseconds. A zeroth-order step draws random numbers on every core between the forward's
-# ops, and the spinning threads took those cores away from the drawing threads. 10,000 spins keep the forwards as
-# fast and give the cores back (BENCHMARKS.md, "Zeroth-order step cost on SmolLM2-135M").
+# After each parallel op torch's OpenMP threads spin-wait for the next one (libgomp's default spin count is
+# 300,000), holding their cores. A zeroth-order step draws random numbers on every core between the forward's ops,
+# and spinning threads take those cores from the drawing threads. A short spin keeps the forwards as fast and gives
+# the cores back (measured in BENCHMARKS.md, "Zeroth-order step cost on SmolLM2-135M").
 SPINCOUNT = "10000"
 
 

@@ -1,11 +1,12 @@
 """The recipe schema: typed dataclasses, one per section.
 
 Every key is a field here, with its type, default and help line (docs/recipe.md is generated from them), or in the
-options of a component: `method.adamw`, `method.sgd`, `method.zo`, `method.lora`, `method.loretta` belong to the
-optimizers and adapters that declare them (ftkit.components). `ftkit.recipe.load` checks a YAML file against these
-classes before anything heavy is imported; the names of the sections and keys are a contract that other tools rely
-on (see DESIGN.md). Keys marked `computes=False` decide how long, how often or where, not what is computed: a
-resumed run or a replay may differ in them.
+options of a component: `method.adamw`, `method.sgd`, `method.zo`, `method.lora`, `method.loretta` and
+`quant.bitsandbytes` belong to the optimizers, adapters and engines that declare them (ftkit.components).
+`ftkit.recipe.load` checks a YAML file against these classes before anything heavy is imported; the names of the
+sections and keys are a contract that other tools rely on (docs/recipe.md lists them; every run records its recipe
+in recipe.yaml, docs/runs.md). Keys marked `computes=False` decide how long, how often or where, not what is
+computed: a resumed run or a replay may differ in them.
 """
 
 from __future__ import annotations
