@@ -9,6 +9,9 @@ ftkit has five kinds of component, each a small declared object in a registry ke
     data.tasks.*.kind TaskKind   how a task's rows become examples, are encoded, scored, and which metrics it reports
 
 Shared code (the loop, model assembly, counting, export, evaluation, the CLI) asks the component, never its name.
+Components check their combinations with one another the same way: the recipe checks hand every validator the
+recipe's chosen format, engine, adapter and optimizer (`Chosen`), whose declared data it reads, so no declaration
+imports another registry.
 Declarations are torch-free, so the recipe loader can validate against them without importing any model code:
 behaviour that needs torch is named by import path (`Hook("ftkit.adapters.lora.layer:inject")`) and imported
 the first time it is called. A component defined in user code registers itself with `REGISTRY.register(...)` and
