@@ -103,7 +103,7 @@ class Directions:
     distribution: str = "gaussian"  # the kind's name in ftkit.optim.DIRECTIONS
 
     def __post_init__(self):
-        self.kind  # an unknown kind is refused here, not at the first step
+        direction_kind(self.distribution)  # an unknown kind is refused here, not at the first step
 
     @functools.cached_property
     def kind(self) -> DirectionKind:
