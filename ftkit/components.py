@@ -138,20 +138,33 @@ class Adapter:
 
 
 @dataclass(frozen=True)
+class ZerothOrderRules:
+    """What distinguishes one zeroth-order optimizer from another, as data the zeroth-order core reads."""
+
+    rounds_directions: bool  # directions stochastically rounded onto a perturb_bits grid, Q1 and Q2 (QuZO)
+    trains_low_bit: bool  # low-bit codes may train, their updates rounded onto the weight grid (QuZO)
+
+
+@dataclass(frozen=True)
 class Optimizer:
     name: str
     summary: str
     # build(model, recipe, world) -> a method with step(batch, lr), state_dict(), load_state_dict(), begin(), end()
     build: Callable
     section: Optional[Section] = None
-    # Estimates gradients from forward passes only (writes a trace that `ftkit replay` rebuilds weights from).
-    zeroth_order: bool = False
-    # Can train low-bit weights themselves (QuZO updates codes on their grid); else only full-precision tensors.
-    trains_low_bit: bool = False
+    # A zeroth-order method's rules (estimates gradients from forward passes only, writes a trace that `ftkit
+    # replay` rebuilds weights from); None for a first-order one.
+    zeroth_order: Optional[ZerothOrderRules] = None
     # prepare(model, recipe): decide what the method trains beyond parameters with requires_grad
     prepare: Optional[Callable] = None
     # validate(recipe, chosen, fail): combinations of this optimizer with the rest of the recipe
     validate: Callable[[Any, Chosen, Fail], None] = no_checks
+
+    @property
+    def trains_low_bit(self) -> bool:
+        """Can train low-bit weights themselves (QuZO updates codes on their grid); else only full-precision
+        tensors."""
+        return self.zeroth_order is not None and self.zeroth_order.trains_low_bit
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ changing two lines:
     trainer = ZOTrainer(model=model, args=args, train_dataset=..., method="quzo", eps=1e-3)   # was: Trainer(...)
 
 Each training step evaluates `compute_loss` (the model's loss on the batch, unless you override it) twice per query
-direction with autograd off and dropout off, and updates the weights (ftkit.optim.MeZO / QuZO: the same arithmetic
-and random streams as `ftkit train`). The optimizer's state is its step count, which the Trainer saves with every
+direction with autograd off and dropout off, and updates the weights (ftkit.optim.MeZO / QuZO: the same zeroth-order
+core as `ftkit train`). The optimizer's state is its step count, which the Trainer saves with every
 checkpoint: a resumed run continues bit-exactly. Gradient accumulation has no meaning here (set it to 1).
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from ftkit.optim.optimizers import MeZO, QuZO
+from ftkit.optim import OPTIMIZERS
+from ftkit.optim.optimizers import ZerothOrderOptimizer
 
 
 class _SteppedInTrainingStep(torch.optim.Optimizer):
@@ -44,17 +45,20 @@ class _SteppedInTrainingStep(torch.optim.Optimizer):
 
 
 class ZOTrainer(Trainer):
-    """A Trainer whose step is QuZO (`method="quzo"`, the default: low-bit codes and full-precision parameters alike)
-    or MeZO (`method="mezo"`, full-precision parameters). The rate, weight decay and seed come from the
-    TrainingArguments; `eps`, `n_queries`, `direction` and QuZO's `perturb_bits`, `independent_roundings`,
+    """A Trainer whose step is a zeroth-order optimizer of ftkit.optim.OPTIMIZERS: QuZO
+    (`method="quzo"`, the default: low-bit codes and full-precision parameters alike) or MeZO (`method="mezo"`,
+    full-precision parameters). The rate, weight decay and seed come from the TrainingArguments; `eps`, `n_queries`,
+    `direction` (a kind in ftkit.optim.DIRECTIONS) and QuZO's `perturb_bits`, `independent_roundings`,
     `update_rounding` are keyword arguments."""
 
     def __init__(self, *args, method: str = "quzo", eps: float = 1e-3, n_queries: int = 1, perturb_bits: int = 4,
                  independent_roundings: bool = True, update_rounding: str = "stochastic", direction: str = "gaussian",
                  **kwargs):
-        if method not in ("quzo", "mezo"):
-            raise ValueError(f"method must be 'quzo' or 'mezo', got {method!r}")
-        self.zo_options = {"method": method, "eps": eps, "n_queries": n_queries, "perturb_bits": perturb_bits,
+        zeroth_order = [o.name for o in OPTIMIZERS if o.zeroth_order]
+        if method not in zeroth_order:
+            raise ValueError(f"method must be a zeroth-order optimizer ({', '.join(zeroth_order)}), got {method!r}")
+        self.method = OPTIMIZERS[method]
+        self.zo_options = {"eps": eps, "n_queries": n_queries, "perturb_bits": perturb_bits,
                            "independent_roundings": independent_roundings, "update_rounding": update_rounding,
                            "direction": direction}
         self.zeroth_order = None
@@ -65,16 +69,9 @@ class ZOTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            options, target = self.zo_options, model or self.model
-            common = {"lr": self.args.learning_rate, "eps": options["eps"], "n_queries": options["n_queries"],
-                      "weight_decay": self.args.weight_decay, "seed": self.args.seed,
-                      "direction": options["direction"]}
-            if options["method"] == "mezo":
-                self.zeroth_order = MeZO(target, **common)
-            else:
-                self.zeroth_order = QuZO(target, perturb_bits=options["perturb_bits"],
-                                         independent_roundings=options["independent_roundings"],
-                                         update_rounding=options["update_rounding"], **common)
+            self.zeroth_order = ZerothOrderOptimizer(model or self.model, self.method, lr=self.args.learning_rate,
+                                                     weight_decay=self.args.weight_decay, seed=self.args.seed,
+                                                     **self.zo_options)
             self.optimizer = _SteppedInTrainingStep(self.zeroth_order)
         return self.optimizer
 

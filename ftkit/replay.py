@@ -41,11 +41,9 @@ def _replay(recipe: Recipe, trace_path: Path, out_dir: Path, device, allow_inexa
             json.JSONDecodeError) as err:
         raise UserError(f"cannot read trace {trace_path}: {err}") from None
     _check_recipe(recipe, header["recipe"], trace_path)
-    _check_sign_update_draw(recipe, header, trace_path)
     # The update arithmetic is elementwise, so a CPU replay does not depend on the thread count.
-    environment = header.get("environment")
-    check_environment(environment if isinstance(environment, dict) else None,
-                      f"cannot replay {trace_path} bit-exactly", allow_inexact, device, ignore=("threads",))
+    check_environment(header["environment"], f"cannot replay {trace_path} bit-exactly", allow_inexact, device,
+                      ignore=("threads",))
     held = rundir.claim(out_dir, recipe.source, "choose another -o directory")  # replays write one at a time
     try:
         if rundir.has_checkpoints(out_dir):
@@ -79,24 +77,6 @@ def _rebuild(recipe: Recipe, header: dict, records: list, initial: dict, trace_p
     step_dir = ckpt.save_checkpoint(out_dir / "checkpoints", steps, model, method, state, keep_last=1)
     return {"steps": steps, "checkpoint": str(step_dir), "trace_bytes": Path(trace_path).stat().st_size,
             "seconds": time.perf_counter() - started}
-
-
-def _check_sign_update_draw(recipe: Recipe, header: dict, trace_path: Path) -> None:
-    """A trace of full-parameter QuZO with random signs on int8 / int4 codes written before their updates were drawn
-    as the codes they move (ftkit.optim.sparse_update) drew other numbers: it cannot be replayed bit for bit."""
-    from ftkit.adapters import ADAPTERS
-    from ftkit.optim.zo_targets import SIGN_UPDATE_DRAW
-    from ftkit.quant import FORMATS
-    from ftkit.quant.codecs import IntCodec
-
-    method = recipe.method
-    drawn_as_moves = (method.optimizer == "quzo" and method.zo.direction == "rademacher"
-                      and isinstance(FORMATS[recipe.quant.format].grid(), IntCodec)  # as sparse_update.applies
-                      and ADAPTERS[method.adapter].trains_base)
-    if drawn_as_moves and header.get("sign_update_draw") != SIGN_UPDATE_DRAW:
-        raise UserError(f"the trace {trace_path} was written by an ftkit that drew the update of random signs on "
-                        f"{recipe.quant.format} codes with a uniform number per code; this one draws the codes it "
-                        f"moves (the same distribution, other numbers): replay it with the ftkit that wrote it")
 
 
 def _check_recipe(recipe: Recipe, traced: dict, trace_path: Path) -> None:

@@ -176,7 +176,7 @@ def test_process_count_mistakes_are_named(write_recipe, tmp_path):
         "optimizer": "mezo", "zo": {"n_queries": 3, "parallel": "queries"}}))
     with pytest.raises(UserError, match=r"method.zo.n_queries \(3\) must be a multiple of the number of processes "
                                         r"\(2\)"):
-        ZerothOrder(_model_of(tmp_path / "queries.yaml"), queries, "mezo", World(rank=0, size=2))
+        ZerothOrder(_model_of(tmp_path / "queries.yaml"), queries, World(rank=0, size=2))
 
 
 def test_sigterm_to_the_launcher_stops_both_processes_after_the_same_step_with_a_checkpoint(write_recipe, tmp_path):

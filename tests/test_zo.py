@@ -237,23 +237,21 @@ def test_the_sparse_update_keeps_probabilities_the_dense_rounding_noise_cannot_r
 
 
 def test_the_sparse_update_is_the_same_at_any_thread_count_with_kept_or_drawn_words_and_alone_or_together():
-    from ftkit.optim.zo_targets import KeptWords, update_sparse_targets
-
     def run(threads: int, keep: bool, together: bool) -> list[torch.Tensor]:
         layers = [int4_layer(256, 512, seed=0), int4_layer(192, 128, seed=1, group=32)]
         targets = [QuantTarget(f"w{i}", layer, i) for i, layer in enumerate(layers)]
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            kept = KeptWords()
+            step = SIGNS.begin_step()
             x = [torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)) for layer in layers]
             for target, inputs in zip(targets, x):
-                target.move(SIGNS, 21, 0.0, 1e-3, kept=kept if keep else None)
+                target.move(SIGNS, 21, 0.0, 1e-3, step if keep else None)
                 with torch.inference_mode():
                     target.layer(inputs)
             coef = [-0.05 * min(layer.scales.float().min().item() for layer in layers)]
             if together:
-                assert update_sparse_targets(targets, SIGNS, 8, [21], coef, 0.0, kept if keep else None) == []
+                assert (step if keep else SIGNS.begin_step()).update_together(targets, SIGNS, 8, [21], coef, 0.0) == []
             else:
                 for target in targets:
                     target.update(SIGNS, 8, [21], coef, restore=1e-3, decay=0.0)
@@ -270,18 +268,17 @@ def test_the_sparse_update_is_the_same_at_any_thread_count_with_kept_or_drawn_wo
 
 def test_kept_sign_words_perturb_a_quantized_layer_exactly_as_drawn_ones():
     from ftkit.optim.zo_streams import words_to_signs
-    from ftkit.optim.zo_targets import KeptWords
 
     layer = int4_layer(128, 256)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
-    target, outputs, kept = QuantTarget("w", layer, 0), [], KeptWords()
+    target, outputs, step = QuantTarget("w", layer, 0), [], SIGNS.begin_step()
     for to, keep in [(1e-3, False), (1e-3, True), (-1e-3, False), (-1e-3, True)]:
-        target.move(SIGNS, 4, 0.0, to, kept=kept if keep else None)
+        target.move(SIGNS, 4, 0.0, to, step if keep else None)
         with torch.inference_mode():
             outputs.append(layer(x))
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[2], outputs[3])
-    assert list(kept) == [(4, 0)]  # drawn once, by the first forward that needed them
-    words = kept[(4, 0)]
+    assert list(step.kept) == [(4, 0)]  # drawn once, by the first forward that needed them
+    words = step.kept[(4, 0)]
     for value in (1.0, 1e-3, -1e-3, -2.5):
         assert torch.equal(words_to_signs(words, 0, 1000, value), words_to_signs(words, 0, 1000) * value)
 
@@ -295,14 +292,18 @@ def test_updates_outside_the_sparse_case_take_the_general_path(monkeypatch):
     monkeypatch.setattr(sparse_update, "moves", lambda *a, **k: drawn.append(1) or [])
     layer = int4_layer(64, 128)
     small = 0.1 * layer.scales.float().min().item()
-    assert sparse_update.applies(layer, "rademacher", "stochastic", [small], 0.0)
-    for distribution, rounding, coefs, decay, fmt_layer in [
-            ("rademacher", "stochastic", [small, small], 0.0, layer),
-            ("rademacher", "stochastic", [small], 0.01, layer),
-            ("gaussian", "stochastic", [small], 0.0, layer), ("rademacher", "stochastic", [1e3], 0.0, layer),
-            ("rademacher", "stochastic", [3 * small], 0.0, layer),  # up to 0.3 x 64 = 19 moves a group: too many
-            ("rademacher", "stochastic", [small], 0.0, quant_layer("fp8_e4m3", 8, 16))]:
-        assert not sparse_update.applies(fmt_layer, distribution, rounding, coefs, decay)
+    assert sparse_update.applies(layer, "stochastic", [small], 0.0)
+    for rounding, coefs, decay, fmt_layer in [
+            ("stochastic", [small, small], 0.0, layer), ("stochastic", [small], 0.01, layer),
+            ("stochastic", [1e3], 0.0, layer),
+            ("stochastic", [3 * small], 0.0, layer),  # up to 0.3 x 64 = 19 moves a group: too many
+            ("stochastic", [small], 0.0, quant_layer("fp8_e4m3", 8, 16))]:
+        assert not sparse_update.applies(fmt_layer, rounding, coefs, decay)
+    gaussian_layer = int4_layer(64, 128)  # Gaussian directions never ask: the general path, a uniform per code
+    before = gaussian_layer.codes.clone()
+    QuantTarget("w", gaussian_layer, 0).update(QUZO, step_seed=1, query_seeds=[2], coefs=[small], restore=0.0,
+                                               decay=0.0)
+    assert not torch.equal(gaussian_layer.codes, before) and not drawn
     nearest = Directions(bits=4, independent=True, update_rounding="nearest", distribution="rademacher")
     before = layer.codes.clone()
     QuantTarget("w", layer, 0).update(nearest, step_seed=1, query_seeds=[2], coefs=[4 * small], restore=0.0,
@@ -310,7 +311,7 @@ def test_updates_outside_the_sparse_case_take_the_general_path(monkeypatch):
     assert torch.equal(layer.codes, before) and not drawn
     # the smallest scale is read once and kept until the scales change: larger scales, smaller moves, few enough
     layer.scales.mul_(4)
-    assert sparse_update.applies(layer, "rademacher", "stochastic", [3 * small], 0.0)
+    assert sparse_update.applies(layer, "stochastic", [3 * small], 0.0)
 
 
 def test_rounding_noise_does_not_depend_on_its_chunk_size_and_is_uniform():
@@ -472,23 +473,24 @@ def test_full_precision_tensors_move_a_chunk_at_a_time_with_the_bits_of_whole_te
                          ids=["one window", "windows of a tensor or two", "nothing kept", "some kept"])
 def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(monkeypatch, ahead, keep):
     """With random-sign directions the float targets' words are drawn ahead, a window of tensors at a time by every
-    thread (`with_sign_words`), and kept through the step within a bound: a MeZO step over tensors of assorted sizes
+    thread (`SignStep.pass_over`), and kept through the step within a bound: a MeZO step over tensors of assorted sizes
     (one larger than a chunk, which draws its own) moves every weight exactly as each tensor's own `signs` say, at
     one thread and at three, whatever is kept."""
-    from ftkit.optim import zo_streams, zo_targets
-    from ftkit.optim.zo import zeroth_order_step
+    from ftkit.optim import zo_streams
+    from ftkit.optim.core import zeroth_order_step
+    from ftkit.optim.directions import rademacher
     from ftkit.optim.zo_streams import U, sign_words, signs
 
     monkeypatch.setattr(zo_streams, "CHUNK_ELEMENTS", 4096)
-    monkeypatch.setattr(zo_targets, "AHEAD_ELEMENTS", ahead)
-    monkeypatch.setattr(zo_targets, "KEEP_BYTES", keep)
+    monkeypatch.setattr(rademacher, "AHEAD_ELEMENTS", ahead)
+    monkeypatch.setattr(rademacher, "KEEP_BYTES", keep)
     requested = []  # the tensors whose words are drawn ahead, each time
 
     def counted(requests):
         requested.extend(numel for numel, _ in requests)
         return sign_words(requests)
 
-    monkeypatch.setattr(zo_targets, "sign_words", counted)
+    monkeypatch.setattr(rademacher, "sign_words", counted)
     d = Directions(bits=0, independent=True, update_rounding="stochastic", distribution="rademacher")
     sizes = [7, 1500, 4096, 20_000, 33, 2900, 1]
     start = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes]
@@ -523,7 +525,7 @@ def test_sign_words_drawn_ahead_give_the_step_of_tensors_that_draw_their_own(mon
         u = signs(n, derive(query, i, U))
         expected = w.clone().add_(u, alpha=eps).add_(u, alpha=-2 * eps).add_(u, alpha=eps - lr * grad)
         assert torch.equal(results[0][i], expected) and torch.equal(results[1][i], expected), n
-    kept = zo_targets.KeptWords()
+    kept = rademacher.KeptWords()
     for i, n in enumerate((100, 300, 400)):
         kept.offer((1, i), torch.zeros(n, dtype=torch.int32))
     assert kept.nbytes <= keep and kept.nbytes == sum(w.nbytes for w in kept.values())
@@ -536,11 +538,12 @@ def test_several_queries_update_with_their_kept_sign_words(monkeypatch, keep):
     """With several queries a step, the update applies every query's direction: the earlier queries' words come
     from the step's kept ones (no draw of their own while they fit), and the weights are as each tensor's own
     `signs` say, in the step's order of operations."""
-    from ftkit.optim import zo_streams, zo_targets
-    from ftkit.optim.zo import zeroth_order_step
+    from ftkit.optim import zo_streams
+    from ftkit.optim.core import zeroth_order_step
+    from ftkit.optim.directions import rademacher
     from ftkit.optim.zo_streams import U, signs
 
-    monkeypatch.setattr(zo_targets, "KEEP_BYTES", keep)
+    monkeypatch.setattr(rademacher, "KEEP_BYTES", keep)
     own_draws = []  # sign directions drawn without words (a tensor drawing its own)
 
     def counted(numel, seed, device, words=None):
@@ -548,7 +551,7 @@ def test_several_queries_update_with_their_kept_sign_words(monkeypatch, keep):
             own_draws.append(numel)
         return zo_streams.sign_chunks(numel, seed, device, words)
 
-    monkeypatch.setattr(zo_targets, "sign_chunks", counted)
+    monkeypatch.setattr(rademacher, "sign_chunks", counted)
     d = Directions(bits=0, independent=True, update_rounding="stochastic", distribution="rademacher")
     sizes, eps, lr, grads = [300, 5, 1000], 1e-3, 0.1, [0.75, -0.5, 0.25]
     start = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes]
@@ -688,7 +691,7 @@ def test_replay_is_bit_identical_for_every_variant(write_recipe, tmp_path, optim
     recipe = zo_recipe(write_recipe, tmp_path, "run", optimizer, quant=quant, method={"zo": zo}, model=model,
                        train={"max_steps": 15, "lr": 1e-3})
     if model:
-        with pytest.warns(UserWarning, match="MeZO on bfloat16 weights"):
+        with pytest.warns(UserWarning, match="mezo on bfloat16 weights"):
             train(recipe)
     else:
         train(recipe)
@@ -720,18 +723,18 @@ def test_a_run_whose_updates_are_drawn_as_moves_replays_and_resumes_bit_for_bit(
     train(zo_recipe(write_recipe, tmp_path, "parts", **settings, train={"max_steps": 8, "save_every": 4, "lr": 1e-5}),
           resume=True)
     assert same_bits(end, weights(tmp_path / "parts"))
-    # A trace from before these updates were drawn as moves (its header without the mark) is refused, not replayed
-    # into other weights.
-    from ftkit.optim.trace import _header_size, header_bytes, read_trace
+    # A trace of an earlier layout (version 1 drew these updates with a uniform number per code) is refused in one
+    # line, not replayed into other weights.
+    from ftkit.optim.trace import VERSION, _header_size, header_bytes, read_trace
 
     trace = tmp_path / "full" / TRACE_FILE
     header, _ = read_trace(trace)
-    assert header.pop("sign_update_draw") == "moves"
+    assert header["version"] == VERSION == 2
     with open(trace, "rb") as f:
         records = trace.read_bytes()[_header_size(f):]
-    (tmp_path / "old.ftz").write_bytes(header_bytes(header) + records)
-    with pytest.raises(UserError, match="drew the update of random signs on int4 codes with a uniform number per "
-                                        "code; .* replay it with the ftkit that wrote it"):
+    (tmp_path / "old.ftz").write_bytes(header_bytes({**header, "version": 1}) + records)
+    with pytest.raises(UserError, match="old.ftz is a version 1 trace and this ftkit reads version 2: replay it with "
+                                        "the ftkit that wrote it"):
         replay(full, tmp_path / "old.ftz", tmp_path / "old")
 
 
@@ -815,6 +818,8 @@ def test_word_embeddings_are_frozen_for_zeroth_order_by_default(write_recipe, tm
     ({"method": {"optimizer": "mezo"}, "train": {"grad_clip": 1.0}}, "train.grad_clip: clips a backpropagated"),
     ({"method": {"optimizer": "quzo", "zo": {"eps": 0}}}, "method.zo.eps: must be positive"),
     ({"method": {"optimizer": "quzo", "zo": {"perturb_bits": 1}}}, "method.zo.perturb_bits"),
+    ({"method": {"optimizer": "mezo", "zo": {"direction": "sobol"}}},
+     "method.zo.direction: unknown direction 'sobol' (available: gaussian, rademacher)"),
     ({"method": {"optimizer": "quzo"}, "quant": {"format": "int4", "engine": "bitsandbytes"}},
      "bitsandbytes weights are frozen"),
     ({"method": {"optimizer": "quzo", "zo": {"update_round": "nearest"}}}, "did you mean 'method.zo.update_rounding'"),
@@ -833,13 +838,13 @@ def test_non_finite_loss_restores_the_weights_and_stops(write_recipe, tmp_path):
 
     task, tokenizer = load_task_data(recipe), load_tokenizer(recipe.model)
     model, _, _ = build_model(recipe, task, tokenizer)
-    method = ZerothOrder(model, recipe, "mezo")
+    method = ZerothOrder(model, recipe)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     calls = iter([1.0, math.nan])
     method._chunk_losses = lambda shard: [next(calls)]  # L+ finite, L- not
-    gradients, losses = method._run(method.step_seed(0), 1e-3, shard=Shard([], [0], num_chunks=1, total=1))
-    assert math.isnan(gradients[0]) and math.isnan(losses[0])
-    query_seed = derive(method.step_seed(0), 0)
+    metrics = method.step(Shard([], [0], num_chunks=1, total=1), 1e-3)
+    assert math.isnan(metrics["projected_grad"]) and math.isnan(metrics["loss"])
+    query_seed = derive(method.core.step_seed(0), 0)
     for target in method.targets:
         p = target.param.detach()
         u = method.directions.perturbation(query_seed, target.index, p.shape, p.device)
@@ -878,7 +883,7 @@ def test_zeroth_order_loss_over_micro_batches_is_the_batch_mean(write_recipe, tm
     found = []
     for size in (None, 5):
         model, _, _ = build_model(recipe, task, tokenizer)
-        method = ZerothOrder(model, recipe, "quzo")
+        method = ZerothOrder(model, recipe)
         found.append(method.step(micro_batches(features, size, tokenizer.pad_token_id), 0.0))
     assert found[1]["loss"] == pytest.approx(found[0]["loss"], rel=1e-6)
     # the projected gradient divides a loss difference by 2 eps: the losses' relative 1e-6 becomes this
@@ -899,7 +904,7 @@ def test_zeroth_order_moves_tensor_train_adapters_whose_layers_cache_their_matri
                                                                      "loretta": {"bottleneck": 8, "init": "paper"}})
     task, tokenizer = load_task_data(recipe, splits=("train",)), load_tokenizer(recipe.model)
     model, kind, _ = build_model(recipe, task, tokenizer)
-    method = ZerothOrder(model, recipe, "mezo")
+    method = ZerothOrder(model, recipe)
     batch = collate(encode(task.splits["train"][:8], tokenizer, kind, task, 32), tokenizer.pad_token_id)
     adapters = [t for t in method.targets if "loretta_" in t.name]
     with torch.inference_mode():

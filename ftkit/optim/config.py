@@ -4,9 +4,9 @@ optimizer checks of the recipe around it. Their behaviour is in first_order.py a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from ftkit.components import Hook, Optimizer, Section, option
+from ftkit.components import Hook, Optimizer, Registry, Section, ZerothOrderRules, option
 
 
 @dataclass
@@ -28,10 +28,10 @@ class ZOSpec:
 
     eps: float = option(1e-3, help="Perturbation scale: the loss is evaluated at w + eps u and w - eps u.")
     n_queries: int = option(1, help="Random directions averaged per step (two forward passes each).")
-    direction: Literal["gaussian", "rademacher"] = option(
-        "gaussian", help="Random directions: Gaussian, N(0, I) (MeZO, QuZO), or random signs +-1 (SPSA's): one "
-                         "random bit per element instead of a Gaussian, several times cheaper to draw, and already "
-                         "on QuZO's grid, so no rounding is drawn.")
+    direction: str = option(
+        "gaussian", help="Random directions, a kind in ftkit.optim.DIRECTIONS: gaussian, N(0, I) (MeZO, QuZO), or "
+                         "rademacher, random signs +-1 (SPSA's): one random bit per element instead of a Gaussian, "
+                         "several times cheaper to draw, and already on QuZO's grid, so no rounding is drawn.")
     perturb_bits: int = option(4, help="QuZO: directions are stochastically rounded onto a per-tensor grid of "
                                        "2^bits - 1 levels (0: unrounded).")
     independent_roundings: bool = option(True, help="QuZO: the perturbation and the update round the same Gaussian "
@@ -71,6 +71,9 @@ def _check_zo(zo: ZOSpec, recipe, chosen, fail) -> None:
         fail("method.zo.weight_decay", f"must be at least 0, got {zo.weight_decay}")
     if zo.perturb_bits != 0 and not 2 <= zo.perturb_bits <= 16:
         fail("method.zo.perturb_bits", f"must be 0 (unrounded directions) or 2..16, got {zo.perturb_bits}")
+    if zo.direction not in DIRECTIONS:
+        fail("method.zo.direction", f"unknown direction {zo.direction!r} (available: "
+                                    f"{', '.join(d.name for d in DIRECTIONS)})")
 
 
 def _check_zeroth_order(recipe, chosen, fail) -> None:
@@ -91,6 +94,26 @@ def _check_zeroth_order(recipe, chosen, fail) -> None:
              f"adapter (lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
 
 
+# --- zeroth-order estimators: what sets the optimizers apart, and the kinds of direction (read by ftkit.optim.core) ---
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A kind of random direction (method.zo.direction). `behaviour`: the kind itself, or a Hook to it, an
+    ftkit.optim.directions.DirectionKind (how it draws, perturbs, updates and what a trace records of it)."""
+
+    name: str
+    summary: str
+    behaviour: Any
+
+
+DIRECTIONS: Registry = Registry("method.zo.direction", [
+    Direction("gaussian", "N(0, I), one Gaussian per element",
+              Hook("ftkit.optim.directions.gaussian:GAUSSIAN")),
+    Direction("rademacher", "random signs +-1, one random bit per element, on every rounding grid",
+              Hook("ftkit.optim.directions.rademacher:RADEMACHER")),
+])
+
 ADAMW_SECTION = Section("adamw", AdamWSpec, _check_adamw)
 SGD_SECTION = Section("sgd", SGDSpec, _check_sgd)
 ZO_SECTION = Section("zo", ZOSpec, _check_zo)
@@ -100,9 +123,11 @@ ADAMW = Optimizer("adamw", "AdamW, backpropagation", build=Hook("ftkit.optim.fir
 SGD = Optimizer("sgd", "SGD with optional (Nesterov) momentum, backpropagation",
                 build=Hook("ftkit.optim.first_order:build_sgd"), section=SGD_SECTION)
 MEZO = Optimizer("mezo", "MeZO: zeroth-order SGD on full-precision tensors, two forward passes per query",
-                 build=Hook("ftkit.optim.zo:build_mezo"), section=ZO_SECTION, zeroth_order=True,
+                 build=Hook("ftkit.optim.zo:build_zeroth_order"), section=ZO_SECTION,
+                 zeroth_order=ZerothOrderRules(rounds_directions=False, trains_low_bit=False),
                  prepare=Hook("ftkit.optim.zo_targets:prepare_model"), validate=_check_zeroth_order)
 QUZO = Optimizer("quzo", "QuZO: zeroth-order on low-precision weights, quantized directions, stochastically "
-                         "rounded updates", build=Hook("ftkit.optim.zo:build_quzo"), section=ZO_SECTION,
-                 zeroth_order=True, trains_low_bit=True, prepare=Hook("ftkit.optim.zo_targets:prepare_model"),
+                         "rounded updates", build=Hook("ftkit.optim.zo:build_zeroth_order"), section=ZO_SECTION,
+                 zeroth_order=ZerothOrderRules(rounds_directions=True, trains_low_bit=True),
+                 prepare=Hook("ftkit.optim.zo_targets:prepare_model"),
                  validate=_check_zeroth_order)

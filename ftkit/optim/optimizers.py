@@ -1,7 +1,7 @@
 """MeZO and QuZO as PyTorch optimizers, for training scripts of your own: `step(closure)` evaluates the closure
-(the current batch's loss, without backward) twice per query direction and updates the weights, with the same
-random streams and arithmetic as `ftkit train` (ftkit.optim.zo.zeroth_order_step), so a run through either is
-bit-identical given the same model, batches and seed.
+(the current batch's loss, without backward) twice per query direction and updates the weights through the same
+zeroth-order core as `ftkit train` (ftkit.optim.core), so a run through either is bit-identical given the same model,
+batches and seed.
 
     model = ftkit.quantize(model, "int4", group_size=64)
     optimizer = ftkit.optim.QuZO(model, lr=1e-6, eps=1e-3)
@@ -16,37 +16,45 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ftkit.optim.trace import TraceWriter
-from ftkit.optim.zo import STEP_DOMAIN, zeroth_order_step
-from ftkit.optim.zo_streams import derive
-from ftkit.optim.zo_targets import Directions, FloatTarget, QuantTarget, zo_targets
+from ftkit.components import Optimizer
+from ftkit.optim.config import MEZO, QUZO
+from ftkit.optim.core import ZerothOrderCore, directions_for
+from ftkit.optim.zo_targets import FloatTarget, zo_targets
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
-    """What MeZO and QuZO share: targets, directions, the step count that seeds each step, the trace."""
+    """A zeroth-order optimizer of the given declaration (`ftkit.optim.OPTIMIZERS`, whose `zeroth_order` rules it follows) over a model or tensors.
+    `direction` names a kind in ftkit.optim.DIRECTIONS; `perturb_bits`, `independent_roundings` and
+    `update_rounding` are read where the rules round directions and train low-bit codes (QuZO)."""
 
-    def __init__(self, model_or_params, lr: float, eps: float, n_queries: int, weight_decay: float, seed: int,
-                 directions: Directions, trace: str | Path | None):
+    def __init__(self, model_or_params, method: Optimizer, lr: float = 1e-6, eps: float = 1e-3,
+                 n_queries: int = 1, weight_decay: float = 0.0, seed: int = 0, direction: str = "gaussian",
+                 perturb_bits: int = 4, independent_roundings: bool = True, update_rounding: str = "stochastic",
+                 trace: str | Path | None = None):
+        if update_rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"update_rounding must be 'stochastic' or 'nearest', got {update_rounding!r}")
+        if n_queries < 1 or eps <= 0 or lr < 0:
+            raise ValueError(f"need n_queries >= 1, eps > 0 and lr >= 0; got {n_queries}, {eps}, {lr}")
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
         if self.model is not None:
             targets = zo_targets(model_or_params)
         else:
             params = [p for p in model_or_params if p.requires_grad]
             targets = [FloatTarget(f"params[{i}]", p, i, decay=p.ndim >= 2) for i, p in enumerate(params)]
-        if not targets:
-            raise ValueError("nothing to train: no parameter requires grad and no quantized layer trains its codes")
-        if n_queries < 1 or eps <= 0 or lr < 0:
-            raise ValueError(f"need n_queries >= 1, eps > 0 and lr >= 0; got {n_queries}, {eps}, {lr}")
-        tensors = [t.param if isinstance(t, FloatTarget) else t.layer.codes for t in targets]
-        super().__init__(tensors, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
-        self.targets, self.directions, self.n_queries, self.seed = targets, directions, n_queries, seed
-        self.steps_done = 0
-        self.trace = None
+        directions = directions_for(method, direction, perturb_bits, independent_roundings, update_rounding)
+        self.core = ZerothOrderCore(targets, method, directions, eps, n_queries, weight_decay, seed)
+        super().__init__([t.tensor for t in targets], {"lr": lr, "eps": eps, "weight_decay": weight_decay})
         if trace is not None:
-            header = {"version": 1, "method": type(self).__name__.lower(), "n_queries": n_queries, "eps": eps,
-                      **directions.trace_fields(), "weight_decay": weight_decay, "seed": seed,
-                      "trained_elements": sum(t.numel for t in targets), "recipe": None, "initial_tensors": {}}
-            self.trace = TraceWriter(Path(trace), header)
+            self.core.begin(Path(trace), recipe=None, initial_tensors={})
+        self.last_projected_gradients: list[float] = []
+
+    @property
+    def targets(self) -> list:
+        return self.core.targets
+
+    @property
+    def steps_done(self) -> int:
+        return self.core.steps_done
 
     @torch.no_grad()
     def step(self, closure):
@@ -68,22 +76,18 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 module.training = training
 
     def _step(self, closure) -> float:
-        group = self.param_groups[0]
-        step_seed = derive(self.seed, STEP_DOMAIN, self.steps_done)
+        group, n_queries = self.param_groups[0], self.core.n_queries
 
         def evaluate(query: int) -> list[float]:
             with torch.inference_mode():
                 return [float(closure())]
 
         def combine(local: list[float]) -> list[tuple[float, float]]:
-            return [(local[2 * i], local[2 * i + 1]) for i in range(self.n_queries)]
+            return [(local[2 * i], local[2 * i + 1]) for i in range(n_queries)]
 
-        gradients, losses = zeroth_order_step(self.targets, self.directions, step_seed, group["lr"], group["eps"],
-                                              self.n_queries, group["weight_decay"], evaluate, combine)
-        self.steps_done += 1
-        if self.trace is not None:
-            self.trace.write(self.steps_done, step_seed, group["lr"], gradients, self.directions.streams)
-            self.trace.flush()
+        gradients, losses = self.core.step(group["lr"], evaluate, combine, eps=group["eps"],
+                                           weight_decay=group["weight_decay"])
+        self.core.flush()
         self.last_projected_gradients = gradients
         return sum(losses) / len(losses)
 
@@ -91,14 +95,14 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         """The torch state (rates, hyper-parameters) and the step count: all a resume needs, since every random
         number is a function of the seed and the step."""
         state = super().state_dict()
-        state["zeroth_order"] = {"steps_done": self.steps_done, "seed": self.seed}
+        state["zeroth_order"] = {"steps_done": self.core.steps_done, "seed": self.core.seed}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         ours = state_dict.pop("zeroth_order")
         super().load_state_dict(state_dict)
-        self.steps_done, self.seed = int(ours["steps_done"]), int(ours["seed"])
+        self.core.steps_done, self.core.seed = int(ours["steps_done"]), int(ours["seed"])
 
 
 class MeZO(ZerothOrderOptimizer):
@@ -109,11 +113,8 @@ class MeZO(ZerothOrderOptimizer):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1, weight_decay: float = 0.0,
                  seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None):
-        super().__init__(params, lr, eps, n_queries, weight_decay, seed,
-                         Directions(bits=0, independent=True, update_rounding="stochastic",
-                                    distribution=_distribution(direction)), trace)
-        if any(isinstance(t, QuantTarget) for t in self.targets):
-            raise ValueError("MeZO trains full-precision tensors; for quantized layers' own weights use QuZO")
+        super().__init__(params, MEZO, lr, eps, n_queries, weight_decay, seed, direction,
+                         trace=trace)
 
 
 class QuZO(ZerothOrderOptimizer):
@@ -127,14 +128,5 @@ class QuZO(ZerothOrderOptimizer):
     def __init__(self, model_or_params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1,
                  weight_decay: float = 0.0, seed: int = 0, perturb_bits: int = 4, independent_roundings: bool = True,
                  update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None):
-        if update_rounding not in ("stochastic", "nearest"):
-            raise ValueError(f"update_rounding must be 'stochastic' or 'nearest', got {update_rounding!r}")
-        super().__init__(model_or_params, lr, eps, n_queries, weight_decay, seed,
-                         Directions(bits=perturb_bits, independent=independent_roundings,
-                                    update_rounding=update_rounding, distribution=_distribution(direction)), trace)
-
-
-def _distribution(direction: str) -> str:
-    if direction not in ("gaussian", "rademacher"):
-        raise ValueError(f"direction must be 'gaussian' or 'rademacher', got {direction!r}")
-    return direction
+        super().__init__(model_or_params, QUZO, lr, eps, n_queries, weight_decay, seed,
+                         direction, perturb_bits, independent_roundings, update_rounding, trace)

@@ -40,10 +40,11 @@ from ftkit.quant.linear import step_codes_of
 MOST_MOVES_PER_GROUP = 16
 
 
-def applies(layer, distribution: str, rounding: str, coefs: list[float], decay: float) -> bool:
-    """Whether the update is one of random signs on an integer grid, one query and no decay, each move under a
-    grid step and few per group: the case drawn here (everything else takes the general path)."""
-    if distribution != "rademacher" or len(coefs) != 1 or decay or not isinstance(layer.codec, IntCodec):
+def applies(layer, rounding: str, coefs: list[float], decay: float) -> bool:
+    """Whether an update along random signs (the only directions that ask) is one on an integer grid, one query
+    and no decay, each move under a grid step and few per group: the case drawn here (everything else takes the
+    general path)."""
+    if len(coefs) != 1 or decay or not isinstance(layer.codec, IntCodec):
         return False
     largest = abs(coefs[0]) / smallest_scale(layer)
     if rounding == "nearest":

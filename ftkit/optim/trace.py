@@ -3,8 +3,9 @@ weights from the base model without a forward pass (`ftkit replay`).
 
 Layout: the magic b"FTKZOTR1", a little-endian uint32 header length, a UTF-8 JSON header, then one fixed-size
 record per step: step (uint32), step seed (uint64), learning rate (float64), the n projected gradients (float64)
-and the rounding stream ids of Q1, Q2 and the update (3 x uint8). The header holds the method's settings and the
-step-0 values of tensors a forward pass computed (the prototype head), base64-encoded, so replay needs none.
+and the rounding stream ids of Q1, Q2 and the update (3 x uint8). The header holds the layout's `version`, the
+method's settings (ftkit.optim.core) and the step-0 values of tensors a forward pass computed (the prototype head),
+base64-encoded, so replay needs none. A header of another version is refused, not read into other weights.
 
 Records are appended as steps finish and flushed with every checkpoint; a resumed run truncates the file to its
 checkpoint's step, so the trace always describes exactly the weights of the run's latest step.
@@ -23,6 +24,7 @@ import torch
 from ftkit.safe_files import open_file, read_bytes
 
 MAGIC = b"FTKZOTR1"
+VERSION = 2  # of the header's layout and of how the recorded steps draw their numbers
 
 
 def record_format(n_queries: int) -> struct.Struct:
@@ -55,7 +57,12 @@ class TraceWriter:
                 raise ValueError(f"{self.path} is missing")
             self.file = open_file(self.path, "r+b")
             try:
-                keep = _header_size(self.file) + resume_step * self.record.size
+                start = _header_size(self.file)
+                keep = start + resume_step * self.record.size
+                self.file.seek(len(MAGIC) + 4)
+                written = json.loads(self.file.read(start - len(MAGIC) - 4))
+                if not isinstance(written, dict) or written.get("version") != VERSION:
+                    raise ValueError(f"{self.path} is not a version {VERSION} trace, the version this ftkit writes")
                 if os.fstat(self.file.fileno()).st_size < keep:
                     raise ValueError(f"{self.path} holds fewer than the checkpoint's {resume_step} steps")
             except ValueError:
@@ -93,7 +100,7 @@ def _header_size(f) -> int:
 
 
 # Header keys replay reads, and their types.
-HEADER_KEYS = {"n_queries": int, "num_classes": int, "recipe": dict, "initial_tensors": dict}
+HEADER_KEYS = {"n_queries": int, "num_classes": int, "recipe": dict, "initial_tensors": dict, "environment": dict}
 
 
 def read_trace(path: Path) -> tuple[dict, list[dict]]:
@@ -111,6 +118,9 @@ def read_trace(path: Path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path}: the header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the header is not a JSON object")
+    if header.get("version") != VERSION:
+        raise ValueError(f"{path} is a version {header.get('version')} trace and this ftkit reads version {VERSION}: "
+                         f"replay it with the ftkit that wrote it")
     for key, kind in HEADER_KEYS.items():
         if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
             raise ValueError(f"{path}: the header's {key} is missing or not a {kind.__name__}")

@@ -202,9 +202,9 @@ def stream_words(requests: list[tuple[int, int]], device="cpu") -> list[torch.Te
 
     On the CPU, drawn by every thread of the pool at once, each thread a run of whole requests of about equal size.
     A tensor of a model like SmolLM2-135M needs less than one block of words (55,296 signs' words for a 1536 x 576
-    matrix, about 0.1 ms), which one core draws, and handing tensors to the pool one at a time costs about as much
-    as their draws, so each thread takes a run of them. The same numbers at any thread count. On a GPU, each
-    request's words come from one draw of its stream's generator."""
+    matrix), which one core draws quickly, and handing tensors to the pool one at a time costs about as much as
+    their draws (BENCHMARKS.md has the step times), so each thread takes a run of them. The same numbers at any
+    thread count. On a GPU, each request's words come from one draw of its stream's generator."""
     if torch.device(device).type != "cpu":
         return [torch.empty(count, dtype=torch.int32, device=device).random_(generator=generator(seed, device))
                 for count, seed in requests]
