@@ -7,8 +7,8 @@ three passes) and update low-bit tensors its own way; the defaults keep nothing 
 targets (ftkit.optim.zo_targets).
 
 `Directions` is a kind with the rounding the optimizer asks for (its declaration's `zeroth_order`, a
-ftkit.components.ZerothOrderRules): u1 = Q1(u) for the perturbation and u2 = Q2(u) for the update, two stochastic roundings onto a `perturb_bits` grid with
-independent random bits (bits 0: u1 = u2 = u). A kind whose directions already lie on every such grid (`on_grid`,
+ftkit.components.ZerothOrderRules): u1 = Q1(u) for the perturbation and u2 = Q2(u) for the update, two stochastic
+roundings onto a `perturb_bits` grid with independent random bits (bits 0: u1 = u2 = u). A kind whose directions already lie on every such grid (`on_grid`,
 random signs) is never rounded: stochastic rounding would return it unchanged.
 """
 
