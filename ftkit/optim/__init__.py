@@ -4,8 +4,8 @@ around a run; the loop knows nothing else of it.
 
 `MeZO` and `QuZO` are the same zeroth-order methods as PyTorch optimizers (`step(closure)`) for training scripts of
 your own (ftkit.optim.optimizers); they are imported, with torch, when first used. Zeroth-order optimizers are set
-apart by the rules they declare (`Optimizer.zeroth_order`) and draw directions of a kind in `DIRECTIONS` (docs/components.md: adding a
-zeroth-order estimator)."""
+apart by the rules they declare (`Optimizer.zeroth_order`) and draw directions of a kind in `DIRECTIONS`
+(docs/components.md: adding a zeroth-order estimator)."""
 
 from ftkit.components import Hook, Registry
 from ftkit.optim.config import ADAMW, DIRECTIONS, MEZO, QUZO, SGD

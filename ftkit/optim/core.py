@@ -41,7 +41,8 @@ class ZerothOrderError(UserError, ValueError):
 def directions_for(method: Optimizer, direction: str, perturb_bits: int, independent_roundings: bool,
                    update_rounding: str) -> Directions:
     """The direction source a method's rules ask for: rounded directions only where they round them."""
-    return Directions(bits=perturb_bits if method.zeroth_order.rounds_directions else 0, independent=independent_roundings,
+    bits = perturb_bits if method.zeroth_order.rounds_directions else 0
+    return Directions(bits=bits, independent=independent_roundings,
                       update_rounding=update_rounding, distribution=direction)
 
 

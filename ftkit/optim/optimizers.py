@@ -23,9 +23,10 @@ from ftkit.optim.zo_targets import FloatTarget, zo_targets
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
-    """A zeroth-order optimizer of the given declaration (`ftkit.optim.OPTIMIZERS`, whose `zeroth_order` rules it follows) over a model or tensors.
-    `direction` names a kind in ftkit.optim.DIRECTIONS; `perturb_bits`, `independent_roundings` and
-    `update_rounding` are read where the rules round directions and train low-bit codes (QuZO)."""
+    """A zeroth-order optimizer of the given declaration (`ftkit.optim.OPTIMIZERS`, whose `zeroth_order` rules it
+    follows) over a model or tensors. `direction` names a kind in ftkit.optim.DIRECTIONS; `perturb_bits`,
+    `independent_roundings` and `update_rounding` are read where the rules round directions and train low-bit codes
+    (QuZO)."""
 
     def __init__(self, model_or_params, method: Optimizer, lr: float = 1e-6, eps: float = 1e-3,
                  n_queries: int = 1, weight_decay: float = 0.0, seed: int = 0, direction: str = "gaussian",

@@ -8,8 +8,9 @@ targets (ftkit.optim.zo_targets).
 
 `Directions` is a kind with the rounding the optimizer asks for (its declaration's `zeroth_order`, a
 ftkit.components.ZerothOrderRules): u1 = Q1(u) for the perturbation and u2 = Q2(u) for the update, two stochastic
-roundings onto a `perturb_bits` grid with independent random bits (bits 0: u1 = u2 = u). A kind whose directions already lie on every such grid (`on_grid`,
-random signs) is never rounded: stochastic rounding would return it unchanged.
+roundings onto a `perturb_bits` grid with independent random bits (bits 0: u1 = u2 = u). A kind whose directions
+already lie on every such grid (`on_grid`, random signs) is never rounded: stochastic rounding would return it
+unchanged.
 """
 
 from __future__ import annotations
