@@ -27,6 +27,8 @@ from ftkit.recipe import Recipe
 
 @dataclass
 class Run:
+    """A recipe's parts, as build_run makes them; the model and method are the ones training steps."""
+
     recipe: Recipe
     task: TaskData | None  # None where the model was built without data (replay: the trace gives the head's size)
     tokenizer: Any
