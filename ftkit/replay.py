@@ -14,7 +14,6 @@ import yaml
 
 from ftkit.devices import deterministic, resolve_device
 from ftkit.errors import UserError
-from ftkit.optim import OPTIMIZERS
 from ftkit.optim.trace import decode_tensor, read_trace
 from ftkit.recipe import Recipe, recipe_to_dict
 from ftkit.recipe.compare import computing_differences
@@ -22,6 +21,7 @@ from ftkit.safe_files import write_atomic
 from ftkit.training import checkpoint as ckpt
 from ftkit.training import rundir
 from ftkit.training.environment import check_environment, using_threads
+from ftkit.training.setup import build_method, build_run
 
 
 def replay(recipe: Recipe, trace_path: Path, out_dir: Path, allow_inexact: bool = False) -> dict:
@@ -55,26 +55,22 @@ def _replay(recipe: Recipe, trace_path: Path, out_dir: Path, device, allow_inexa
 
 def _rebuild(recipe: Recipe, header: dict, records: list, initial: dict, trace_path: Path, out_dir: Path, device,
              started: float) -> dict:
-    from ftkit.models.build import assemble_model
-    from ftkit.models.load import load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.model)
-    model, _ = assemble_model(recipe, tokenizer, header["num_classes"], device=device)
-    params = dict(model.named_parameters())
+    run = build_run(recipe, device, num_classes=header["num_classes"])  # the data-free model, as training began
+    params = dict(run.model.named_parameters())
     with torch.no_grad():
         for name, tensor in initial.items():
             if name not in params or params[name].shape != tensor.shape:
                 raise UserError(f"cannot replay {trace_path}: its initial tensor {name} does not fit this recipe's "
                                 f"model")
             params[name].copy_(tensor)
-    method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe)
+    method = build_method(run)  # after the initial tensors are in place, as in training
     for record in records:
         method.replay_step(record["seed"], record["lr"], record["gradients"])
     steps = records[-1]["step"] if records else 0
     write_atomic(out_dir / rundir.RECIPE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     state = {"loop": {"step": steps, "best_metric": None, "best_step": None, "dev_at_start": None},
              "replayed_from": str(trace_path), "recipe_source": recipe.source}
-    step_dir = ckpt.save_checkpoint(out_dir / "checkpoints", steps, model, method, state, keep_last=1)
+    step_dir = ckpt.save_checkpoint(out_dir / "checkpoints", steps, run.model, method, state, keep_last=1)
     return {"steps": steps, "checkpoint": str(step_dir), "trace_bytes": Path(trace_path).stat().st_size,
             "seconds": time.perf_counter() - started}
 

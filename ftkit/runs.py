@@ -54,6 +54,7 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
     from ftkit.data.dataset import load_task_data
     from ftkit.devices import deterministic, resolve_device
     from ftkit.training.environment import using_threads
+    from ftkit.training.setup import build_run
 
     if split not in ("dev", "test"):
         raise UserError(f"--split must be dev or test, got {split!r}")
@@ -75,30 +76,23 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
         raise UserError(f"task {task.name} has no {split} split here (found: {', '.join(task.splits)})")
     placed = resolve_device(device)
     with using_threads(recipe.train.threads), deterministic(placed):  # as fast as the run trained
-        return _evaluate(recipe, task, split, step_dir, ptq, target, placed)
+        run = build_run(recipe, placed, task=task)
+        return _evaluate(run, split, step_dir, ptq, target)
 
 
-def _evaluate(recipe: Recipe, task, split: str, step_dir, ptq, target: Path, device) -> dict:
-    from ftkit.data.batches import encode
-    from ftkit.eval import evaluate
-    from ftkit.models.build import build_model
-    from ftkit.models.load import load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.model)
-    model, kind, _ = build_model(recipe, task, tokenizer, device)
+def _evaluate(run, split: str, step_dir: Path | None, ptq, target: Path) -> dict:
+    """The run's model with `step_dir`'s weights (else untrained), quantized by `ptq` when given, on `split`."""
     if step_dir is not None:
-        ckpt.load_checkpoint(Path(step_dir), model)
+        ckpt.load_checkpoint(Path(step_dir), run.model)
     if ptq is not None:
         from ftkit.quant.convert import quantize_model
 
-        model = quantize_model(model, ptq)
-    features = encode(task.splits[split], tokenizer, kind, task, recipe.data.max_seq_len)
-    metrics = evaluate(model, features, task.spec.kind, recipe.train.eval_batch_size, tokenizer.pad_token_id,
-                       len(task.labels), tokenizer)
+        run.model = quantize_model(run.model, ptq)
+    metrics = run.evaluate(split)
     source = str(Path(step_dir).resolve()) if step_dir is not None else f"{target} (untrained)"
     if ptq is not None:
         source += f" + {ptq.format} post-training quantization"
-    return {"task": task.name, "kind": task.spec.kind, "split": split, "source": source, **metrics}
+    return {"task": run.task.name, "kind": run.task.spec.kind, "split": split, "source": source, **metrics}
 
 
 def _ptq_spec(recipe: Recipe, overrides: list[str]):
@@ -129,9 +123,7 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
     The directory is written beside `out_dir` under a temporary name and renamed into place whole, so an export
     that fails (a full disk) leaves nothing, and of two exports to the same place one wins and the other says so."""
     from ftkit.adapters import ADAPTERS
-    from ftkit.data.dataset import load_task_data
-    from ftkit.models.build import build_model
-    from ftkit.models.load import load_tokenizer
+    from ftkit.training.setup import build_run
 
     recipe = load_run_recipe(run_dir)
     adapter = ADAPTERS[recipe.method.adapter]
@@ -140,16 +132,14 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
                         f"update); export without --merge to keep them as their own tensors")
     step_dir = checkpoint_to_use(run_dir, checkpoint, warn)
     _check_export_target(out_dir)
-    task = load_task_data(recipe, splits=("train",))
-    tokenizer = load_tokenizer(recipe.model)
-    model, kind, _ = build_model(recipe, task, tokenizer)
-    ckpt.load_checkpoint(Path(step_dir), model)
-    adapters = adapter.unwrap(model.backbone, merge) if adapter.unwrap is not None else {}
+    run = build_run(recipe, splits=("train",))
+    ckpt.load_checkpoint(Path(step_dir), run.model)
+    adapters = adapter.unwrap(run.model.backbone, merge) if adapter.unwrap is not None else {}
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     try:
         remove(staging)
         staging.mkdir(parents=True)
-        _write_export(staging, model, kind, tokenizer, adapters, task, step_dir, recipe, merge)
+        _write_export(staging, run, adapters, step_dir, merge)
         os.rename(staging, out_dir)  # onto nothing or an empty directory; fails if another export got there first
     except Exception as error:
         remove(staging)
@@ -169,15 +159,15 @@ def _check_export_target(out_dir: Path) -> None:
         raise UserError(f"{out_dir} exists and is not an empty directory; choose another -o")
 
 
-def _write_export(out_dir: Path, model, kind: str, tokenizer, adapters: dict, task, step_dir, recipe: Recipe,
-                  merge: bool) -> None:
+def _write_export(out_dir: Path, run, adapters: dict, step_dir: Path, merge: bool) -> None:
     import json
 
     from safetensors.torch import save_file
 
     from ftkit.quant.io import export_hf
 
-    export_hf(model.backbone, tokenizer, out_dir)
+    model, kind, task = run.model, run.kind, run.task
+    export_hf(model.backbone, run.tokenizer, out_dir)
     if adapters:
         save_file(adapters, str(out_dir / "ftkit_adapter.safetensors"))
     if kind == "encoder":
@@ -188,4 +178,4 @@ def _write_export(out_dir: Path, model, kind: str, tokenizer, adapters: dict, ta
     (out_dir / "ftkit_task.json").write_text(json.dumps(
         {"task": task.name, "kind": kind, "labels": task.labels, "label_words": task.label_words,
          "pooling": "mean" if kind == "encoder" else None, "checkpoint": str(Path(step_dir).resolve()),
-         "adapter": recipe.method.adapter, "merged": merge, "recipe": recipe_to_dict(recipe)}, indent=2))
+         "adapter": run.recipe.method.adapter, "merged": merge, "recipe": recipe_to_dict(run.recipe)}, indent=2))

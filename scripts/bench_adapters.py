@@ -9,18 +9,14 @@ gives median times and ratios to the model without adapters. LoRETTA_rep is time
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from datetime import datetime, timezone
 
 import torch
+from _common import round_robin_medians, utc_stamp
 
 from ftkit.adapters.loretta_rep.layer import LorettaRepLinear
 from ftkit.data.batches import collate, encode
-from ftkit.data.dataset import load_task_data
-from ftkit.models.build import build_model
-from ftkit.models.load import load_tokenizer
 from ftkit.recipe import recipe_from_dict
+from ftkit.training.setup import build_run
 
 CASES = [("MiniLM, no adapter", "none", {}), ("LoRETTA_adp (bottleneck 64, rank 5)", "loretta_adp", {}),
          ("LoRETTA_rep (r 8, rank 3), unmerged", "loretta_rep", {"tensor_rank": 3}),
@@ -38,34 +34,23 @@ def main() -> None:
         merge = options.pop("merge", False)
         recipe = recipe_from_dict({"method": {"adapter": adapter, "loretta": {"init": "paper", **options}},
                                    "data": {"n_train": 600, "n_dev": None, "calibration_examples": 64}})
-        task = load_task_data(recipe, splits=("train", "dev"))
-        tokenizer = load_tokenizer(recipe.model)
-        model, kind, _ = build_model(recipe, task, tokenizer)
+        run = build_run(recipe, splits=("train", "dev"))
         if merge:
-            for module in model.modules():
+            for module in run.model.modules():
                 if isinstance(module, LorettaRepLinear):
                     module.merge()
         if batch is None:
-            dev = task.splits["dev"][: args.batch]
-            batch = collate(encode(dev, tokenizer, kind, task, 64), tokenizer.pad_token_id)
-        models.append((label, model.eval()))
-    times = {label: [] for label, _ in models}
-    with torch.inference_mode():
-        for _ in range(3):
-            for _, model in models:
-                model(batch)
-        for _ in range(args.repeats):
-            for label, model in models:
-                start = time.perf_counter()
-                model(batch)
-                times[label].append(time.perf_counter() - start)
-    base = statistics.median(times[models[0][0]])
-    print(f"_Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.get_num_threads()} threads: "
+            dev = run.task.splits["dev"][: args.batch]
+            batch = collate(encode(dev, run.tokenizer, run.kind, run.task, 64), run.pad_id)
+        models.append((label, run.model.eval()))
+    medians = round_robin_medians([(label, lambda model=model: model(batch)) for label, model in models],
+                                  args.repeats, warmup=3)
+    base = medians[0][1]
+    print(f"_Measured {utc_stamp()}, {torch.get_num_threads()} threads: "
           f"`python scripts/bench_adapters.py --batch {args.batch} --repeats {args.repeats}` "
           f"(batch of {tuple(batch['input_ids'].shape)} tokens)._\n")
     print("| model | forward ms (median) | ratio to no adapter |\n| --- | --- | --- |")
-    for label, _ in models:
-        median = statistics.median(times[label])
+    for label, median in medians:
         print(f"| {label} | {1000 * median:.1f} | {median / base:.3f} |")
 
 

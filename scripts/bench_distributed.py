@@ -27,18 +27,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_quant import OPT_125M
+from _common import OPT_125M
 from torch.nn.parallel import DistributedDataParallel
 
 from ftkit.data.batches import encode, shard
-from ftkit.data.dataset import load_task_data
 from ftkit.distributed import close_world, init_world
-from ftkit.models.build import build_model
 from ftkit.models.count import trainable_numel
-from ftkit.models.load import load_tokenizer
-from ftkit.optim import OPTIMIZERS
 from ftkit.recipe import recipe_from_dict
 from ftkit.training.loop import chunk_size_for
+from ftkit.training.setup import build_run
 
 MINILM = {"head_init": "prototype"}
 OPT = {"name": "minilm", "config": dict(OPT_125M), "weights": "random", "head_init": "random"}
@@ -68,14 +65,12 @@ def worker(shape: str, case: str, steps: int, threads: int, out: Path) -> None:
     recipe = recipe_from_dict({"model": model_spec, "method": method_spec, "quant": quant,
                                "data": {"n_train": 512, "n_dev": None, "calibration_examples": 64},
                                "train": {"batch_size": batch_size, "lr": 1e-6}})
-    task = load_task_data(recipe, splits=("train",))
-    tokenizer = load_tokenizer(recipe.model)
-    model, kind, _ = build_model(recipe, task, tokenizer)
-    method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe, world=world)
+    run = build_run(recipe, splits=("train",), method=True, world=world)
+    model, method, task, tokenizer = run.model, run.method, run.task, run.tokenizer
     ddp = {"bytes": 0}
     if isinstance(getattr(method, "forward", None), DistributedDataParallel):
         method.forward.register_comm_hook(ddp, _counting_allreduce)
-    features = encode(task.splits["train"][: batch_size * (steps + 1)], tokenizer, kind, task, seq_len)
+    features = encode(task.splits["train"][: batch_size * (steps + 1)], tokenizer, run.kind, task, seq_len)
     chunk_size = chunk_size_for(recipe, world, method.shards_data)
     times, counted = [], None
     for s in range(steps + 1):

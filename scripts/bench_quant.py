@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 import psutil
 import torch
 import torch.nn as nn
+from _common import LLAMA_2_7B, OPT_125M, round_robin_medians, utc_stamp
 
 from ftkit.memory import peak_rss_mb
 from ftkit.models.load import load_backbone
 from ftkit.quant.linear import QuantLinear
 from ftkit.recipe.schema import ModelSpec, QuantSpec
-
-OPT_125M = {"model_type": "opt", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-            "ffn_dim": 3072, "word_embed_proj_dim": 768, "max_position_embeddings": 2048, "vocab_size": 50272}
-LLAMA_2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
 
 # (label, format, group size, kernel); None format is the fp32 nn.Linear reference.
 LINEAR_CASES = [
@@ -60,30 +54,6 @@ GPU_LINEAR_CASES = [
     ("fp8_e4m3 per-channel, _scaled_mm (e4m3 activations)", "fp8_e4m3", 0, "scaled_mm"),
     ("fp8_e5m2 per-channel, _scaled_mm (e4m3 activations)", "fp8_e5m2", 0, "scaled_mm"),
 ]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def round_robin_medians(cases: list[tuple[str, object]], repeats: int, warmup: int = 2,
-                        device: torch.device = torch.device("cpu")) -> list[tuple[str, float]]:
-    """Median time of each case's call, timing the cases in turn so machine noise falls on all of them alike (the
-    device synchronised around each call, so a GPU's queued work is timed too)."""
-    times = {label: [] for label, _ in cases}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for _, call in cases:
-                call()
-        for _ in range(repeats):
-            for label, call in cases:
-                synchronize(device)
-                start = time.perf_counter()
-                call()
-                synchronize(device)
-                times[label].append(time.perf_counter() - start)
-    return [(label, statistics.median(times[label])) for label, _ in cases]
 
 
 def bench_linear(repeats: int, device: torch.device = torch.device("cpu"), rows: int = 64) -> list[tuple[str, float]]:
@@ -179,7 +149,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(memory_child(args.child[0], args.child[1], int(args.child[2]))))
         return
-    print(f"_Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+    print(f"_Measured {utc_stamp()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, `python scripts/bench_quant.py {' '.join(sys.argv[1:])}`._\n")
     sections = set(args.sections.split(","))
     if "bytes" in sections:

@@ -34,10 +34,10 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
+from _common import utc_stamp
 
 from ftkit.openmp import shorten_openmp_spin
 
@@ -46,18 +46,15 @@ shorten_openmp_spin()
 import torch
 
 from ftkit.data.batches import TrainStream, collate, encode
-from ftkit.data.dataset import load_task_data
 from ftkit.memory import (
     peak_rss_mb,
     return_freed_memory_to_the_system,
     reuse_freed_memory,
 )
-from ftkit.models.build import build_model
 from ftkit.models.count import trainable_numel
-from ftkit.models.load import load_tokenizer
-from ftkit.optim import OPTIMIZERS
 from ftkit.optim.zo_streams import gaussian, signs
 from ftkit.recipe import recipe_from_dict
+from ftkit.training.setup import build_run
 
 CASES = {
     "MeZO fp32, all weights but word embeddings": ({"optimizer": "mezo"}, {}, 1e-6),
@@ -94,17 +91,15 @@ def build(case: str, table: dict, batch_size: int, model_name: str = "minilm", c
                                "data": {"n_train": 1000 if causal else 512, "n_dev": None, "calibration_examples": 64,
                                         "max_seq_len": 128 if causal else 64},
                                "train": {"batch_size": batch_size}})
-    task = load_task_data(recipe, splits=("train",))
-    tokenizer = load_tokenizer(recipe.model)
-    model, kind, _ = build_model(recipe, task, tokenizer)
+    run = build_run(recipe, splits=("train",), method=True)
     if causal:  # the batches training draws (length-grouped)
-        features = encode(task.splits["train"], tokenizer, kind, task, recipe.data.max_seq_len)
-        stream = TrainStream(features, batch_size, 0, tokenizer.pad_token_id, True)
-        batches = [collate(stream.next_features(), tokenizer.pad_token_id) for _ in range(count)]
+        stream = TrainStream(run.encoded("train"), batch_size, 0, run.pad_id, True)
+        batches = [collate(stream.next_features(), run.pad_id) for _ in range(count)]
         batch = batches[0] if count == 1 else batches
     else:  # MiniLM: the first sentences, as the earlier figures in BENCHMARKS.md were measured
-        batch = collate(encode(task.splits["train"][:batch_size], tokenizer, kind, task, 64), tokenizer.pad_token_id)
-    return model, OPTIMIZERS[recipe.method.optimizer].build(model, recipe), batch, lr
+        batch = collate(encode(run.task.splits["train"][:batch_size], run.tokenizer, run.kind, run.task, 64),
+                        run.pad_id)
+    return run.model, run.method, batch, lr
 
 
 # Process-wide settings a step's cost depends on, each timed in a fresh process (OpenMP reads its spin count when
@@ -281,6 +276,67 @@ def profile_step(case: str, batch_size: int, model_name: str, steps: int = 3, to
     return [(name, 1000 * seconds / steps) for name, seconds in own], step_ms, 1000 * statistics.median(forwards)
 
 
+def print_profile(args, threads: tuple[int, ...], stamp: str, command: str) -> None:
+    torch.set_num_threads(threads[0] if threads else torch.get_num_threads())
+    functions, step_ms, forwards_ms = profile_step(args.profile, args.batch, args.model)
+    print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}`: step {step_ms:.0f} ms under the "
+          f"profiler, two plain forwards {forwards_ms:.0f} ms._\n")
+    print("| function (own time) | ms per step | share of the step |")
+    print("| --- | ---: | ---: |")
+    for name, ms in functions:
+        print(f"| `{name}` | {ms:.0f} | {ms / step_ms:.0%} |")
+
+
+def print_time(args, threads: tuple[int, ...]) -> None:
+    print("| case | threads | trained elements | ZO step ms | 2 forwards ms | ratio | extra ns per element | "
+          "Gaussian ns per element |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in bench_time(args.batch, args.repeats, args.model, threads):
+        print(f"| {r['case']} | {r['threads']} | {r['trained']:,} | {r['step_ms']:.0f} | "
+              f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} | "
+              f"{r['gaussian_ns_per_element']:.2f} |")
+
+
+def print_window(args, threads: tuple[int, ...]) -> None:
+    print("| case | threads | batches | tokens a row (shortest / median / longest) | ZO step ms | 2 forwards ms | "
+          "ratio |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in bench_window(args.batch, args.window, args.model, threads):
+        print(f"| {r['case']} | {r['threads']} | {r['batches']} | {' / '.join(map(str, r['tokens']))} | "
+              f"{r['step_ms']:.0f} | {r['two_forwards_ms']:.0f} | {r['ratio']:.2f} |")
+
+
+def print_settings(args, threads: tuple[int, ...]) -> None:
+    print("| process settings | case | threads | ZO step ms | 2 forwards ms | ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in bench_settings(args.batch, args.repeats, args.model, threads):
+        print(f"| {r['setting']} | {r['case']} | {r['threads']} | {r['step_ms']:.0f} | "
+              f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} |")
+
+
+def print_draws(args, threads: tuple[int, ...]) -> None:
+    print("| threads | block-seeded Gaussian stream, fresh tensor, ns per number | torch.randn into a reused "
+          "buffer | random signs (method.zo.direction: rademacher), fresh tensor |")
+    print("| ---: | ---: | ---: | ---: |")
+    for r in bench_draws(threads):
+        print(f"| {r['threads']} | {r['stream_ns']:.2f} | {r['randn_reused_ns']:.2f} | {r['signs_ns']:.2f} |")
+
+
+def print_memory(args, threads: tuple[int, ...]) -> None:
+    rows = bench_memory(args.batch)
+    base = rows[0]["peak_above_imports_mb"]
+    print("| case | trainable | model MB | peak MB during steps (above imports) | ratio to AdamW fp32 |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['case']} | {r['trainable']:,} | {r['model_mb']:.0f} | {r['peak_above_imports_mb']:.0f} | "
+              f"{r['peak_above_imports_mb'] / base:.2f} |")
+
+
+# The sections' tables, in the order they are printed.
+SECTIONS = {"time": print_time, "window": print_window, "settings": print_settings, "draws": print_draws,
+            "memory": print_memory}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=32)
@@ -301,60 +357,18 @@ def main() -> None:
     if args.time_child:
         print(json.dumps(bench_time(args.batch, args.repeats, args.model, threads, (args.time_child,), args.malloc)))
         return
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = utc_stamp()
     command = shlex.join(["python", "scripts/bench_zo.py", *sys.argv[1:]])
     if args.profile:
-        torch.set_num_threads(threads[0] if threads else torch.get_num_threads())
-        functions, step_ms, forwards_ms = profile_step(args.profile, args.batch, args.model)
-        print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}`: step {step_ms:.0f} ms under the "
-              f"profiler, two plain forwards {forwards_ms:.0f} ms._\n")
-        print("| function (own time) | ms per step | share of the step |")
-        print("| --- | ---: | ---: |")
-        for name, ms in functions:
-            print(f"| `{name}` | {ms:.0f} | {ms / step_ms:.0%} |")
-        return
+        return print_profile(args, threads, stamp, command)
     sections = args.sections.split(",")
     workload = f" ({args.model}, batch of {args.batch} SST-2 sentences)" if set(sections) - {"draws"} else ""
     print(f"_Measured {stamp}, {torch.get_num_threads()} threads: `{command}`{workload}._\n")
-    if "time" in sections:
-        print("| case | threads | trained elements | ZO step ms | 2 forwards ms | ratio | extra ns per element | "
-              "Gaussian ns per element |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in bench_time(args.batch, args.repeats, args.model, threads):
-            print(f"| {r['case']} | {r['threads']} | {r['trained']:,} | {r['step_ms']:.0f} | "
-                  f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} | "
-                  f"{r['gaussian_ns_per_element']:.2f} |")
-        print()
-    if "window" in sections:
-        print("| case | threads | batches | tokens a row (shortest / median / longest) | ZO step ms | 2 forwards ms | "
-              "ratio |")
-        print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-        for r in bench_window(args.batch, args.window, args.model, threads):
-            print(f"| {r['case']} | {r['threads']} | {r['batches']} | {' / '.join(map(str, r['tokens']))} | "
-                  f"{r['step_ms']:.0f} | {r['two_forwards_ms']:.0f} | {r['ratio']:.2f} |")
-        print()
-    if "settings" in sections:
-        print("| process settings | case | threads | ZO step ms | 2 forwards ms | ratio |")
-        print("| --- | --- | ---: | ---: | ---: | ---: |")
-        for r in bench_settings(args.batch, args.repeats, args.model, threads):
-            print(f"| {r['setting']} | {r['case']} | {r['threads']} | {r['step_ms']:.0f} | "
-                  f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} |")
-        print()
-    if "draws" in sections:
-        print("| threads | block-seeded Gaussian stream, fresh tensor, ns per number | torch.randn into a reused "
-              "buffer | random signs (method.zo.direction: rademacher), fresh tensor |")
-        print("| ---: | ---: | ---: | ---: |")
-        for r in bench_draws(threads):
-            print(f"| {r['threads']} | {r['stream_ns']:.2f} | {r['randn_reused_ns']:.2f} | {r['signs_ns']:.2f} |")
-        print()
-    if "memory" in sections:
-        rows = bench_memory(args.batch)
-        base = rows[0]["peak_above_imports_mb"]
-        print("| case | trainable | model MB | peak MB during steps (above imports) | ratio to AdamW fp32 |")
-        print("| --- | --- | --- | --- | --- |")
-        for r in rows:
-            print(f"| {r['case']} | {r['trainable']:,} | {r['model_mb']:.0f} | {r['peak_above_imports_mb']:.0f} | "
-                  f"{r['peak_above_imports_mb'] / base:.2f} |")
+    for name, printer in SECTIONS.items():
+        if name in sections:
+            printer(args, threads)
+            if name != "memory":  # the last table
+                print()
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ftkit.data.dataset import load_task_data
-from ftkit.models.build import build_model
-from ftkit.models.load import load_tokenizer
 from ftkit.quant.linear import QuantLinear
 from ftkit.runs import load_run_recipe
 from ftkit.training import checkpoint as ckpt
+from ftkit.training.setup import build_run
 
 
 def moved(run_dir: Path, which: str) -> dict:
@@ -30,8 +28,7 @@ def moved(run_dir: Path, which: str) -> dict:
     step_dir = ckpt.resolve(run_dir / "checkpoints", which)
     if step_dir is None:
         raise SystemExit(f"{run_dir}: no {which} checkpoint")
-    task = load_task_data(recipe, splits=("train",))
-    model, _, _ = build_model(recipe, task, load_tokenizer(recipe.model))
+    model = build_run(recipe, splits=("train",)).model
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     floats = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
     with torch.no_grad():  # the untrained base, then the checkpoint loaded into the same model

@@ -22,9 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import REPO, use_shared_data
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("FTKIT_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
+use_shared_data()
 
 FIXTURES = REPO / "tests" / "fixtures"
 TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -43,18 +43,13 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import LLAMA_2_7B, OPT_1_3B, OPT_125M, REPO, SHARED_DATA, use_shared_data
+
 SECTIONS = ("environment", "kernels", "methods", "determinism", "processes", "scale")
 # Packages a stock CUDA PyTorch image lacks, installed from the bundle's wheels (pinned as requirements.txt pins).
 BUNDLED = ("omegaconf", "accelerate", "bitsandbytes")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 
-OPT_125M = {"model_type": "opt", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-            "ffn_dim": 3072, "word_embed_proj_dim": 768, "max_position_embeddings": 2048, "vocab_size": 50272}
-OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32,
-            "ffn_dim": 8192, "word_embed_proj_dim": 2048, "max_position_embeddings": 2048, "vocab_size": 50272}
-LLAMA_2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
 LLAMA_2_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000}
 # Tiny shapes take the tokenizer's vocabulary (MiniLM's 30,522 tokens): the runs read real SST-2 text.
@@ -110,7 +105,7 @@ def prepare(bundle: Path, download: bool = True) -> dict:
             shutil.copy(minilm_path() / name, tokenizer / name)
     data = bundle / "data" / "sst2"
     data.mkdir(parents=True, exist_ok=True)
-    source = Path(os.environ.get("FTKIT_DATA_DIR", REPO.parent / "shared" / "data")) / "sst2"
+    source = Path(os.environ.get("FTKIT_DATA_DIR", SHARED_DATA)) / "sst2"
     train_lines = (source / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     (data / "train.tsv").write_text("".join(train_lines[:2001]), encoding="utf-8")  # header + 2,000 sentences
     shutil.copy(source / "dev.tsv", data / "dev.tsv")
@@ -203,12 +198,10 @@ class Check:
 
     def built(self, recipe):
         """(model, method) built on the device from `recipe`, as the training loop builds them."""
-        from ftkit.models.build import assemble_model
-        from ftkit.models.load import load_tokenizer
-        from ftkit.optim import OPTIMIZERS
+        from ftkit.training.setup import build_run
 
-        model, _ = assemble_model(recipe, load_tokenizer(recipe.model), 2, device=self.device)
-        return model, OPTIMIZERS[recipe.method.optimizer].build(model, recipe)
+        run = build_run(recipe, self.device, num_classes=2, method=True)
+        return run.model, run.method
 
     def batch(self, vocab: int) -> dict:
         """`examples` prompts of `tokens` random token ids, two one-token candidates each (causal-LM scoring)."""
@@ -587,7 +580,7 @@ def main() -> int:
         use_bundle(Path(args.bundle))
     else:
         sys.path.insert(0, str(REPO))
-        os.environ.setdefault("FTKIT_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
+        use_shared_data()
     results = run(args)
     failed = [s for s in args.sections.split(",") if isinstance(results.get(s), dict) and "error" in results[s]]
     print(f"wrote {Path(args.out) / 'gpu_check.json'} and gpu_check.md" + (f"; failed: {failed}" if failed else ""))

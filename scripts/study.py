@@ -27,9 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from _common import REPO, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_memory, bench_quant
-REPO = Path(__file__).resolve().parent.parent
 FO = {"optimizer": "adamw"}
 FO_TRAIN = {"lr": 5e-5, "warmup_steps": 10, "weight_decay": 0.01}
 # The adapters' settings of recipes/{lora,loretta_adp,loretta_rep}_sst2.yaml, so the counts match BENCHMARKS.md.
@@ -293,19 +292,7 @@ def memory_section(mode: dict, root: Path, report_only: bool) -> str:
             + study_memory.table(results))
 
 
-def write_section(path: Path, marker: str, body: str) -> None:
-    """Replace the text between <!-- marker:begin --> and <!-- marker:end --> (appended if absent)."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    text = path.read_text()
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the reduced grid")
     parser.add_argument("--report", action="store_true", help="only rewrite tables and figures")
@@ -313,24 +300,23 @@ def main() -> None:
     parser.add_argument("--sections", default="precision,efficiency,memory",
                         help="which tables to run (all are written from what exists)")
     args = parser.parse_args()
-    sections = set(args.sections.split(","))
+    args.sections = set(args.sections.split(","))
     known = {*TABLES, "memory"}
-    if sections - known:
-        unknown = ", ".join(sorted(sections - known))
+    if args.sections - known:
+        unknown = ", ".join(sorted(args.sections - known))
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(sorted(known))}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    mode_name = "quick" if args.quick else "full"
-    mode, root = MODES[mode_name], REPO / "runs" / f"study-{mode_name}"
-    grid = QUICK if args.quick else {key: names for key, (_, names) in TABLES.items()}
-    names = list(dict.fromkeys(n for section in grid.values() for n in section))
+    return args
 
-    # Seed by seed over the whole grid, so a study stopped early has every row with fewer seeds, not some rows
-    # with none. With --jobs N, N runs at a time share the cores (one thread each on a 2-core machine: two
-    # single-threaded runs get more done than one run on two threads).
+
+def train_grid(args: argparse.Namespace, grid: dict, names: list[str], mode: dict, root: Path) -> dict:
+    """Each row's summaries, seed by seed over the whole grid, so a study stopped early has every row with fewer
+    seeds, not some rows with none. With --jobs N, N runs at a time share the cores (one thread each on a 2-core
+    machine: two single-threaded runs get more done than one run on two threads)."""
     pending = [(name, seed) for seed in mode["seeds"] for name in names
                if (root / ROWS[name].slug / f"seed{seed}" / "summary.json").is_file()
-               or (not args.report and any(name in grid[key] for key in sections if key in grid))]
+               or (not args.report and any(name in grid[key] for key in args.sections if key in grid))]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
@@ -338,11 +324,14 @@ def main() -> None:
         by_seed = {key: {**future.result(), "seed": key[1]} for key, future in futures.items()}
     finally:
         pool.shutdown(cancel_futures=True)  # after a failure, start nothing new
-    results = {name: [by_seed[name, s] for s in mode["seeds"] if (name, s) in by_seed] for name in names}
+    return {name: [by_seed[name, s] for s in mode["seeds"] if (name, s) in by_seed] for name in names}
 
+
+def report_parts(args: argparse.Namespace, grid: dict, results: dict, mode_name: str) -> list[str]:
+    """The BENCHMARKS.md section: a heading, the tables with their figures, the comparison, the memory table."""
+    mode, root = MODES[mode_name], REPO / "runs" / f"study-{mode_name}"
     command = f"python scripts/study.py{' --quick' if args.quick else ''}"
     today = f"{datetime.now(timezone.utc):%Y-%m-%d}"
-    docs = REPO / "docs"
     parts = [f"### Study ({mode_name} grid): `{command}`, {today}\n",
              f"MiniLM + SST-2 (67,349 training sentences, 872 dev), batch 16, max 64 tokens, linear decay, "
              f"{mode['steps']} steps, seeds {', '.join(map(str, mode['seeds']))}, dev evaluated every "
@@ -353,7 +342,7 @@ def main() -> None:
         if not any(results.get(name) for name in section_names):
             continue  # not run yet: no table rather than a table of blanks
         title = TABLES[key][0]
-        image = docs / f"study_{mode_name}_{key}.png"
+        image = REPO / "docs" / f"study_{mode_name}_{key}.png"
         drawn = figure(section_names, root, mode["seeds"], image, f"{title}: {command}, {today}")
         parts.append(f"\n#### {title}\n\n{table(section_names, results)}"
                      + (f"\n\n![{title}: dev accuracy against step](docs/{image.name})" if drawn else ""))
@@ -364,9 +353,20 @@ def main() -> None:
     if len(parts) == 2:
         parts.append("\nNo accuracy run of this grid has finished yet; its tables appear as runs finish "
                      f"(`{command}` is resumable).")
-    parts.append(memory_section(mode, root, args.report or "memory" not in sections))
+    parts.append(memory_section(mode, root, args.report or "memory" not in args.sections))
+    return parts
+
+
+def main() -> None:
+    args = parse_args()
+    mode_name = "quick" if args.quick else "full"
+    mode, root = MODES[mode_name], REPO / "runs" / f"study-{mode_name}"
+    grid = QUICK if args.quick else {key: names for key, (_, names) in TABLES.items()}
+    names = list(dict.fromkeys(n for section in grid.values() for n in section))
+    results = train_grid(args, grid, names, mode, root)
+    parts = report_parts(args, grid, results, mode_name)
     write_section(REPO / "BENCHMARKS.md", f"study:{mode_name}", "\n".join(parts))
-    summaries = docs / "study" / mode_name / "summaries.jsonl"
+    summaries = REPO / "docs" / "study" / mode_name / "summaries.jsonl"
     summaries.parent.mkdir(parents=True, exist_ok=True)
     summaries.write_text("".join(json.dumps({"row": name, **r}) + "\n" for name, runs in results.items() for r in runs))
     print(f"wrote BENCHMARKS.md (study:{mode_name}), {summaries.relative_to(REPO)} and docs/study_{mode_name}_*.png")

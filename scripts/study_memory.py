@@ -17,13 +17,8 @@ import sys
 import time
 
 import torch
-from bench_quant import LLAMA_2_7B, OPT_125M
+from _common import LLAMA_2_7B, OPT_1_3B, OPT_125M, OPT_350M
 
-OPT_350M = {"model_type": "opt", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-            "ffn_dim": 4096, "word_embed_proj_dim": 512, "do_layer_norm_before": False,
-            "max_position_embeddings": 2048, "vocab_size": 50272}
-OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32,
-            "ffn_dim": 8192, "word_embed_proj_dim": 2048, "max_position_embeddings": 2048, "vocab_size": 50272}
 SHAPES = {"OPT-125m": OPT_125M, "OPT-350m": OPT_350M, "OPT-1.3B": OPT_1_3B, "LLaMA-2-7B": LLAMA_2_7B}
 # Parameters of each shape (from `ftkit count-params`), for the rows that are computed rather than run.
 PARAMS = {"OPT-125m": 125_239_296, "OPT-350m": 331_196_416, "OPT-1.3B": 1_315_758_080, "LLaMA-2-7B": 6_738_415_616}
@@ -44,13 +39,10 @@ FITS_BYTES = 18 * 2**30
 
 def measure(shape: str, case: str) -> dict:
     from ftkit.data.batches import collate, encode
-    from ftkit.data.dataset import load_task_data
     from ftkit.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
-    from ftkit.models.build import build_model
     from ftkit.models.count import trainable_numel
-    from ftkit.models.load import load_tokenizer
-    from ftkit.optim import OPTIMIZERS
     from ftkit.recipe import recipe_from_dict
+    from ftkit.training.setup import build_run
 
     # One thread: the study runs these beside its accuracy grid on a small machine; memory does not depend on it.
     torch.set_num_threads(1)
@@ -64,19 +56,16 @@ def measure(shape: str, case: str) -> dict:
         "data": {"task": "sst2", "max_seq_len": seq, "n_train": 8, "n_dev": 8, "calibration_examples": 8},
         "train": {"batch_size": 2, "lr": 1e-6}})
     started = time.perf_counter()
-    task = load_task_data(recipe, splits=("train",))
-    tokenizer = load_tokenizer(recipe.model)
-    model, kind, _ = build_model(recipe, task, tokenizer)
-    method_impl = OPTIMIZERS[recipe.method.optimizer].build(model, recipe)
+    run = build_run(recipe, splits=("train",), method=True)
     built = time.perf_counter()
     build_peak = peak_rss_mb() - baseline
     if not reset_peak_rss():
         raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs): build and step cannot be told apart")
     state = current_rss_mb() - baseline
-    batch = collate(encode(task.splits["train"][:2], tokenizer, kind, task, seq), tokenizer.pad_token_id)
-    metrics = method_impl.step(batch, 1e-6)
+    batch = collate(encode(run.task.splits["train"][:2], run.tokenizer, run.kind, run.task, seq), run.pad_id)
+    metrics = run.method.step(batch, 1e-6)
     step_peak = peak_rss_mb() - baseline
-    return {"shape": shape, "case": case, "trainable": trainable_numel(model), "build_seconds": built - started,
+    return {"shape": shape, "case": case, "trainable": trainable_numel(run.model), "build_seconds": built - started,
             "step_seconds": time.perf_counter() - built, "loss": metrics["loss"], "baseline_mb": baseline,
             "build_peak_mb": build_peak, "state_mb": state, "step_peak_mb": step_peak,
             "peak_above_imports_mb": max(build_peak, step_peak)}

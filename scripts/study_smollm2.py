@@ -26,11 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from _common import REPO, use_shared_data, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import write_section  # noqa: E402  (scripts/ is on the path when run as a script)
-
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes" / "smollm2"
 ROOT = REPO / "runs" / "study-smollm2"
 # Per task: its data section (MeZO's 1,000 / 500 draw where the training file allows; CB and COPA as MeZO does),
@@ -298,7 +295,7 @@ def main() -> None:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     command = "python scripts/study_smollm2.py " + " ".join(sys.argv[1:])
-    os.environ.setdefault("FTKIT_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
+    use_shared_data()
     if not args.report:
         tasks = set(args.tasks.split(",")) if args.tasks else set(TASKS)
         rows = set(args.rows.split(",")) if args.rows else {r for r, _ in ROWS}

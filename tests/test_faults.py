@@ -225,7 +225,7 @@ def test_a_project_folder_is_never_a_run_directory(tmp_path, data_files, monkeyp
 def test_an_output_dir_that_is_a_file_is_refused_before_anything_loads(tmp_path, data_files, monkeypatch):
     taken = tmp_path / "taken"
     taken.write_text("mine")
-    monkeypatch.setattr("ftkit.training.loop.load_task_data", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr("ftkit.training.setup.load_task_data", lambda *a, **k: pytest.fail("data loaded"))
     one_error_line(["train", tiny(tmp_path, data_files, train={"output_dir": str(taken)})],
                    f"{taken} is a file, not a directory")
     assert taken.read_text() == "mine"
@@ -243,7 +243,7 @@ def test_a_link_planted_in_a_run_directory_is_never_followed(finished, tmp_path,
     if os.path.lexists(link):
         (shutil.rmtree if link.is_dir() and not link.is_symlink() else os.unlink)(link)
     os.symlink(victim / "precious" if "." in link.name and "step-" not in link.name else victim, link)
-    monkeypatch.setattr("ftkit.training.loop.load_task_data", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr("ftkit.training.setup.load_task_data", lambda *a, **k: pytest.fail("data loaded"))
     expected = "points to" if planted == "checkpoints/last" else f"{link} is a symbolic link"
     recipe = load_recipe(tiny(tmp_path, data_files, "run", train={"max_steps": 16, "keep_last": 1}))
     with pytest.raises(UserError, match=expected):
@@ -339,10 +339,10 @@ def test_weights_that_give_a_non_finite_loss_are_reported_and_nan_is_written_as_
 
 
 def test_a_nan_dev_loss_is_logged_as_json_null(tmp_path, data_files, monkeypatch):
-    import ftkit.training.loop as loop
+    import ftkit.training.setup as setup  # where a run's evaluation is called from
 
-    real_evaluate = loop.evaluate
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {**real_evaluate(*a, **k), "loss": float("nan")})
+    real_evaluate = setup.evaluate
+    monkeypatch.setattr(setup, "evaluate", lambda *a, **k: {**real_evaluate(*a, **k), "loss": float("nan")})
     train(load_recipe(tiny(tmp_path, data_files, train={"max_steps": 4})))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [strict_json(line)["loss"] for line in lines if '"dev"' in line] == [None, None]
@@ -426,7 +426,7 @@ def test_resume_needs_the_runs_own_recipe(finished, tmp_path, data_files, monkey
     run_dir = copy_run(finished, tmp_path / "run")
     changed = load_recipe(tiny(tmp_path, data_files, "run", train={"lr": 0.5}))
     (run_dir / "recipe.yaml").unlink()
-    monkeypatch.setattr("ftkit.training.loop.load_task_data", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr("ftkit.training.setup.load_task_data", lambda *a, **k: pytest.fail("data loaded"))
     with pytest.raises(UserError, match=f"cannot resume {run_dir}: its recipe.yaml is missing"):
         train(changed, resume=True)
     one_error_line(["train", run_dir, "--resume"], f"{run_dir} is not a run directory (no recipe.yaml)")

@@ -9,20 +9,18 @@ from conftest import tiny_recipe
 from safetensors.torch import load_file
 
 import ftkit
-from ftkit.data.dataset import load_task_data
-from ftkit.models.build import build_model
-from ftkit.models.load import load_tokenizer
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.packing import unpack_int4
 from ftkit.recipe import recipe_from_dict
 from ftkit.training import checkpoint as ckpt
+from ftkit.training.setup import build_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import codes_moved  # noqa: E402
 
 
 def base_layers(recipe) -> dict:
-    model, _, _ = build_model(recipe, load_task_data(recipe, splits=("train",)), load_tokenizer(recipe.model))
+    model = build_run(recipe, splits=("train",)).model
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 

@@ -284,17 +284,17 @@ def test_resume_with_another_thread_count_is_refused_unless_inexact_is_allowed(w
 
 
 def test_eval_computes_with_the_runs_thread_count_and_restores_the_callers(write_recipe, tmp_path, monkeypatch):
-    import ftkit.eval
+    import ftkit.training.setup
     from ftkit.runs import evaluate_target
 
     recipe = write_recipe(tiny_recipe(train={"threads": 1}), "one_thread.yaml")
-    seen, evaluate = [], ftkit.eval.evaluate
+    seen, evaluate = [], ftkit.training.setup.evaluate
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(ftkit.eval, "evaluate", recording)
+    monkeypatch.setattr(ftkit.training.setup, "evaluate", recording)  # what a run's evaluation calls
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -211,8 +211,3 @@ def eval_chunks(features: list[dict], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(features)), key=lambda i: _length(features[i]))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
-
-def eval_batches(features: list[dict], batch_size: int, pad_id: int):
-    """Yields (original indices, collated batch) for each of `eval_chunks`."""
-    for chunk in eval_chunks(features, batch_size):
-        yield chunk, collate([features[i] for i in chunk], pad_id)

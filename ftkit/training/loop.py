@@ -1,5 +1,9 @@
 """The shared training loop. Every method runs through it: the method owns `step(batch, lr)`, the loop owns steps,
-the schedule, evaluation, checkpoints, metrics, progress and signals. Read it top to bottom."""
+the schedule, evaluation, checkpoints, metrics, progress and signals.
+
+`train` claims the run directory (`_open_run`), then runs five steps over one `Training`: `_set_up` (build the run
+with ftkit.training.setup, resume it or start it), `_evaluate_at_start`, `_train_steps` (each `_step`: the method's
+step, metrics, `_evaluate_dev`, `_save`) and `_finish` (test split, summary)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import shlex
 import signal
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,17 +20,13 @@ import yaml
 from rich.console import Console
 
 from ftkit.adapters import ADAPTERS
-from ftkit.data.batches import TrainStream, encode, shard
-from ftkit.data.dataset import load_task_data
+from ftkit.data.batches import TrainStream, shard
+from ftkit.data.dataset import SPLITS
 from ftkit.devices import deterministic, peak_memory_mb, reset_peak_memory, synchronize
 from ftkit.distributed import NPROC_ENV, World, close_world, init_world
 from ftkit.errors import Interrupted, TrainingDiverged, UserError
-from ftkit.eval import evaluate
 from ftkit.memory import current_rss_mb, peak_rss_mb, reuse_freed_memory
-from ftkit.models.build import build_model
 from ftkit.models.count import count_model
-from ftkit.models.load import load_tokenizer
-from ftkit.optim import OPTIMIZERS
 from ftkit.optim.schedules import learning_rate
 from ftkit.recipe import Recipe, recipe_to_dict
 from ftkit.recipe.compare import computing_differences, non_computing_keys
@@ -41,6 +42,7 @@ from ftkit.training.metrics import (
     truncate_after,
 )
 from ftkit.training.progress import TrainProgress
+from ftkit.training.setup import Run, build_run
 
 
 def run_dir_for(recipe: Recipe) -> Path:
@@ -69,14 +71,16 @@ def train(recipe: Recipe, resume: bool | str = False, console: Console | None = 
 def _train(recipe: Recipe, resume: bool | str, console: Console, world: World, allow_inexact: bool) -> dict:
     started, rss_at_start = time.perf_counter(), current_rss_mb()  # after imports, before data and model
     reuse_freed_memory()  # temporaries up to 4 MiB come back from the heap, not as fresh pages (ftkit.memory)
-    device = world.device
-    reset_peak_memory(device)
+    reset_peak_memory(world.device)
     if not world.is_main:
         console = Console(quiet=True)
     run_dir = run_dir_for(recipe)
     held, resume_from = _open_run(run_dir, recipe, resume, world, console)
     try:
-        return _run(recipe, run_dir, resume_from, console, world, allow_inexact, started, rss_at_start)
+        training = _set_up(recipe, run_dir, resume_from, console, world, allow_inexact)
+        _evaluate_at_start(training)
+        _train_steps(training)
+        return _finish(training, started, rss_at_start)
     finally:
         if held is not None:
             held.release()
@@ -154,48 +158,75 @@ def resume_command(run_dir: Path, world: World) -> str:
     return f"torchrun <the same options> -m ftkit train {target} --resume"
 
 
-def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, console: Console, world: World,
-         allow_inexact: bool, started: float, rss_at_start: float) -> dict:
-    device = world.device
-    ckpt_root = run_dir / rundir.CHECKPOINTS
-    continue_with = resume_command(run_dir, world)
+@dataclass
+class LoopState:
+    """What the loop carries from step to step: saved as "loop" in each checkpoint's trainer_state.json (in this
+    order) and read back on resume."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    dev_at_start: dict | None = None
+    elapsed: float = 0.0  # seconds of training so far, across resumes (evaluation included), for plots against time
+
+
+@dataclass
+class Training:
+    """One process's training of a run: what was built, where it writes, and the state the steps advance."""
+
+    run: Run
+    world: World
+    run_dir: Path
+    console: Console
+    stream: TrainStream
+    chunk_size: int | None  # examples per chunk of a global batch (train.micro_batch_size, or a share per process)
+    counts: dict  # parameters, as count-params gives them: the codes of quantized layers count as parameters
+    continue_with: str  # the command that resumes this run, for messages
+    descriptions: dict  # files beside an adapter checkpoint's weights that describe it
+    state: LoopState = field(default_factory=LoopState)
+    resumed: bool = False
+    log: MetricsLog | NullLog | None = None
+    stop_signal: int | None = None  # SIGINT / SIGTERM arrived: finish the step, save, and leave
+    loop_started: float = 0.0  # perf_counter when this process's first step began
+    first_step: int = 0  # the step this process began at
+    elapsed_before: float = 0.0  # state.elapsed when this process began stepping
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.run.recipe
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / rundir.CHECKPOINTS
+
+    @property
+    def metric(self) -> str:
+        return self.run.task.spec.metric
+
+    def has(self, split: str) -> bool:
+        return split in self.run.task.splits
+
+    def elapsed(self) -> float:
+        return round(self.elapsed_before + time.perf_counter() - self.loop_started, 3)
+
+
+def _set_up(recipe: Recipe, run_dir: Path, resume_from: Path | None, console: Console, world: World,
+            allow_inexact: bool) -> Training:
+    """Build the run, restore it from `resume_from` or start it afresh, and announce it."""
     if resume_from is not None:
         check_environment(ckpt.read_trainer_state(resume_from).get("environment"),
-                          f"cannot resume {run_dir} bit-exactly", allow_inexact, device)
-
-    # Data, model, method.
-    task = load_task_data(recipe)
-    tokenizer = load_tokenizer(recipe.model)
-    model, kind, facts = build_model(recipe, task, tokenizer, device)
-    features = {split: encode(examples, tokenizer, kind, task, recipe.data.max_seq_len)
-                for split, examples in task.splits.items()}
-    method = OPTIMIZERS[recipe.method.optimizer].build(model, recipe, world=world)
-    stream = TrainStream(features["train"], recipe.train.batch_size, recipe.train.seed, tokenizer.pad_token_id,
+                          f"cannot resume {run_dir} bit-exactly", allow_inexact, world.device)
+    run = build_run(recipe, world.device, encode=SPLITS, method=True, world=world)
+    stream = TrainStream(run.encoded("train"), recipe.train.batch_size, recipe.train.seed, run.pad_id,
                          recipe.train.group_by_length)
-    shard_world = world if method.shards_data else None
-    chunk_size = chunk_size_for(recipe, world, method.shards_data)
-    num_classes = len(task.labels)
-
-    def run_eval(split: str) -> dict:
-        return evaluate(model, features[split], task.spec.kind, recipe.train.eval_batch_size, tokenizer.pad_token_id,
-                        num_classes, tokenizer, world)
-
-    metric = task.spec.metric
-    counts = count_model(model)  # the codes of quantized layers count as parameters, as in count-params
-    trainable = counts["trainable"]
-    # elapsed: seconds of training so far, across resumes (evaluation included), for plots against wall time
-    state = {"step": 0, "best_metric": None, "best_step": None, "dev_at_start": None, "elapsed": 0.0}
-
-    # Fresh start or resume (from a checkpoint written with any number of processes: the weights, the data
-    # position and the step count are all there is, and every process loads them).
+    adapter = ADAPTERS[recipe.method.adapter]
+    t = Training(run, world, run_dir, console, stream, chunk_size_for(recipe, world, run.method.shards_data),
+                 count_model(run.model), resume_command(run_dir, world),
+                 {} if adapter.trains_base else {"adapter_config.json": adapter_description(recipe)})
+    # A resume loads what a checkpoint written with any number of processes holds (weights, data position, step
+    # count) into every process.
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model, method)
-        stream.load_state_dict(saved["stream"])
-        ckpt.set_rng_state(saved["rng"])
-        state = saved["loop"]
-        if world.is_main:
-            truncate_after(run_dir / "metrics.jsonl", state["step"])
-        console.print(f"resuming {run_dir} from step {state['step']}")
+        _resume(t, resume_from)
     else:
         torch.manual_seed(recipe.train.seed)
     if world.is_main:
@@ -203,117 +234,149 @@ def _run(recipe: Recipe, run_dir: Path, resume_from: Path | None, console: Conso
             for name in ("metrics.jsonl", "summary.json", "trace.ftz"):
                 remove(run_dir / name)
         write_atomic(run_dir / rundir.RECIPE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    log = MetricsLog(run_dir, recipe.train.tensorboard) if world.is_main else NullLog()
-    console.print(f"{kind} model, {trainable:,} trainable parameters; data: "
-                  + ", ".join(f"{s} {len(v)}" for s, v in task.splits.items()))
+    t.log = MetricsLog(run_dir, recipe.train.tensorboard) if world.is_main else NullLog()
+    _announce(t)
+    return t
+
+
+def _resume(t: Training, resume_from: Path) -> None:
+    saved = ckpt.load_checkpoint(resume_from, t.run.model, t.run.method)
+    t.stream.load_state_dict(saved["stream"])
+    ckpt.set_rng_state(saved["rng"])
+    t.state, t.resumed = LoopState(**saved["loop"]), True
+    if t.world.is_main:
+        truncate_after(t.run_dir / "metrics.jsonl", t.state.step)
+    t.console.print(f"resuming {t.run_dir} from step {t.state.step}")
+
+
+def _announce(t: Training) -> None:
+    t.console.print(f"{t.run.kind} model, {t.counts['trainable']:,} trainable parameters; data: "
+                    + ", ".join(f"{s} {len(v)}" for s, v in t.run.task.splits.items()))
+    world, method = t.world, t.run.method
     if world.size > 1:
-        split = (f"chunks of {chunk_size} examples dealt round robin" if method.shards_data
+        split = (f"chunks of {t.chunk_size} examples dealt round robin" if method.shards_data
                  else method.describe_sharing(world.size))
-        console.print(f"{world.size} processes ({world.backend}): global batch {recipe.train.batch_size}, {split}")
+        t.console.print(f"{world.size} processes ({world.backend}): global batch {t.recipe.train.batch_size}, {split}")
 
-    if state["step"] == 0 and recipe.train.eval_at_start and "dev" in features:
-        dev = run_eval("dev")
-        state["dev_at_start"] = dev
-        log.write({"step": 0, "split": "dev", **dev})
-        console.print(f"dev {metric} at step 0: {dev[metric]:.4f}")
 
-    # SIGINT / SIGTERM: finish the step, save, and leave.
-    stop = {"signum": None}
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signum=signum))
+def _evaluate_at_start(t: Training) -> None:
+    if t.state.step == 0 and t.recipe.train.eval_at_start and t.has("dev"):
+        dev = t.run.evaluate("dev", t.world)
+        t.state.dev_at_start = dev
+        t.log.write({"step": 0, "split": "dev", **dev})
+        t.console.print(f"dev {t.metric} at step 0: {dev[t.metric]:.4f}")
+
+
+def _train_steps(t: Training) -> None:
+    """Steps from where the state stands to train.max_steps. SIGINT / SIGTERM finish the step, save, and leave."""
+    handlers = {s: signal.signal(s, lambda signum, frame: setattr(t, "stop_signal", signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-
-    adapter = ADAPTERS[recipe.method.adapter]
-    descriptions = {} if adapter.trains_base else {"adapter_config.json": adapter_description(recipe)}
-
-    def save(step: int, is_best: bool = False) -> None:
-        """Process 0 writes; the others hold the same weights and data position."""
-        if world.is_main:
-            trainer_state = {"loop": state, "stream": stream.state_dict(), "recipe_source": recipe.source,
-                             "processes": world.size, "environment": environment(device)}
-            try:
-                ckpt.save_checkpoint(ckpt_root, step, model, method, trainer_state, recipe.train.keep_last, is_best,
-                                     descriptions)
-            except ckpt.SaveFailed as err:
-                raise ckpt.SaveFailed(f"{err}; make room, then continue with: {continue_with}") from None
-
-    progress = TrainProgress(console, recipe.train.max_steps, state["step"], recipe.train.log_every)
-    loop_started, first_step = time.perf_counter(), state["step"]
-    elapsed_before = state.get("elapsed", 0.0)  # checkpoints from before this field have none
-
-    def elapsed() -> float:
-        return round(elapsed_before + time.perf_counter() - loop_started, 3)
-
-    method.begin(run_dir, state["step"] if resume_from is not None else None)
+    progress = TrainProgress(t.console, t.recipe.train.max_steps, t.state.step, t.recipe.train.log_every)
+    t.loop_started, t.first_step, t.elapsed_before = time.perf_counter(), t.state.step, t.state.elapsed
+    t.run.method.begin(t.run_dir, t.state.step if t.resumed else None)
     try:
-        for step in range(state["step"], recipe.train.max_steps):
-            lr = learning_rate(step, recipe.train)
-            batch = shard(stream.next_features(), chunk_size, tokenizer.pad_token_id, shard_world, step).to(device)
-            metrics = method.step(batch, lr)
-            done = step + 1
-            if not math.isfinite(metrics["loss"]):
-                last = ckpt.resolve(ckpt_root)
-                raise TrainingDiverged(f"the loss became {metrics['loss']} at step {done} (lr {lr:.3g}); "
-                                       f"last good checkpoint: {last or 'none'}; try a lower train.lr")
-            state["step"], state["elapsed"] = done, elapsed()
-            log.write({"step": done, "split": "train", "lr": lr, **metrics, "elapsed": state["elapsed"]})
-            progress.update(done, metrics["loss"])
-
-            improved = False
-            is_last = done == recipe.train.max_steps
-            if "dev" in features and ((recipe.train.eval_every and done % recipe.train.eval_every == 0) or is_last):
-                dev = run_eval("dev")
-                state["elapsed"] = elapsed()
-                log.write({"step": done, "split": "dev", **dev, "elapsed": state["elapsed"]})
-                progress.message(f"step {done}: dev {metric} {dev[metric]:.4f}  loss {dev['loss']:.4f}")
-                if state["best_metric"] is None or dev[metric] > state["best_metric"]:
-                    state["best_metric"], state["best_step"], improved = dev[metric], done, True
-            signum = world.all_max(stop["signum"] or 0)  # a signal to any process stops them all, together
-            periodic = recipe.train.save_every and done % recipe.train.save_every == 0
-            if periodic or is_last or improved or signum:
-                save(done, is_best=improved)
-            if signum and not is_last:
-                raise Interrupted(signum, f"interrupted at step {done}; checkpoint saved in {ckpt_root}; "
-                                  f"continue with: {continue_with}")
+        for step in range(t.state.step, t.recipe.train.max_steps):
+            _step(t, step, progress)
     except OSError as err:  # metrics or the trace could not be written: the checkpoints so far are intact
         failure = storage_error(err) or err
-        raise UserError(f"cannot write {getattr(err, 'filename', None) or run_dir}: {failure.strerror or failure}; "
-                        f"the last intact checkpoint is {ckpt.resolve(ckpt_root) or 'none'}; make room, then "
-                        f"continue with: {continue_with}") from None
+        raise UserError(f"cannot write {getattr(err, 'filename', None) or t.run_dir}: {failure.strerror or failure}; "
+                        f"the last intact checkpoint is {ckpt.resolve(t.ckpt_root) or 'none'}; make room, then "
+                        f"continue with: {t.continue_with}") from None
     finally:
-        method.end()
+        t.run.method.end()
         progress.close()
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        log.close()
+        t.log.close()
 
-    # Final figures: test split (if any) on the best checkpoint's weights.
+
+def _step(t: Training, step: int, progress: TrainProgress) -> None:
+    """One step of the method on the next global batch, then what follows it: metrics, evaluation, checkpoint."""
+    recipe, run = t.recipe, t.run
+    lr = learning_rate(step, recipe.train)
+    shard_world = t.world if run.method.shards_data else None
+    batch = shard(t.stream.next_features(), t.chunk_size, run.pad_id, shard_world, step).to(run.device)
+    metrics = run.method.step(batch, lr)
+    done = step + 1
+    if not math.isfinite(metrics["loss"]):
+        last = ckpt.resolve(t.ckpt_root)
+        raise TrainingDiverged(f"the loss became {metrics['loss']} at step {done} (lr {lr:.3g}); "
+                               f"last good checkpoint: {last or 'none'}; try a lower train.lr")
+    t.state.step, t.state.elapsed = done, t.elapsed()
+    t.log.write({"step": done, "split": "train", "lr": lr, **metrics, "elapsed": t.state.elapsed})
+    progress.update(done, metrics["loss"])
+
+    is_last = done == recipe.train.max_steps
+    improved = _evaluate_dev(t, done, progress) if _dev_due(t, done) else False
+    signum = t.world.all_max(t.stop_signal or 0)  # a signal to any process stops them all, together
+    periodic = recipe.train.save_every and done % recipe.train.save_every == 0
+    if periodic or is_last or improved or signum:
+        _save(t, done, is_best=improved)
+    if signum and not is_last:
+        raise Interrupted(signum, f"interrupted at step {done}; checkpoint saved in {t.ckpt_root}; "
+                          f"continue with: {t.continue_with}")
+
+
+def _dev_due(t: Training, done: int) -> bool:
+    every = t.recipe.train.eval_every
+    return t.has("dev") and ((every and done % every == 0) or done == t.recipe.train.max_steps)
+
+
+def _evaluate_dev(t: Training, done: int, progress: TrainProgress) -> bool:
+    """Evaluate on dev after step `done`; whether the metric is the best so far."""
+    dev = t.run.evaluate("dev", t.world)
+    t.state.elapsed = t.elapsed()
+    t.log.write({"step": done, "split": "dev", **dev, "elapsed": t.state.elapsed})
+    progress.message(f"step {done}: dev {t.metric} {dev[t.metric]:.4f}  loss {dev['loss']:.4f}")
+    if t.state.best_metric is None or dev[t.metric] > t.state.best_metric:
+        t.state.best_metric, t.state.best_step = dev[t.metric], done
+        return True
+    return False
+
+
+def _save(t: Training, step: int, is_best: bool = False) -> None:
+    """Process 0 writes; the others hold the same weights and data position."""
+    if not t.world.is_main:
+        return
+    trainer_state = {"loop": asdict(t.state), "stream": t.stream.state_dict(), "recipe_source": t.recipe.source,
+                     "processes": t.world.size, "environment": environment(t.run.device)}
+    try:
+        ckpt.save_checkpoint(t.ckpt_root, step, t.run.model, t.run.method, trainer_state, t.recipe.train.keep_last,
+                             is_best, t.descriptions)
+    except ckpt.SaveFailed as err:
+        raise ckpt.SaveFailed(f"{err}; make room, then continue with: {t.continue_with}") from None
+
+
+def _finish(t: Training, started: float, rss_at_start: float) -> dict:
+    """The test split (if any) on the best checkpoint's weights, and the summary process 0 writes."""
+    device, world, state = t.run.device, t.world, t.state
     synchronize(device)
-    seconds_per_step = (time.perf_counter() - loop_started) / max(1, state["step"] - first_step)
-    steps_run = state["step"] - first_step
+    steps_run = state.step - t.first_step
+    seconds_per_step = (time.perf_counter() - t.loop_started) / max(1, steps_run)
     world.barrier()  # process 0's last checkpoint is on disk before anyone reads it
     test = None
-    if "test" in features:
-        best = ckpt.resolve(ckpt_root, "best")
+    if t.has("test"):
+        best = ckpt.resolve(t.ckpt_root, "best")
         if best is not None:
-            ckpt.load_checkpoint(best, model)
-        test = run_eval("test")
+            ckpt.load_checkpoint(best, t.run.model)
+        test = t.run.evaluate("test", world)
     if not world.is_main:
-        return {"metric": metric, "steps": state["step"], "rank": world.rank}
+        return {"metric": t.metric, "steps": state.step, "rank": world.rank}
     summary = {
-        "recipe": recipe.source, "kind": kind, "steps": state["step"], **facts,
-        "dev_at_start": state["dev_at_start"], "dev": _last_dev(run_dir), "metric": metric,
-        "best_step": state["best_step"], "best_dev": state["best_metric"],
-        "trainable_params": trainable, "total_params": counts["total"],
+        "recipe": t.recipe.source, "kind": t.run.kind, "steps": state.step, **t.run.facts,
+        "dev_at_start": state.dev_at_start, "dev": _last_dev(t.run_dir), "metric": t.metric,
+        "best_step": state.best_step, "best_dev": state.best_metric,
+        "trainable_params": t.counts["trainable"], "total_params": t.counts["total"],
         "processes": world.size, "environment": environment(device),
         "peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": rss_at_start, **peak_memory_mb(device),
         "wall_seconds": time.perf_counter() - started, "seconds_per_step": seconds_per_step if steps_run else None,
     }
     if test is not None:
         summary["test"] = test
-        test_log = MetricsLog(run_dir)
-        test_log.write({"step": state["best_step"] or state["step"], "split": "test", **summary["test"]})
+        test_log = MetricsLog(t.run_dir)
+        test_log.write({"step": state.best_step or state.step, "split": "test", **summary["test"]})
         test_log.close()
-    write_atomic(run_dir / "summary.json", to_json(summary, indent=2) + "\n")
+    write_atomic(t.run_dir / "summary.json", to_json(summary, indent=2) + "\n")
     return summary
 
 
