@@ -9,13 +9,6 @@ from conftest import REPO
 
 PACKAGE = REPO / "ftkit"
 MAX_LINES = 60
-# Files being reorganised on other branches at the moment, which may still hold longer functions; this list is
-# emptied once those branches are in.
-ALLOWED = {
-    "ftkit/optim",  # the zeroth-order core
-    "ftkit/quant",  # codecs owning their storage
-    "ftkit/components.py", "ftkit/recipe/checks.py", "ftkit/adapters/__init__.py",  # declared compatibility
-}
 
 
 def long_functions(path, root=REPO) -> list[str]:
@@ -29,13 +22,8 @@ def long_functions(path, root=REPO) -> list[str]:
     return found
 
 
-def allowed(path) -> bool:
-    name = path.relative_to(REPO).as_posix()
-    return any(name == entry or name.startswith(entry + "/") for entry in ALLOWED)
-
-
 def test_no_function_in_the_package_is_longer_than_sixty_lines():
-    found = [line for path in sorted(PACKAGE.rglob("*.py")) if not allowed(path) for line in long_functions(path)]
+    found = [line for path in sorted(PACKAGE.rglob("*.py")) for line in long_functions(path)]
     assert not found, "\n".join(found)
 
 
