@@ -4,13 +4,16 @@
 every format on every device, with weight-only numerics, and is the fallback of every other path. The others read
 the stored codes, or a layout derived from them:
 
-| kernel      | device   | format              | numerics                          | derived copy                    |
-| ----------- | -------- | ------------------- | --------------------------------- | ------------------------------- |
-| `int4pack`  | CPU      | int4                | weight-only, bf16 activations     | none: ftkit stores this layout  |
-| `int4pack`  | CUDA     | int4                | weight-only, bf16 activations     | the tiled layout, cached        |
-| `int8pack`  | CPU      | int8, per channel   | weight-only                       | none                            |
-| `int_mm`    | CPU/CUDA | int8, per channel   | activations to int8 per row (W8A8)| none                            |
-| `scaled_mm` | CUDA     | fp8, per channel    | activations to e4m3 per row       | none                            |
+| kernel      | device   | reads                             | numerics                          | derived copy                    |
+| ----------- | -------- | --------------------------------- | --------------------------------- | ------------------------------- |
+| `int4pack`  | CPU      | nibbles, symmetric scales         | weight-only, bf16 activations     | none: ftkit stores this layout  |
+| `int4pack`  | CUDA     | nibbles, symmetric scales         | weight-only, bf16 activations     | the tiled layout, cached        |
+| `int8pack`  | CPU      | int8 codes, per channel           | weight-only                       | none                            |
+| `int_mm`    | CPU/CUDA | int8 codes, per channel           | activations to int8 per row (W8A8)| none                            |
+| `scaled_mm` | CUDA     | float8 codes, per channel         | activations to e4m3 per row       | none                            |
+
+Which formats have which kernel is declared once, by each format (`Format.kernels` in ftkit.quant.FORMATS); a layer
+takes only kernels its format declares.
 
 `auto` (quant.kernel) picks per device from what scripts/bench_quant.py measured (BENCHMARKS.md): on the CPU,
 int4pack below SMALL_BATCH_ROWS rows and int8pack for bf16 activations; on a GPU, int4pack for up to
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ftkit.errors import first_line
-from ftkit.quant.packing import unpack_int4
+from ftkit.quant.packing import unpack_nibbles
 
 # Below this many input rows (tokens) the CPU int4 kernel beats dequantize + fp32 matmul.
 SMALL_BATCH_ROWS = 512
@@ -187,7 +190,7 @@ def int4pack_matmul(layer, x: torch.Tensor) -> torch.Tensor:
 def int4_nibble_pairs(layer) -> torch.Tensor:
     """The codes as [padded N, K/2] uint8, two consecutive inputs per byte (even input in the high nibble), each
     code + 8: the layout PyTorch's CUDA int4 kernel converts from."""
-    nibbles = (unpack_int4(layer.codes, layer.codes.shape[0], layer.in_features).to(torch.int16) + 8).to(torch.uint8)
+    nibbles = unpack_nibbles(layer.codes, layer.codes.shape[0], layer.in_features)
     return (nibbles[:, ::2] << 4) | nibbles[:, 1::2]
 
 
