@@ -45,8 +45,8 @@ class QuantLinear(nn.Module):
         if group_size and in_features % group_size:
             raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
         if ROW_ALIGN % self.codec.row_block:
-            raise ValueError(f"{fmt}: rows stored in blocks of {self.codec.row_block}, which divide no row block "
-                             f"of {ROW_ALIGN}")
+            raise ValueError(f"{fmt} stores rows in blocks of {self.codec.row_block}, which must divide the layer's "
+                             f"row blocks of {ROW_ALIGN}")
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.group_size, self.kernel = group_size, kernel
         self.format_kernels = FORMATS[fmt].kernels  # kernels that read this format's codes directly

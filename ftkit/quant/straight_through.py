@@ -3,11 +3,11 @@ the baseline QuZO is compared against (the full-parameter first-order `qft` base
 
 `quant.engine: straight_through` keeps a full-precision master weight per linear layer and computes every forward
 with its quantized value: the same codec, scales (recomputed from the master weight at each forward) and
-round-to-nearest as a `QuantLinear` built from that weight (the codec's encode and decode). Backpropagation treats the rounding as the identity,
-w_q = w + (Q(w) - w).detach(), so the gradient with respect to the quantized weight updates the master weight.
-Memory is that of first-order fp32 training plus one quantized copy of a layer at a time: this is an accuracy
-baseline, not a memory saving (that is what QuZO is for). Export writes the quantized weights the model computes
-with.
+round-to-nearest as a `QuantLinear` built from that weight (the codec's encode, then decode). Backpropagation
+treats the rounding as the identity, w_q = w + (Q(w) - w).detach(), so the gradient with respect to the quantized
+weight updates the master weight. Memory is that of first-order fp32 training plus one quantized copy of a layer at
+a time: this is an accuracy baseline, not a memory saving (that is what QuZO is for). Export writes the quantized
+weights the model computes with.
 """
 
 from __future__ import annotations
