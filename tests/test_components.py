@@ -266,13 +266,13 @@ def toy_asym4():
     FORMATS.unregister(TOY_ASYM4.name)
 
 
-def test_a_codec_of_its_own_stores_trains_with_quzo_resumes_and_exports(toy_asym4, write_recipe, tmp_path):
+def test_a_codec_of_its_own_stores_half_a_byte_per_weight_and_its_group_tensors(toy_asym4):
+    """Half a byte per weight (rows padded to the nibble layout's 64), a bf16 scale and minimum per group of 16: the
+    bytes of int4's codes and scales, and one more tensor per group."""
     from ftkit.models.load import load_backbone
     from ftkit.quant.linear import QuantLinear
     from ftkit.recipe.schema import ModelSpec, QuantSpec
 
-    # (a) stored bytes: half a byte per weight (rows padded to the nibble layout's 64), a bf16 scale and minimum per
-    # group of 16: the same codes as int4 and one more tensor per group
     config = dict(tiny_recipe()["model"]["config"])
     stored = {}
     for fmt in ("toy_asym4", "int4"):
@@ -285,7 +285,9 @@ def test_a_codec_of_its_own_stores_trains_with_quzo_resumes_and_exports(toy_asym
     assert stored["toy_asym4"] == sum(padded_rows(out) * k // 2 for out, k in shapes) + 2 * 2 * groups
     assert stored["toy_asym4"] == stored["int4"] + 2 * groups  # the minimums
 
-    # (b) `ftkit train` under QuZO; (c) the run stopped halfway and resumed ends with the same bits
+
+def test_a_codec_of_its_own_trains_with_quzo_resumes_and_exports(toy_asym4, write_recipe, tmp_path):
+    # `ftkit train` under QuZO; the run stopped halfway and resumed ends with the same bits
     sections = {"quant": {"format": "toy_asym4", "group_size": 16}, "method": {"optimizer": "quzo"},
                 "train": {"lr": 1e-2}}
     runner = CliRunner()
@@ -313,7 +315,7 @@ def test_a_codec_of_its_own_stores_trains_with_quzo_resumes_and_exports(toy_asym
     moved = sum(int((toy_asym4.unpack(start[f"{n}.codes"], *shapes[n]) != codes[n]).sum()) for n in layer_names)
     assert moved > 0  # QuZO moved the stored 4-bit codes
 
-    # (d) `ftkit export` writes, for each layer, the codec's decode of the trained codes
+    # `ftkit export` writes, for each layer, the codec's decode of the trained codes
     last = ckpt.resolve(tmp_path / "whole" / "checkpoints")
     exported = runner.invoke(app, ["export", str(tmp_path / "whole"), "-o", str(tmp_path / "hf"),
                                    "--checkpoint", str(last)])
