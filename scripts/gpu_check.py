@@ -294,12 +294,12 @@ def _linear_with(weight):
 def _unbiased(check: Check) -> dict:
     """Stochastic rounding on the device, many draws of the same values: the mean of the rounded values stays within
     4 standard errors of the values for every format (each draw's variance is at most spacing^2 / 4)."""
-    from ftkit.quant.codecs import CODECS
+    from ftkit.quant import FORMATS
 
     torch, device = check.torch, check.device
     draws = check.shapes["rounding_samples"]
     found = {}
-    for name, codec in CODECS.items():
+    for name, codec in ((fmt.name, fmt.grid()) for fmt in FORMATS if fmt.low_bit):
         values = (torch.rand(64, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 0.9 * codec.max_value
         values = values.to(device)
         generator = torch.Generator(device=device).manual_seed(3)

@@ -1,6 +1,7 @@
 """Adding an adapter or a weight format is one declaration and one registration: a toy adapter (per-channel output
-scales with a recipe section of their own) and a toy format (3-bit integer codes) defined in this file train,
-checkpoint, resume bit-exactly, count and export through the package's own code, which knows neither."""
+scales with a recipe section of their own), a toy format (3-bit integer codes) and a toy codec of its own (4-bit
+asymmetric codes with a per-group minimum, two per byte) defined in this file train, checkpoint, resume bit-exactly,
+count and export through the package's own code, which knows none of them."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from ftkit.components import Adapter, Format, Section, option
 from ftkit.errors import RecipeError
 from ftkit.modules import replace_module
 from ftkit.quant import FORMATS
-from ftkit.quant.codecs import IntCodec
+from ftkit.quant.codecs import IntCodec, round_to_integers
+from ftkit.quant.packing import BLOCK, pack_nibbles, padded_rows, unpack_codes
+from ftkit.quant.scales import group_view
 from ftkit.recipe import load_recipe
 from ftkit.training import checkpoint as ckpt
 from ftkit.training.loop import train
@@ -209,3 +212,116 @@ def test_the_toy_format_trains_with_quzo_resumes_counts_and_exports(toys, write_
 
     weight = AutoModel.from_pretrained(tmp_path / "hf").encoder.layer[0].attention.self.query.weight
     assert max(len(torch.unique(row)) for row in weight) <= 8  # dequantized 3-bit codes: 8 values per channel
+
+
+# --- a codec of its own: 4-bit asymmetric codes, w = minimum + code * scale per group ------------------------------
+
+@dataclass(frozen=True)
+class ToyAsym4:
+    """Codes 0..15 and, per group, a scale and a minimum: w = minimum + code * scale, so a group's 16 levels span
+    exactly its range (no level wasted on a sign). Stored two codes per byte in the shared nibble layout."""
+
+    name: str = "toy_asym4"
+    bits = 4
+    row_block = BLOCK  # the nibble layout interleaves rows in blocks of 64
+    params = ("scales", "minimums")
+
+    def round(self, x, mode="nearest", generator=None, noise=None):
+        return round_to_integers(x, 0, 15, mode, generator, noise)
+
+    def spacing(self, x):
+        return torch.ones_like(x)
+
+    def encode(self, weight, group_size, method="absmax", dtype=torch.bfloat16, rounding="nearest", generator=None):
+        groups = group_view(weight.to(torch.float32), group_size)
+        minimums = groups.amin(dim=-1).to(dtype)
+        scales = ((groups.amax(dim=-1) - minimums.to(torch.float32)) / 15).to(dtype)
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # a constant group: any scale, code 0
+        x = (groups - minimums.to(torch.float32).unsqueeze(-1)) / scales.to(torch.float32).unsqueeze(-1)
+        return self.round(x, rounding, generator).reshape(weight.shape), {"scales": scales, "minimums": minimums}
+
+    def decode(self, x, params, group_size, into=None):
+        groups = group_view(x, group_size)
+        groups.mul_(params["scales"].to(torch.float32).unsqueeze(-1))
+        groups.add_(params["minimums"].to(torch.float32).unsqueeze(-1))
+        return x if into is None else into.add_(x)
+
+    def empty(self, rows, cols, device=None):
+        return torch.zeros(padded_rows(rows), cols // 2, dtype=torch.uint8, device=device)
+
+    def pack(self, x, out):
+        pack_nibbles(x, 0, out=out)  # nibble = code
+
+    def unpack(self, stored, rows, cols):
+        return unpack_codes(stored, rows, cols, 0, torch.float32)
+
+
+TOY_ASYM4 = Format("toy_asym4", "asymmetric 4-bit codes with a per-group minimum, two per byte", codec=ToyAsym4())
+
+
+@pytest.fixture
+def toy_asym4():
+    FORMATS.register(TOY_ASYM4)
+    yield TOY_ASYM4.codec
+    FORMATS.unregister(TOY_ASYM4.name)
+
+
+def test_a_codec_of_its_own_stores_half_a_byte_per_weight_and_its_group_tensors(toy_asym4):
+    """Half a byte per weight (rows padded to the nibble layout's 64), a bf16 scale and minimum per group of 16: the
+    bytes of int4's codes and scales, and one more tensor per group."""
+    from ftkit.models.load import load_backbone
+    from ftkit.quant.linear import QuantLinear
+    from ftkit.recipe.schema import ModelSpec, QuantSpec
+
+    config = dict(tiny_recipe()["model"]["config"])
+    stored = {}
+    for fmt in ("toy_asym4", "int4"):
+        backbone = load_backbone(ModelSpec(config=config), "encoder", quant=QuantSpec(format=fmt, group_size=16))
+        layers = [m for m in backbone.modules() if isinstance(m, QuantLinear)]
+        stored[fmt] = sum(m.stored_bytes for m in layers)
+    shapes = [(m.out_features, m.in_features) for m in layers]
+    assert len(shapes) == 12
+    groups = sum(out * (k // 16) for out, k in shapes)
+    assert stored["toy_asym4"] == sum(padded_rows(out) * k // 2 for out, k in shapes) + 2 * 2 * groups
+    assert stored["toy_asym4"] == stored["int4"] + 2 * groups  # the minimums
+
+
+def test_a_codec_of_its_own_trains_with_quzo_resumes_and_exports(toy_asym4, write_recipe, tmp_path):
+    # `ftkit train` under QuZO; the run stopped halfway and resumed ends with the same bits
+    sections = {"quant": {"format": "toy_asym4", "group_size": 16}, "method": {"optimizer": "quzo"},
+                "train": {"lr": 1e-2}}
+    runner = CliRunner()
+    whole, half = (recipe_at(write_recipe, tmp_path, name, **sections) for name in ("whole", "half"))
+    for args in ([str(whole)], [str(half), "train.max_steps=3"], [str(half), "--resume"]):
+        result = runner.invoke(app, ["train", *args])
+        assert result.exit_code == 0, result.output
+    final, resumed = weights(tmp_path / "whole"), weights(tmp_path / "half")
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("split") == "train"]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+    layer_names = sorted(k.removesuffix(".codes") for k in final if k.endswith(".codes"))
+    assert len(layer_names) == 12 and all(f"{n}.minimums" in final for n in layer_names)
+    initial = load_recipe(recipe_at(write_recipe, tmp_path, "fresh", **sections))
+    from ftkit.data.dataset import load_task_data
+    from ftkit.models.build import build_model
+    from ftkit.models.load import load_tokenizer
+
+    model, _, _ = build_model(initial, load_task_data(initial), load_tokenizer(initial.model))
+    start = dict(model.named_buffers())
+    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in layer_names}
+    codes = {n: toy_asym4.unpack(final[f"{n}.codes"], *shapes[n]) for n in layer_names}
+    moved = sum(int((toy_asym4.unpack(start[f"{n}.codes"], *shapes[n]) != codes[n]).sum()) for n in layer_names)
+    assert moved > 0  # QuZO moved the stored 4-bit codes
+
+    # `ftkit export` writes, for each layer, the codec's decode of the trained codes
+    last = ckpt.resolve(tmp_path / "whole" / "checkpoints")
+    exported = runner.invoke(app, ["export", str(tmp_path / "whole"), "-o", str(tmp_path / "hf"),
+                                   "--checkpoint", str(last)])
+    assert exported.exit_code == 0, exported.output
+    plain = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name in layer_names:
+        params = {p: final[f"{name}.{p}"] for p in toy_asym4.params}
+        expected = toy_asym4.decode(codes[name].clone(), params, 16)
+        assert torch.equal(plain[f"{name.removeprefix('encoder.')}.weight"], expected), name

@@ -172,9 +172,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
 def test_stochastic_rounding_is_unbiased_on_the_device(device, fmt):
-    from ftkit.quant.codecs import CODECS
+    from ftkit.quant import FORMATS
 
-    codec = CODECS[fmt]
+    codec = FORMATS[fmt].grid()
     values = ((torch.rand(256, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.9 * codec.max_value)
     values = values.to(device)
     generator = devices.generator(1, device)

@@ -2,7 +2,9 @@
 ftkit.components).
 
 A format is a grid: `none` keeps the weights in the model's dtype (fp32 or bf16); the low-bit formats store real
-codes: int8 and FP8 one byte per weight, int4 two weights per byte, with bf16 or fp32 scales (codecs.py). An engine
+codes: int8 and FP8 one byte per weight, int4 two weights per byte, with bf16 or fp32 scales. Each names its codec
+(codecs.py: grid, per-group tensors, storage, encode / decode) and the kernels that read its codes: this list is
+the one place formats are declared. An engine
 converts a linear layer to hold a format: `native` (ftkit's QuantLinear, whose codes QuZO trains), `bitsandbytes`
 (frozen nf4/fp4/int8 bases) and `straight_through` (the first-order QAT baseline). Models are converted module by
 module as they are built or loaded (convert.py), so their full-precision weights never all exist at once.

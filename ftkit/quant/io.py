@@ -1,4 +1,5 @@
-"""Saving quantized layers (codes + scales + format metadata) and exporting a dequantized Hugging Face model."""
+"""Saving quantized layers (codes + per-group tensors + format metadata) and exporting a dequantized Hugging Face
+model (each layer decoded by its codec)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 def quant_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every quantized layer's codes and scales, and a metadata entry describing their formats."""
+    """Every quantized layer's codes and per-group tensors (scales, and minimums where its codec has them), and a
+    metadata entry describing their formats."""
     tensors, layout = {}, {}
     for name, layer in quant_layers(model).items():
         tensors[f"{name}.codes"] = layer.codes
-        tensors[f"{name}.scales"] = layer.scales
+        tensors.update({f"{name}.{param}": value for param, value in layer.group_params().items()})
         layout[name] = {"format": layer.fmt, "group_size": layer.group_size, "in": layer.in_features,
                         "out": layer.out_features, "scale_dtype": str(layer.scales.dtype).removeprefix("torch.")}
     return tensors, ({METADATA_KEY: json.dumps(layout, sort_keys=True)} if layout else {})

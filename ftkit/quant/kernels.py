@@ -4,13 +4,17 @@
 every format on every device, with weight-only numerics, and is the fallback of every other path. The others read
 the stored codes, or a layout derived from them:
 
-| kernel      | device   | format              | numerics                          | derived copy                    |
-| ----------- | -------- | ------------------- | --------------------------------- | ------------------------------- |
-| `int4pack`  | CPU      | int4                | weight-only, bf16 activations     | none: ftkit stores this layout  |
-| `int4pack`  | CUDA     | int4                | weight-only, bf16 activations     | the tiled layout, cached        |
-| `int8pack`  | CPU      | int8, per channel   | weight-only                       | none                            |
-| `int_mm`    | CPU/CUDA | int8, per channel   | activations to int8 per row (W8A8)| none                            |
-| `scaled_mm` | CUDA     | fp8, per channel    | activations to e4m3 per row       | none                            |
+| kernel      | device   | reads                     | numerics                          | derived copy              |
+| ----------- | -------- | ------------------------- | --------------------------------- | ------------------------- |
+| `int4pack`  | CPU      | nibbles, scales           | weight-only, bf16 activations     | none: the stored layout   |
+| `int4pack`  | CUDA     | nibbles, scales           | weight-only, bf16 activations     | the tiled layout, cached  |
+| `int8pack`  | CPU      | int8 codes, per channel   | weight-only                       | none                      |
+| `int_mm`    | CPU/CUDA | int8 codes, per channel   | activations to int8 per row (W8A8)| none                      |
+| `scaled_mm` | CUDA     | float8 codes, per channel | activations to e4m3 per row       | none                      |
+
+Which formats have which kernel is declared once, by each format (`Format.kernels` in ftkit.quant.FORMATS); a layer
+takes only kernels its format declares, and only with a codec of codes and scales alone (a grid with minimums
+computes by dequantize).
 
 `auto` (quant.kernel) picks per device from what scripts/bench_quant.py measured (BENCHMARKS.md): on the CPU,
 int4pack below SMALL_BATCH_ROWS rows and int8pack for bf16 activations; on a GPU, int4pack for up to
@@ -22,12 +26,13 @@ reported once and replaced by `dequantize` from then on.
 from __future__ import annotations
 
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ftkit.errors import first_line
-from ftkit.quant.packing import unpack_int4
+from ftkit.quant.packing import unpack_nibbles
 
 # Below this many input rows (tokens) the CPU int4 kernel beats dequantize + fp32 matmul.
 SMALL_BATCH_ROWS = 512
@@ -44,7 +49,7 @@ def matmul(layer, x: torch.Tensor) -> torch.Tensor:
     kernel = kernel_for(layer, x)
     if kernel != "dequantize":
         try:
-            return KERNELS[kernel](layer, x)
+            return KERNELS[kernel].matmul(layer, x)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:  # this hardware or build lacks the kernel for these dtypes: say so once
@@ -81,25 +86,37 @@ def usable(kernel: str, layer, x: torch.Tensor) -> bool:
     and the scales' grouping are ones it takes, and it has not failed here before."""
     if kernel == "dequantize":
         return True
-    device = x.device.type
-    if kernel not in layer.format_kernels or (kernel, device, layer.fmt) in _UNUSABLE:
+    if kernel not in layer.format_kernels or (kernel, x.device.type, layer.fmt) in _UNUSABLE:
         return False
-    per_channel = layer.scales.shape[1] == 1
+    if tuple(layer.codec.params) != ("scales",):  # every kernel here reads codes and scales, nothing else
+        return False
+    return KERNELS[kernel].runs(layer, x, x.device.type, layer.scales.shape[1] == 1)
+
+
+def _int4pack_runs(layer, x, device: str, per_channel: bool) -> bool:
+    if int4_group(layer) is None:
+        return False
+    if device == "cuda":
+        return _capability(x.device) >= (8, 0) and _inner_k_tiles(layer.in_features) is not None
+    return device == "cpu"
+
+
+def _int8pack_runs(layer, x, device: str, per_channel: bool) -> bool:
+    return device == "cpu" and per_channel
+
+
+def _int_mm_runs(layer, x, device: str, per_channel: bool) -> bool:
+    """cuBLAS's int8 matmul wants more than 16 rows and dimensions in multiples of 8."""
     rows, k, n = x.numel() // x.shape[-1], layer.in_features, layer.out_features
-    if kernel == "int4pack":
-        if int4_group(layer) is None:
-            return False
-        if device == "cuda":
-            return _capability(x.device) >= (8, 0) and _inner_k_tiles(k) is not None
-        return device == "cpu"
-    if kernel == "int8pack":
-        return device == "cpu" and per_channel
-    if kernel == "int_mm":  # cuBLAS's int8 matmul wants more than 16 rows and dimensions in multiples of 8
-        return per_channel and (device == "cpu" or (device == "cuda" and rows > 16 and k % 8 == 0 and n % 8 == 0))
-    if kernel == "scaled_mm":  # FP8 tensor cores from compute capability 8.9, dimensions in multiples of 16
-        cuda_ok = device == "cuda" and _capability(x.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0
-        return per_channel and (device == "cpu" or cuda_ok)  # the CPU runs it too, when named (a slow reference)
-    return False
+    return per_channel and (device == "cpu" or (device == "cuda" and rows > 16 and k % 8 == 0 and n % 8 == 0))
+
+
+def _scaled_mm_runs(layer, x, device: str, per_channel: bool) -> bool:
+    """FP8 tensor cores from compute capability 8.9, dimensions in multiples of 16; the CPU runs it too, when named
+    (a slow reference)."""
+    k, n = layer.in_features, layer.out_features
+    cuda_ok = device == "cuda" and _capability(x.device) >= (8, 9) and k % 16 == 0 and n % 16 == 0
+    return per_channel and (device == "cpu" or cuda_ok)
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -187,7 +204,7 @@ def int4pack_matmul(layer, x: torch.Tensor) -> torch.Tensor:
 def int4_nibble_pairs(layer) -> torch.Tensor:
     """The codes as [padded N, K/2] uint8, two consecutive inputs per byte (even input in the high nibble), each
     code + 8: the layout PyTorch's CUDA int4 kernel converts from."""
-    nibbles = (unpack_int4(layer.codes, layer.codes.shape[0], layer.in_features).to(torch.int16) + 8).to(torch.uint8)
+    nibbles = unpack_nibbles(layer.codes, layer.codes.shape[0], layer.in_features)
     return (nibbles[:, ::2] << 4) | nibbles[:, 1::2]
 
 
@@ -216,10 +233,16 @@ def scaled_mm_matmul(layer, x: torch.Tensor) -> torch.Tensor:
     return _finish(layer, out, x)
 
 
+class Kernel(NamedTuple):
+    matmul: Callable  # (layer, x) -> the layer's output
+    runs: Callable  # (layer, x, device type, per-channel scales) -> whether it computes this layer for this input
+
+
+# Every kernel, once: its matmul and where it runs (which formats have it: their `Format.kernels`).
 KERNELS = {
-    "dequantize": dequantize_matmul,
-    "int8pack": int8pack_matmul,
-    "int_mm": int_mm_matmul,
-    "int4pack": int4pack_matmul,
-    "scaled_mm": scaled_mm_matmul,
+    "dequantize": Kernel(dequantize_matmul, lambda *_: True),
+    "int8pack": Kernel(int8pack_matmul, _int8pack_runs),
+    "int_mm": Kernel(int_mm_matmul, _int_mm_runs),
+    "int4pack": Kernel(int4pack_matmul, _int4pack_runs),
+    "scaled_mm": Kernel(scaled_mm_matmul, _scaled_mm_runs),
 }

@@ -1,8 +1,10 @@
-"""The quantized linear layer: codes and scales in real low-bit storage, no full-precision copy of the weight.
+"""The quantized linear layer: codes and per-group parameters in real low-bit storage, no full-precision copy.
 
-Storage (buffers, saved in checkpoints): int8 codes as torch.int8 [N, K]; int4 codes packed two per byte in the
-CPU kernel's layout (ftkit.quant.packing); FP8 codes as torch.float8_e4m3fn / float8_e5m2 [N, K]; scales [N, groups]
-in bf16 or fp32. The bias stays in full precision.
+What the layer stores is its codec's (ftkit.quant.codecs): a `codes` buffer in the codec's storage (int8 codes as
+torch.int8 [N, K]; int4 codes two per byte in the CPU kernel's layout, ftkit.quant.packing; FP8 codes as
+torch.float8_e4m3fn / float8_e5m2 [N, K]) and one [N, groups] buffer per name in the codec's `params` (`scales`
+in bf16 or fp32, and `minimums` for an asymmetric grid), all saved in checkpoints. The bias stays in full
+precision. Everything else (rounding, packing, dequantizing, stepping codes) the layer asks the codec.
 
 Forward runs one of the matmul paths of ftkit.quant.kernels, chosen per format and device from what
 `scripts/bench_quant.py` measured (see BENCHMARKS.md); the dequantize path materialises only this layer's weight,
@@ -26,20 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftkit.quant import FORMATS
-from ftkit.quant.codecs import IntCodec
 from ftkit.quant.kernels import kernel_for, matmul
-from ftkit.quant.packing import (
-    BLOCK,
-    pack_int4,
-    padded_rows,
-    step_int4,
-    step_int4_layers,
-    unpack_int4,
-)
-from ftkit.quant.scales import compute_scales, group_view
 
 # Elements per block of rows when dequantizing or rewriting codes: temporaries of about 16 MiB.
 BLOCK_ELEMENTS = 1 << 22
+# Row blocks start at multiples of this many rows, a multiple of every codec's `row_block` (64: int4's packing).
+ROW_ALIGN = 64
 
 
 class QuantLinear(nn.Module):
@@ -47,20 +41,20 @@ class QuantLinear(nn.Module):
                  scale_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", device=None):
         super().__init__()
         self.codec = FORMATS[fmt].grid()
-        if self.codec.packed and in_features % 2:
-            raise ValueError(f"{fmt} needs an even number of input features, got {in_features}")
+        codes = self.codec.empty(out_features, in_features, device=device)
         if group_size and in_features % group_size:
             raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
+        if ROW_ALIGN % self.codec.row_block:
+            raise ValueError(f"{fmt} stores rows in blocks of {self.codec.row_block}, which must divide the layer's "
+                             f"row blocks of {ROW_ALIGN}")
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.group_size, self.kernel = group_size, kernel
         self.format_kernels = FORMATS[fmt].kernels  # kernels that read this format's codes directly
         groups = in_features // group_size if group_size else 1
-        if self.codec.packed:
-            codes = torch.zeros(padded_rows(out_features), in_features // 2, dtype=torch.uint8, device=device)
-        else:
-            codes = torch.zeros(out_features, in_features, dtype=self.codec.storage_dtype, device=device)
         self.register_buffer("codes", codes)
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
+        for name in self.codec.params:  # scales start at one, minimums (asymmetric grids) at zero
+            fill = torch.ones if name == "scales" else torch.zeros
+            self.register_buffer(name, fill(out_features, groups, dtype=scale_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.perturbation: Optional[Callable[[QuantLinear], torch.Tensor]] = None
         # Whether a zeroth-order method updates the codes (full-parameter QuZO; set by its `prepare`). The codes are
@@ -76,9 +70,11 @@ class QuantLinear(nn.Module):
                     kernel, device=linear.weight.device)
         with torch.no_grad():
             weight = linear.weight.detach().to(torch.float32)
-            layer.scales.copy_(compute_scales(weight, layer.codec, group_size, scale_method, scale_dtype))
-            scaled = group_view(weight, group_size) / layer.scales.to(torch.float32).unsqueeze(-1)
-            layer.set_code_values(layer.codec.round(scaled, rounding, generator).reshape(weight.shape))
+            grid_values, params = layer.codec.encode(weight, group_size, scale_method, scale_dtype, rounding,
+                                                     generator)
+            for name, value in params.items():
+                getattr(layer, name).copy_(value)
+            layer.set_code_values(grid_values)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach().to(torch.float32))
         return layer
@@ -86,43 +82,40 @@ class QuantLinear(nn.Module):
     # --- codes ------------------------------------------------------------------------------------------------
 
     def row_blocks(self) -> list[slice]:
-        """Consecutive row ranges of about BLOCK_ELEMENTS elements, each starting at a multiple of the int4 packing
-        block (64 rows), so every range maps onto whole rows of the packed codes."""
-        rows = max(BLOCK, BLOCK_ELEMENTS // self.in_features // BLOCK * BLOCK)
+        """Consecutive row ranges of about BLOCK_ELEMENTS elements, each starting at a multiple of ROW_ALIGN (64
+        rows), so every range maps onto whole blocks of stored rows."""
+        rows = max(ROW_ALIGN, BLOCK_ELEMENTS // self.in_features // ROW_ALIGN * ROW_ALIGN)
         return [slice(start, min(start + rows, self.out_features)) for start in range(0, self.out_features, rows)]
+
+    def stored_rows(self, rows: slice) -> slice:
+        """The rows of the `codes` buffer that hold the codes of `rows` (which starts at a multiple of the codec's
+        `row_block`): whole blocks, the last one padded."""
+        block = self.codec.row_block
+        if rows.start % block:
+            raise ValueError(f"{self.fmt} codes are stored in blocks of {block} rows; a row range must start at a "
+                             f"multiple of {block}, got {rows.start}")
+        return slice(rows.start, rows.start + -(-(rows.stop - rows.start) // block) * block)
+
+    def group_params(self, rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """The codec's per-group tensors (scales, minimums) by name, of all rows or of `rows`."""
+        rows = rows or slice(0, self.out_features)
+        return {name: getattr(self, name)[rows] for name in self.codec.params}
 
     def code_values(self, rows: slice | None = None) -> torch.Tensor:
         """Grid values [N, K] (or of `rows`) as float32 (integers for int formats, FP8 values for FP8)."""
         rows = rows or slice(0, self.out_features)
-        if self.codec.packed:
-            _check_packed_start(rows)
-            count = rows.stop - rows.start
-            packed = self.codes[rows.start: rows.start + padded_rows(count)]
-            return unpack_int4(packed, count, self.in_features, torch.float32)
-        return self.codec.decode(self.codes[rows])
+        return self.codec.unpack(self.codes[self.stored_rows(rows)], rows.stop - rows.start, self.in_features)
 
     def set_code_values(self, grid_values: torch.Tensor, rows: slice | None = None) -> None:
         """Store grid values [N, K] (or of `rows`; already on the codec's grid) into the codes buffer, in place."""
         rows = rows or slice(0, self.out_features)
         self.drop_derived()
-        if self.codec.packed:  # packed from the grid values straight into the buffer's rows
-            _check_packed_start(rows)
-            pack_int4(grid_values, out=self.codes[rows.start: rows.start + padded_rows(rows.stop - rows.start)])
-        else:
-            self.codes[rows].copy_(self.codec.encode(grid_values))
+        self.codec.pack(grid_values, out=self.codes[self.stored_rows(rows)])
 
     def step_codes(self, positions: torch.Tensor, steps: torch.Tensor) -> None:
         """Move the codes at flat `positions` (row * K + column, distinct) by `steps` whole grid steps, clamped to
-        the grid's range, in place, reading and writing only those codes (integer formats)."""
-        if not isinstance(self.codec, IntCodec):
-            raise ValueError(f"{self.fmt} codes are not on a uniform grid; whole grid steps are not defined")
-        self.drop_derived()
-        if self.codec.packed:
-            step_int4(self.codes, positions, steps, self.in_features)
-            return
-        flat = self.codes.view(-1)
-        moved = flat[positions].to(torch.int16).add_(steps.to(torch.int16))
-        flat[positions] = moved.clamp_(self.codec.qmin, self.codec.qmax).to(flat.dtype)
+        the grid's range, in place, reading and writing only those codes (integer grids)."""
+        step_codes_of([self], [positions], [steps])
 
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """The float32 weight [N, K] (or its `rows`), filled a block of rows at a time."""
@@ -134,18 +127,13 @@ class QuantLinear(nn.Module):
             for block in blocks:
                 weight[block] = self.dequantize(block)
             return weight
-        weight = self.code_values(rows)  # a fresh float32 tensor, scaled in place
-        group_view(weight, self.group_size).mul_(self.scales[rows].to(torch.float32).unsqueeze(-1))
-        return weight
+        # code_values gives a fresh float32 tensor, which the codec turns into weights in place
+        return self.codec.decode(self.code_values(rows), self.group_params(rows), self.group_size)
 
     def add_dequantized(self, into: torch.Tensor, rows: slice) -> None:
-        """into += the float32 weight of `rows`, codes times scales in the same pass. With bf16 scales (the default)
-        a code times its scale is exact in float32, so this is `into + dequantize(rows)` bit for bit; with float32
-        scales the product may be fused into the sum (one rounding instead of two)."""
-        size = self.group_size or self.in_features
-        groups = into.view(into.shape[0], -1, size)  # a view (raises otherwise): the sum must land in `into`
-        codes = self.code_values(rows).view_as(groups)
-        groups.addcmul_(codes, self.scales[rows].to(torch.float32).unsqueeze(-1))
+        """into += the float32 weight of `rows`, in the same pass as decoding where the codec can (see
+        ftkit.quant.codecs.scale_groups: bit for bit `into + dequantize(rows)` with bf16 scales)."""
+        self.codec.decode(self.code_values(rows), self.group_params(rows), self.group_size, into=into)
 
     # --- forward ----------------------------------------------------------------------------------------------
 
@@ -172,34 +160,28 @@ class QuantLinear(nn.Module):
 
     @property
     def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales))
+        return sum(t.numel() * t.element_size() for t in (self.codes, *self.group_params().values()))
 
 
 def step_codes_of(layers: list[QuantLinear], positions: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
-    """`QuantLinear.step_codes` for several layers at once: int4 layers' moves are applied together
-    (ftkit.quant.packing.step_int4_layers), a read and a write per layer; others one at a time."""
-    packed = [j for j, layer in enumerate(layers) if layer.codec.packed]
-    is_packed = set(packed)
-    for j, layer in enumerate(layers):
-        if j in is_packed:
-            layer.drop_derived()
-        else:
-            layer.step_codes(positions[j], steps[j])
-    if packed:
-        step_int4_layers([layers[j].codes for j in packed], [positions[j] for j in packed], [steps[j] for j in packed],
-                         [layers[j].in_features for j in packed])
-
-
-def _check_packed_start(rows: slice) -> None:
-    if rows.start % BLOCK:
-        raise ValueError(f"int4 codes are packed in blocks of {BLOCK} rows; a row range must start at a multiple of "
-                         f"{BLOCK}, got {rows.start}")
+    """`QuantLinear.step_codes` for several layers at once: the layers of one codec are moved together by it (int4:
+    all their moves' arithmetic at once, then a read and a write per layer)."""
+    by_codec: dict[int, tuple] = {}
+    for layer, where, by in zip(layers, positions, steps):
+        if getattr(layer.codec, "step", None) is None:
+            raise ValueError(f"{layer.fmt} codes are not on a uniform grid; whole grid steps are not defined")
+        layer.drop_derived()
+        by_codec.setdefault(id(layer.codec), (layer.codec, []))[1].append((layer, where, by))
+    for codec, moves in by_codec.values():
+        codec.step([layer.codes for layer, _, _ in moves], [where for _, where, _ in moves],
+                   [by for _, _, by in moves], [layer.in_features for layer, _, _ in moves])
 
 
 def count_tensor(module: nn.Module, leaf: str, tensor: torch.Tensor):
     """The native engine's counting (ftkit.components.Engine.count): codes stand for the layer's logical weights and
-    are trained when `train_codes` is set; scales are bytes, not parameters."""
-    if not isinstance(module, QuantLinear) or leaf not in ("codes", "scales"):
+    are trained when `train_codes` is set; the codec's per-group tensors (scales, minimums) are bytes, not
+    parameters. Bytes are those of the storage the codec made (int4: half a byte per weight, rows padded to 64)."""
+    if not isinstance(module, QuantLinear) or (leaf != "codes" and leaf not in module.codec.params):
         return None
     nbytes = tensor.numel() * tensor.element_size()
     if leaf == "codes":

@@ -3,11 +3,11 @@ the baseline QuZO is compared against (the full-parameter first-order `qft` base
 
 `quant.engine: straight_through` keeps a full-precision master weight per linear layer and computes every forward
 with its quantized value: the same codec, scales (recomputed from the master weight at each forward) and
-round-to-nearest as a `QuantLinear` built from that weight. Backpropagation treats the rounding as the identity,
-w_q = w + (Q(w) - w).detach(), so the gradient with respect to the quantized weight updates the master weight.
-Memory is that of first-order fp32 training plus one quantized copy of a layer at a time: this is an accuracy
-baseline, not a memory saving (that is what QuZO is for). Export writes the quantized weights the model computes
-with.
+round-to-nearest as a `QuantLinear` built from that weight (the codec's encode, then decode). Backpropagation
+treats the rounding as the identity, w_q = w + (Q(w) - w).detach(), so the gradient with respect to the quantized
+weight updates the master weight. Memory is that of first-order fp32 training plus one quantized copy of a layer at
+a time: this is an accuracy baseline, not a memory saving (that is what QuZO is for). Export writes the quantized
+weights the model computes with.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ftkit.errors import UserError
 from ftkit.quant import FORMATS
-from ftkit.quant.scales import SCALE_DTYPES, compute_scales, group_view
+from ftkit.quant.scales import SCALE_DTYPES
 
 
 class StraightThroughLinear(nn.Linear):
@@ -45,10 +45,8 @@ class StraightThroughLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         """Q(w): the weight a QuantLinear built from the master weight (nearest rounding) dequantizes to."""
         weight = self.weight.detach().to(torch.float32)
-        scales = compute_scales(weight, self.codec, self.group_size, self.scale_method, self.scale_dtype)
-        scales = scales.to(torch.float32).unsqueeze(-1)
-        grid = self.codec.round(group_view(weight, self.group_size) / scales, "nearest")
-        return (grid * scales).reshape(weight.shape)
+        grid, params = self.codec.encode(weight, self.group_size, self.scale_method, self.scale_dtype, "nearest")
+        return self.codec.decode(grid, params, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight + (self.quantized_weight().to(self.weight.dtype) - self.weight).detach()
