@@ -267,11 +267,13 @@ def sections_of(*registries: Registry) -> dict[str, Section]:
     return found
 
 
-def option(default: Any = MISSING, *, factory: Callable | None = None, help: str, computes: bool = True):
-    """A recipe key: a dataclass field with its help line (the recipe reference is generated from it) and whether
+def option(default: Any = MISSING, *, factory: Callable | None = None, help: str, computes: bool = True,
+           choices: Callable[[], Registry] | None = None):
+    """A recipe key: a dataclass field with its help line (the recipe reference is generated from it), whether
     changing it changes what a run computes (`computes=False`: how long, how often, where; a resumed run or a
-    replay may differ in it)."""
-    metadata = {"help": help, "computes": computes}
+    replay may differ in it) and, for a key that names a component, `choices`: a function returning its registry,
+    so the reference lists the registered names and their summaries instead of a help line repeating them."""
+    metadata = {"help": help, "computes": computes, "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)

@@ -28,10 +28,7 @@ class ZOSpec:
 
     eps: float = option(1e-3, help="Perturbation scale: the loss is evaluated at w + eps u and w - eps u.")
     n_queries: int = option(1, help="Random directions averaged per step (two forward passes each).")
-    direction: str = option(
-        "gaussian", help="Random directions, a kind in ftkit.optim.DIRECTIONS: gaussian, N(0, I) (MeZO, QuZO), or "
-                         "rademacher, random signs +-1 (SPSA's): one random bit per element instead of a Gaussian, "
-                         "several times cheaper to draw, and already on QuZO's grid, so no rounding is drawn.")
+    direction: str = option("gaussian", help="Kind of random direction.", choices=lambda: DIRECTIONS)
     perturb_bits: int = option(4, help="QuZO: directions are stochastically rounded onto a per-tensor grid of "
                                        "2^bits - 1 levels (0: unrounded).")
     independent_roundings: bool = option(True, help="QuZO: the perturbation and the update round the same Gaussian "
@@ -108,9 +105,10 @@ class Direction:
 
 
 DIRECTIONS: Registry = Registry("method.zo.direction", [
-    Direction("gaussian", "N(0, I), one Gaussian per element",
+    Direction("gaussian", "N(0, I), one Gaussian per element (MeZO, QuZO)",
               Hook("ftkit.optim.directions.gaussian:GAUSSIAN")),
-    Direction("rademacher", "random signs +-1, one random bit per element, on every rounding grid",
+    Direction("rademacher", "random signs +-1 (SPSA's): one random bit per element instead of a Gaussian, several "
+                            "times cheaper to draw, and already on QuZO's grid, so no rounding is drawn",
               Hook("ftkit.optim.directions.rademacher:RADEMACHER")),
 ])
 

@@ -71,8 +71,16 @@ HEADER = "| key | type | default | computes | meaning |\n| --- | --- | --- | ---
 
 def _row(key, f, hint) -> str:
     computes = "" if f.metadata.get("computes", True) else "no"
-    cells = [f"`{key.rsplit('.', 1)[-1]}`", type_name(hint), default_of(f), computes, f.metadata.get("help", "")]
+    cells = [f"`{key.rsplit('.', 1)[-1]}`", type_name(hint), default_of(f), computes, _meaning(f)]
     return "| " + " | ".join(cell.replace("|", "\\|") if i > 1 else cell for i, cell in enumerate(cells)) + " |"
+
+
+def _meaning(f) -> str:
+    """The help line, and for a key naming a component the registered choices with their summaries."""
+    meaning, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+    if choices is None:
+        return meaning
+    return meaning + " One of: " + "; ".join(f"`{c.name}`: {c.summary}" for c in choices())
 
 
 def _is_section(f, hint) -> bool:

@@ -46,11 +46,8 @@ class ModelSpec:
 
 @dataclass
 class QuantSpec:
-    format: str = option("none", help="Weight format of the linear layers: none (the model's dtype), int8, int4, "
-                                      "fp8_e4m3, fp8_e5m2 (ftkit.quant.FORMATS).")
-    engine: str = option("native", help="native: real low-bit storage (QuantLinear), trainable by quzo; bitsandbytes: "
-                                        "its frozen nf4/fp4/int8 layers; straight_through: full-precision master "
-                                        "weights computed with their quantized value (first-order QAT baseline).")
+    format: str = option("none", help="Weight format of the linear layers.", choices=lambda: _registry("FORMATS"))
+    engine: str = option("native", help="How a linear layer holds the format.", choices=lambda: _registry("ENGINES"))
     group_size: int = option(0, help="0: one scale per output channel; otherwise one scale per group of this many "
                                      "input columns.")
     scale_method: Literal["absmax", "mse"] = option("absmax", help="Scales from the absolute maximum or an MSE "
@@ -76,10 +73,8 @@ class QuantSpec:
 
 @dataclass
 class MethodSpec:
-    adapter: str = option("none", help="none (the model's own parameters), lora, loretta_adp, loretta_rep "
-                                       "(ftkit.adapters.ADAPTERS).")
-    optimizer: str = option("adamw", help="adamw, sgd (first-order); mezo, quzo (zeroth-order) "
-                                          "(ftkit.optim.OPTIMIZERS).")
+    adapter: str = option("none", help="What trains.", choices=lambda: _registry("ADAPTERS"))
+    optimizer: str = option("adamw", help="How it trains.", choices=lambda: _registry("OPTIMIZERS"))
     freeze: list[str] = option(factory=list, help="Regular expressions over parameter names that stay frozen, on top "
                                                   "of what the method freezes.")
     # The options of every optimizer and adapter, by section (method.zo, method.lora, ...). They are read as
@@ -113,6 +108,15 @@ def engine_sections() -> dict:
     from ftkit.quant import ENGINES
 
     return sections_of(ENGINES)
+
+
+def _registry(name: str):
+    """The registry a key names a component of, imported when the reference is written."""
+    from ftkit.adapters import ADAPTERS
+    from ftkit.optim import OPTIMIZERS
+    from ftkit.quant import ENGINES, FORMATS
+
+    return {"FORMATS": FORMATS, "ENGINES": ENGINES, "ADAPTERS": ADAPTERS, "OPTIMIZERS": OPTIMIZERS}[name]
 
 
 def _defaults(sections: dict) -> dict[str, Any]:
