@@ -118,7 +118,8 @@ def fingerprint(name: str, recipe_data: dict, work: Path) -> dict:
     summary = train(load_recipe(path))
     run_dir = work / name
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    figures = [{k: v for k, v in e.items() if k not in ("elapsed", "lr")} for e in events]
+    # "forwards" (zeroth-order forward passes so far) is a count, not arithmetic: added after the first fingerprints
+    figures = [{k: v for k, v in e.items() if k not in ("elapsed", "lr", "forwards")} for e in events]
     last = run_dir / "checkpoints" / "last"
     weights = load_file(str(last / "weights.safetensors"))
     digest = hashlib.sha256()
