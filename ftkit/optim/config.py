@@ -31,8 +31,9 @@ class ZOSpec:
                                     "differences; one each, plus one unperturbed, with one_sided).")
     estimator: str = option(
         "central", help="How a step's losses estimate the gradient, an estimator in ftkit.optim.ESTIMATORS: central "
-                        "differences (MeZO, QuZO), or one_sided, FZOO's: L(w) once and L(w + eps u_i) per query, the "
-                        "step normalised by the estimates' standard deviation (n_queries + 1 forwards, n_queries >= 2).")
+                        "differences (MeZO, QuZO), or one_sided, FZOO's: L(w) once and L(w + eps u_i) per query, "
+                        "the step normalised by the estimates' standard deviation (n_queries + 1 forwards, "
+                        "n_queries >= 2).")
     momentum: float = option(0.0, help="Momentum on the projected gradient, m <- momentum m + g u, w <- w - lr m (0: "
                                        "off): one float32 buffer the size of the trained tensors; full-precision "
                                        "targets only.")
