@@ -100,6 +100,12 @@ GRID = {
     "llama_choice_mezo": llama(CHOICE, method={"optimizer": "mezo"}, train=ZO),
     "llama_qa_adamw_loretta_adp": llama(QA, method={"adapter": "loretta_adp", "loretta": {"bottleneck": 8}}),
     "llama_qa_quzo_int8": llama(QA, quant={"format": "int8"}, method={"optimizer": "quzo"}, train=ZO),
+    # FZOO's one-sided estimate (normalised steps: a rate in weight units) and momentum on the projected gradient
+    "mezo_one_sided": base(method={"optimizer": "mezo", "zo": {"estimator": "one_sided", "n_queries": 3}},
+                           train={"lr": 1e-3}),
+    "quzo_int4_one_sided": base(quant={"format": "int4"}, train={"lr": 1e-3}, method={
+        "optimizer": "quzo", "zo": {"estimator": "one_sided", "n_queries": 2, "direction": "rademacher"}}),
+    "mezo_momentum": base(method={"optimizer": "mezo", "zo": {"momentum": 0.9}}, train={"lr": 1e-3}),
 }
 
 
@@ -118,7 +124,8 @@ def fingerprint(name: str, recipe_data: dict, work: Path) -> dict:
     summary = train(load_recipe(path))
     run_dir = work / name
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    figures = [{k: v for k, v in e.items() if k not in ("elapsed", "lr")} for e in events]
+    # "forwards" (zeroth-order forward passes so far) is a count, not arithmetic: added after the first fingerprints
+    figures = [{k: v for k, v in e.items() if k not in ("elapsed", "lr", "forwards")} for e in events]
     last = run_dir / "checkpoints" / "last"
     weights = load_file(str(last / "weights.safetensors"))
     digest = hashlib.sha256()

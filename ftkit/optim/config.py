@@ -27,7 +27,13 @@ class ZOSpec:
     """Zeroth-order options (MeZO, QuZO); see ftkit/optim/zo.py."""
 
     eps: float = option(1e-3, help="Perturbation scale: the loss is evaluated at w + eps u and w - eps u.")
-    n_queries: int = option(1, help="Random directions averaged per step (two forward passes each).")
+    n_queries: int = option(1, help="Random directions averaged per step (two forward passes each with central "
+                                    "differences; one each, plus one unperturbed, with one_sided).")
+    estimator: str = option("central", help="How a step's losses estimate the gradient.",
+                            choices=lambda: ESTIMATORS)
+    momentum: float = option(0.0, help="Momentum on the projected gradient, m <- momentum m + g u, w <- w - lr m (0: "
+                                       "off): one float32 buffer the size of the trained tensors; full-precision "
+                                       "targets only.")
     direction: str = option("gaussian", help="Kind of random direction.", choices=lambda: DIRECTIONS)
     perturb_bits: int = option(4, help="QuZO: directions are stochastically rounded onto a per-tensor grid of "
                                        "2^bits - 1 levels (0: unrounded).")
@@ -68,6 +74,14 @@ def _check_zo(zo: ZOSpec, recipe, chosen, fail) -> None:
         fail("method.zo.weight_decay", f"must be at least 0, got {zo.weight_decay}")
     if zo.perturb_bits != 0 and not 2 <= zo.perturb_bits <= 16:
         fail("method.zo.perturb_bits", f"must be 0 (unrounded directions) or 2..16, got {zo.perturb_bits}")
+    if zo.estimator not in ESTIMATORS:
+        fail("method.zo.estimator", f"unknown estimator {zo.estimator!r} (available: "
+                                    f"{', '.join(e.name for e in ESTIMATORS)})")
+    elif zo.n_queries < ESTIMATORS[zo.estimator].min_queries:
+        fail("method.zo.n_queries", f"the {zo.estimator} estimator needs at least "
+                                    f"{ESTIMATORS[zo.estimator].min_queries} queries ({ESTIMATORS[zo.estimator].why})")
+    if not 0 <= zo.momentum < 1:
+        fail("method.zo.momentum", f"must be in [0, 1), got {zo.momentum}")
     if zo.direction not in DIRECTIONS:
         fail("method.zo.direction", f"unknown direction {zo.direction!r} (available: "
                                     f"{', '.join(d.name for d in DIRECTIONS)})")
@@ -86,6 +100,9 @@ def _check_zeroth_order(recipe, chosen, fail) -> None:
         fail("method.optimizer", f"{name} trains full-precision weights, and quant.format is {quant.format}: use quzo "
              f"for the quantized weights themselves, or set method.adapter to train an adapter over the quantized "
              f"base")
+    if full and low_bit and recipe.method.zo.momentum:
+        fail("method.zo.momentum", f"keeps a float buffer per trained tensor, and the {quant.format} codes {name} "
+             f"trains have no float master copy to move along it; train an adapter or the norms, or set it to 0")
     if full and low_bit and not chosen.engine.zo_trains_weights:
         fail("method.adapter", f"{quant.engine} weights are frozen; zeroth-order training over them needs an "
              f"adapter (lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
@@ -110,6 +127,27 @@ DIRECTIONS: Registry = Registry("method.zo.direction", [
     Direction("rademacher", "random signs +-1 (SPSA's): one random bit per element instead of a Gaussian, several "
                             "times cheaper to draw, and already on QuZO's grid, so no rounding is drawn",
               Hook("ftkit.optim.directions.rademacher:RADEMACHER")),
+])
+
+@dataclass(frozen=True)
+class Estimator:
+    """How a step's losses estimate the gradient (method.zo.estimator). `behaviour`: an
+    ftkit.optim.estimators.EstimatorKind or a Hook to one; `min_queries` and `why`: what validation asks of
+    method.zo.n_queries."""
+
+    name: str
+    summary: str
+    behaviour: Any
+    min_queries: int = 1
+    why: str = ""
+
+
+ESTIMATORS: Registry = Registry("method.zo.estimator", [
+    Estimator("central", "central differences (L(w + eps u) - L(w - eps u)) / 2 eps, two forwards per query",
+              Hook("ftkit.optim.estimators.central:CENTRAL")),
+    Estimator("one_sided", "FZOO: one-sided differences against L(w), n + 1 forwards, normalised by their deviation",
+              Hook("ftkit.optim.estimators.one_sided:ONE_SIDED"), min_queries=2,
+              why="its step is divided by the standard deviation of the queries' estimates"),
 ])
 
 ADAMW_SECTION = Section("adamw", AdamWSpec, _check_adamw)

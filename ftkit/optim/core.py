@@ -4,10 +4,15 @@ seeds, the trace and the state. The loop's method (ftkit.optim.zo), the PyTorch 
 (the `zeroth_order` rules of its ftkit.components.Optimizer declaration), and the kind of direction a module of
 ftkit.optim.directions.
 
-One step, with step seed s, query seeds s_i and projected gradients g_i:
+One step, with step seed s, query seeds s_i and projected gradients g_i, central differences (the default
+estimator, ftkit.optim.estimators):
 
     for each query i:  w <- w + eps u1_i;  L+ = L(w);  w <- w - 2 eps u1_i;  L- = L(w);  g_i = (L+ - L-) / (2 eps)
     w <- R(w - lr * (sum_i g_i u2_i / n + wd * w))        (the last restore is folded into the update)
+
+Another estimator visits other points (one_sided: w, then w + eps u1_i per query) and combines the losses its own
+way; a momentum (ftkit.optim.momentum) folds the update into a buffer first. The core counts the forward passes
+every step spends (`forwards`), so runs of different estimators compare at equal cost.
 
 MeZO: u1 = u2 = u, R the identity. QuZO: u1 = Q1(u), u2 = Q2(u) with independent rounding bits, and R stochastic
 rounding onto the weight grid for quantized layers (whose perturbation lives in the dequantize hook, so their codes
@@ -27,6 +32,10 @@ import torch
 
 from ftkit.errors import UserError
 from ftkit.components import Optimizer
+from ftkit.optim.config import ESTIMATORS
+from ftkit.optim.estimators import EstimatorKind, estimator_kind
+from ftkit.optim.estimators.central import CENTRAL
+from ftkit.optim.momentum import Momentum
 from ftkit.optim.trace import VERSION, TraceWriter
 from ftkit.optim.zo_streams import derive
 from ftkit.optim.zo_targets import Directions
@@ -48,7 +57,7 @@ def directions_for(method: Optimizer, direction: str, perturb_bits: int, indepen
 
 class ZerothOrderCore:
     def __init__(self, targets: list, method: Optimizer, directions: Directions, eps: float, n_queries: int,
-                 weight_decay: float, seed: int):
+                 weight_decay: float, seed: int, estimator: str = "central", momentum: float = 0.0):
         name, rules = method.name, method.zeroth_order
         if not targets:
             raise ZerothOrderError(f"{name}: nothing to train: no parameter requires grad and no quantized "
@@ -61,9 +70,18 @@ class ZerothOrderCore:
             warnings.warn(f"{name} on bfloat16 weights: in-place perturbations leave rounding noise and updates "
                           f"below bf16's spacing round away; use model.dtype: float32, or quzo for low-precision "
                           f"weights", stacklevel=3)
+        if momentum and any(t.low_bit for t in targets):
+            raise ZerothOrderError(f"{name}: momentum keeps a float buffer per trained tensor, and low-bit codes have "
+                                   f"no float master copy to move along it: train an adapter or the norms, or set "
+                                   f"momentum to 0")
+        self.estimator, declared = estimator_kind(estimator), ESTIMATORS[estimator]
+        if n_queries < declared.min_queries:
+            raise ZerothOrderError(f"{name}: the {estimator} estimator needs n_queries >= {declared.min_queries} "
+                                   f"({declared.why}), got {n_queries}")
         self.targets, self.method, self.directions = targets, method, directions
         self.eps, self.n_queries, self.weight_decay, self.seed = eps, n_queries, weight_decay, seed
-        self.steps_done = 0
+        self.beta, self.momentum = momentum, Momentum(momentum, targets) if momentum else None
+        self.steps_done = self.forwards = 0
         self.trace: TraceWriter | None = None
 
     def step_seed(self, step: int) -> int:
@@ -76,6 +94,7 @@ class ZerothOrderCore:
         step_seed = self.step_seed(self.steps_done)
         gradients, losses = self.run(step_seed, lr, evaluate, combine, eps, weight_decay)
         self.steps_done += 1
+        self.forwards += self.estimator.forwards(self.n_queries)
         if self.trace is not None:
             self.trace.write(self.steps_done, step_seed, lr, gradients, self.directions.streams)
         return gradients, losses
@@ -84,17 +103,19 @@ class ZerothOrderCore:
             weight_decay: float | None = None, gradients: list[float] | None = None):
         return zeroth_order_step(self.targets, self.directions, step_seed, lr, self.eps if eps is None else eps,
                                  self.n_queries, self.weight_decay if weight_decay is None else weight_decay,
-                                 evaluate, combine, gradients)
+                                 evaluate, combine, gradients, self.estimator, self.momentum)
 
     def replay_step(self, seed: int, lr: float, gradients: list[float]) -> None:
         self.run(seed, lr, gradients=gradients)
         self.steps_done += 1
+        self.forwards += self.estimator.forwards(self.n_queries)
 
     # --- the trace and the state --------------------------------------------------------------------------------
 
     def trace_header(self, **extra) -> dict:
         """The estimator's settings, as a trace header records them, with the front end's `extra` fields."""
         return {"version": VERSION, "method": self.method.name, "n_queries": self.n_queries, "eps": self.eps,
+                "estimator": self.estimator.name, "momentum": self.beta,
                 **self.directions.trace_fields(), "weight_decay": self.weight_decay, "seed": self.seed,
                 "trained_elements": sum(t.numel for t in self.targets), **extra}
 
@@ -112,45 +133,51 @@ class ZerothOrderCore:
 
     def state_dict(self) -> dict:
         self.flush()  # the checkpoint never gets ahead of its trace
-        return {"steps_done": self.steps_done}
+        state = {"steps_done": self.steps_done, "forwards": self.forwards}
+        return state if self.momentum is None else {**state, "momentum": self.momentum.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["steps_done"])
+        # checkpoints from before the count was kept: every step so far used this estimator's forwards
+        self.forwards = int(state.get("forwards", self.steps_done * self.estimator.forwards(self.n_queries)))
+        if self.momentum is not None:
+            if "momentum" not in state:
+                raise ZerothOrderError("the checkpoint holds no momentum buffer: it was saved with momentum 0")
+            self.momentum.load_state_dict(state["momentum"])
 
 
 @torch.no_grad()
 def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr: float, eps: float, n_queries: int,
-                      weight_decay: float, evaluate=None, combine=None, gradients: list[float] | None = None):
-    """One zeroth-order step on `targets`: for each query i, from w to w + eps u1_i (evaluate), to w - eps u1_i
-    (evaluate), then w <- w - lr (sum_i g_i u2_i / n + wd w) with the last restore folded in. `evaluate(i)` returns
-    the losses computed at the current weights (a list); `combine` turns all of them, in order, into one (L+, L-)
-    pair per query. A replay passes the projected `gradients` instead and evaluates nothing. Returns (gradients,
-    mean losses); with a non-finite gradient the weights are left as they were and the losses are [nan]."""
+                      weight_decay: float, evaluate=None, combine=None, gradients: list[float] | None = None,
+                      estimator: EstimatorKind = CENTRAL, momentum: Momentum | None = None):
+    """One zeroth-order step on `targets`: the estimator walks the weights through its points (central: for each
+    query i, w + eps u1_i then w - eps u1_i), evaluating at each, then w <- w + sum_i coef_i u2_i - lr wd w with the
+    last query's restore folded in (or through the `momentum` buffer). `evaluate(i)` returns the losses computed at
+    the current weights (a list; i None: the unperturbed weights); `combine` turns all of them, in order, into one
+    batch loss per evaluation. A replay passes the projected `gradients` instead and evaluates nothing. Returns
+    (gradients, losses whose mean is the step's loss); with a non-finite gradient the weights are left as they were
+    and the losses are [nan]."""
     query_seeds = [derive(step_seed, i) for i in range(n_queries)]
     step = directions.begin_step()  # what the kind keeps through the step (random-sign words, within a bound)
-    local = []
-    for i, seed in enumerate(query_seeds):
-        _move(targets, directions, step, seed, 0.0, eps)
-        local += evaluate(i) if evaluate else []
-        _move(targets, directions, step, seed, eps, -eps)
-        local += evaluate(i) if evaluate else []
-        if i < n_queries - 1:
-            _move(targets, directions, step, seed, -eps, 0.0)  # the last query's restore is folded into the update
+
+    def move(query_seed: int, current: float, to: float) -> None:
+        for target in step.pass_over(targets, query_seed):
+            target.move(directions, query_seed, current, to, step)
+
+    local, left = estimator.visit(query_seeds, eps, evaluate, move)
     losses = []
     if evaluate is not None:
-        pairs = combine(local)
-        gradients = [(plus - minus) / (2 * eps) for plus, minus in pairs]
-        losses = [(plus + minus) / 2 for plus, minus in pairs]
+        gradients, losses = estimator.estimate(combine(local), eps, n_queries)
     if not all(math.isfinite(g) for g in gradients):
-        _move(targets, directions, step, query_seeds[-1], -eps, 0.0)  # leave the weights as they were
+        move(query_seeds[-1], left, 0.0)  # leave the weights as they were
         return gradients, [math.nan]
-    coefs = [-lr * g / n_queries for g in gradients]
+    if momentum is not None:
+        coefs = estimator.coefficients(gradients, 1.0)
+        for target in step.pass_over(targets, query_seeds[-1]):
+            momentum.update(target, directions, query_seeds, coefs, lr, -left, lr * weight_decay, step)
+        return gradients, losses
+    coefs = estimator.coefficients(gradients, lr)
     rest = step.update_together(targets, directions, step_seed, query_seeds, coefs, lr * weight_decay)
     for target in step.pass_over(rest, query_seeds[-1]):
-        target.update(directions, step_seed, query_seeds, coefs, restore=eps, decay=lr * weight_decay, step=step)
+        target.update(directions, step_seed, query_seeds, coefs, restore=-left, decay=lr * weight_decay, step=step)
     return gradients, losses
-
-
-def _move(targets: list, directions: Directions, step, query_seed: int, current: float, to: float) -> None:
-    for target in step.pass_over(targets, query_seed):
-        target.move(directions, query_seed, current, to, step)

@@ -26,16 +26,18 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     """A zeroth-order optimizer of the given declaration (`ftkit.optim.OPTIMIZERS`, whose `zeroth_order` rules it
     follows) over a model or tensors. `direction` names a kind in ftkit.optim.DIRECTIONS; `perturb_bits`,
     `independent_roundings` and `update_rounding` are read where the rules round directions and train low-bit codes
-    (QuZO)."""
+    (QuZO). `estimator` names one in ftkit.optim.ESTIMATORS (central; one_sided: FZOO's, n_queries + 1 closure calls
+    a step) and `momentum` a momentum on the projected gradient (full-precision tensors only), as method.zo's."""
 
     def __init__(self, model_or_params, method: Optimizer, lr: float = 1e-6, eps: float = 1e-3,
                  n_queries: int = 1, weight_decay: float = 0.0, seed: int = 0, direction: str = "gaussian",
                  perturb_bits: int = 4, independent_roundings: bool = True, update_rounding: str = "stochastic",
-                 trace: str | Path | None = None):
+                 trace: str | Path | None = None, estimator: str = "central", momentum: float = 0.0):
         if update_rounding not in ("stochastic", "nearest"):
             raise ValueError(f"update_rounding must be 'stochastic' or 'nearest', got {update_rounding!r}")
-        if n_queries < 1 or eps <= 0 or lr < 0:
-            raise ValueError(f"need n_queries >= 1, eps > 0 and lr >= 0; got {n_queries}, {eps}, {lr}")
+        if n_queries < 1 or eps <= 0 or lr < 0 or not 0 <= momentum < 1:
+            raise ValueError(f"need n_queries >= 1, eps > 0, lr >= 0 and 0 <= momentum < 1; got {n_queries}, {eps}, "
+                             f"{lr}, {momentum}")
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
         if self.model is not None:
             targets = zo_targets(model_or_params)
@@ -43,7 +45,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             params = [p for p in model_or_params if p.requires_grad]
             targets = [FloatTarget(f"params[{i}]", p, i, decay=p.ndim >= 2) for i, p in enumerate(params)]
         directions = directions_for(method, direction, perturb_bits, independent_roundings, update_rounding)
-        self.core = ZerothOrderCore(targets, method, directions, eps, n_queries, weight_decay, seed)
+        self.core = ZerothOrderCore(targets, method, directions, eps, n_queries, weight_decay, seed, estimator,
+                                    momentum)
         super().__init__([t.tensor for t in targets], {"lr": lr, "eps": eps, "weight_decay": weight_decay})
         if trace is not None:
             self.core.begin(Path(trace), recipe=None, initial_tensors={})
@@ -57,10 +60,16 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def steps_done(self) -> int:
         return self.core.steps_done
 
+    @property
+    def forwards(self) -> int:
+        """Closure calls (forward passes) so far."""
+        return self.core.forwards
+
     @torch.no_grad()
     def step(self, closure):
         """One step: `closure()` returns the loss of the current batch at the current weights (a tensor or a number;
-        called 2 x n_queries times, with autograd off). Returns the mean of those losses.
+        called 2 x n_queries times with central differences, n_queries + 1 with one_sided, with autograd off).
+        Returns the step's loss: the mean of those losses (central), the unperturbed one (one_sided).
 
         Given a model, the optimizer holds it in eval mode during the step (dropout off: both evaluations of a
         direction must see the same function) and gives each module its mode back after; given tensors, that is
@@ -77,16 +86,13 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 module.training = training
 
     def _step(self, closure) -> float:
-        group, n_queries = self.param_groups[0], self.core.n_queries
+        group = self.param_groups[0]
 
-        def evaluate(query: int) -> list[float]:
+        def evaluate(query: int | None) -> list[float]:
             with torch.inference_mode():
                 return [float(closure())]
 
-        def combine(local: list[float]) -> list[tuple[float, float]]:
-            return [(local[2 * i], local[2 * i + 1]) for i in range(n_queries)]
-
-        gradients, losses = self.core.step(group["lr"], evaluate, combine, eps=group["eps"],
+        gradients, losses = self.core.step(group["lr"], evaluate, list, eps=group["eps"],
                                            weight_decay=group["weight_decay"])
         self.core.flush()
         self.last_projected_gradients = gradients
@@ -96,26 +102,30 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         """The torch state (rates, hyper-parameters) and the step count: all a resume needs, since every random
         number is a function of the seed and the step."""
         state = super().state_dict()
-        state["zeroth_order"] = {"steps_done": self.core.steps_done, "seed": self.core.seed}
+        state["zeroth_order"] = {**self.core.state_dict(), "seed": self.core.seed}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         ours = state_dict.pop("zeroth_order")
         super().load_state_dict(state_dict)
-        self.core.steps_done, self.core.seed = int(ours["steps_done"]), int(ours["seed"])
+        self.core.load_state_dict(ours)
+        self.core.seed = int(ours["seed"])
 
 
 class MeZO(ZerothOrderOptimizer):
     """MeZO (Malladi et al.): zeroth-order SGD on full-precision tensors. `params`: a model (its parameters that
     require grad) or an iterable of tensors. Per step and query, u ~ N(0, I) from the seed,
     g = (L(w + eps u) - L(w - eps u)) / (2 eps), w <- w - lr (g u + wd w); no direction is ever stored.
-    `direction="rademacher"` draws random signs for u instead (cheaper to draw, see method.zo.direction)."""
+    `direction="rademacher"` draws random signs for u instead (cheaper to draw, see method.zo.direction);
+    `estimator="one_sided"` is FZOO's batched one-sided estimate and `momentum` a momentum on the projected gradient
+    (see ZerothOrderOptimizer)."""
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1, weight_decay: float = 0.0,
-                 seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None):
+                 seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None,
+                 estimator: str = "central", momentum: float = 0.0):
         super().__init__(params, MEZO, lr, eps, n_queries, weight_decay, seed, direction,
-                         trace=trace)
+                         trace=trace, estimator=estimator, momentum=momentum)
 
 
 class QuZO(ZerothOrderOptimizer):
@@ -128,6 +138,7 @@ class QuZO(ZerothOrderOptimizer):
 
     def __init__(self, model_or_params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1,
                  weight_decay: float = 0.0, seed: int = 0, perturb_bits: int = 4, independent_roundings: bool = True,
-                 update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None):
+                 update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None,
+                 estimator: str = "central", momentum: float = 0.0):
         super().__init__(model_or_params, QUZO, lr, eps, n_queries, weight_decay, seed,
-                         direction, perturb_bits, independent_roundings, update_rounding, trace)
+                         direction, perturb_bits, independent_roundings, update_rounding, trace, estimator, momentum)

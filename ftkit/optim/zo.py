@@ -1,9 +1,11 @@
 """The training loop's zeroth-order method (MeZO, QuZO): the zeroth-order core (ftkit.optim.core) fed the run's
-batches, with its trace in the run directory. Two forward passes per query, no backpropagation.
+batches, with its trace in the run directory. Two forward passes per query (central differences) or one per query
+and one unperturbed (one_sided), no backpropagation.
 
 Across processes (ftkit.distributed) every process holds the whole model and applies the identical update from the
-shared seeds; only the losses cross, one all-reduce of 2 x chunks x queries scalars per step. Data parallel: each
-process evaluates its chunks of the batch. Query parallel: each evaluates the whole batch for its queries.
+shared seeds; only the losses cross, one all-reduce of chunks x forwards scalars per step. Data parallel: each
+process evaluates its chunks of the batch. Query parallel: each evaluates the whole batch for its queries (and the
+first process the unperturbed weights, where the estimator asks for them).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ZerothOrder:
         directions = directions_for(method, spec.direction, spec.perturb_bits, spec.independent_roundings,
                                     spec.update_rounding)
         self.core = ZerothOrderCore(zo_targets(model), method, directions, spec.eps, spec.n_queries,
-                                    spec.weight_decay, recipe.train.seed)
+                                    spec.weight_decay, recipe.train.seed, spec.estimator, spec.momentum)
         self.loss = task_kind(recipe).loss
 
     @property
@@ -73,7 +75,7 @@ class ZerothOrder:
         all-reduce."""
         self.model.eval()  # dropout off: both passes of a query must see the same function
         gradients, losses = self.core.step(lr, *self._queries(as_shard(batches)))
-        return {"loss": sum(losses) / len(losses), "projected_grad": gradients[0]}
+        return {"loss": sum(losses) / len(losses), "projected_grad": gradients[0], "forwards": self.core.forwards}
 
     def replay_step(self, seed: int, lr: float, gradients: list[float]) -> None:
         self.core.replay_step(seed, lr, gradients)
@@ -82,14 +84,13 @@ class ZerothOrder:
         """`evaluate` and `combine` of ftkit.optim.core.zeroth_order_step for this process's part of `shard`."""
         width = shard.num_chunks
 
-        def evaluate(query: int) -> list[float]:
-            owned = self.parallel == "data" or self.world.owns(query)
+        def evaluate(query: int | None) -> list[float]:
+            owned = self.parallel == "data" or self.world.owns(0 if query is None else query)
             return self._chunk_losses(shard) if owned else [0.0] * width
 
-        def combine(local: list[float]) -> list[tuple[float, float]]:
+        def combine(local: list[float]) -> list[float]:
             summed, k = self.world.all_sum(local), width
-            return [(_batch_loss(summed[2 * i * k: (2 * i + 1) * k], shard),
-                     _batch_loss(summed[(2 * i + 1) * k: (2 * i + 2) * k], shard)) for i in range(self.core.n_queries)]
+            return [_batch_loss(summed[j * k: (j + 1) * k], shard) for j in range(len(summed) // k)]
 
         return evaluate, combine
 
