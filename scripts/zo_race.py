@@ -196,15 +196,16 @@ def find(records: list[dict], task: str, cell: str, seed: int, forwards: int) ->
 
 
 def forwards_curve(events: list[dict], per_step: int, metric: str) -> tuple[list[list[float]], int]:
-    """Dev [forwards, step, metric %] at each evaluation, and the forwards of the whole run: the train events'
-    "forwards" (per step) where logged, else `per_step` a step."""
+    """Dev [forwards, step, metric %, seconds since the start] at each evaluation, and the forwards of the whole
+    run: the train events' "forwards" (per step) where logged, else `per_step` a step."""
     done, total, curve = 0, 0, []
     for event in events:
         if event["split"] == "train":
             total += event.get("forwards", per_step) * (event["step"] - done)
             done = event["step"]
         elif event["split"] == "dev" and metric in event:
-            curve.append([total + per_step * (event["step"] - done), event["step"], round(100 * event[metric], 2)])
+            curve.append([total + per_step * (event["step"] - done), event["step"], round(100 * event[metric], 2),
+                          round(event.get("elapsed", 0.0), 1)])
     return curve, total
 
 
@@ -223,6 +224,7 @@ def make_record(cell: Cell, task: str, seed: int, phase: int, budget: int, out: 
                                                          if k in ("accuracy", "macro_f1", "f1")},
         "trainable_params": summary.get("trainable_params"), "seconds_per_step": summary.get("seconds_per_step"),
         "wall_seconds": summary.get("wall_seconds"), "peak_rss_mb": summary.get("peak_rss_mb"),
+        "elapsed_seconds": max((e.get("elapsed", 0.0) for e in events), default=0.0),  # across resumes
         "threads": (summary.get("environment") or {}).get("threads"), "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(out),
     }
@@ -262,7 +264,7 @@ def train_cell(cell: Cell, task: str, seed: int, phase: int, ctx: argparse.Names
         with open(ctx.results / "results.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     print(f"  dev {record['best_dev']} (best), test {record['test']}, {record['forwards']:,} forwards, "
-          f"{(record['wall_seconds'] or 0) / 60:.1f} min", flush=True)
+          f"{record['elapsed_seconds'] / 60:.1f} min", flush=True)
     return record
 
 
@@ -275,20 +277,21 @@ def leaders(records: list[dict], task: str, count: int, forwards: int) -> list[s
     for r in records:
         cell = BY_NAME.get(r["cell"])
         if r["task"] == task and r["phase"] == 1 and cell and not cell.reference:
-            within = [m for f, _, m in r["dev_curve"] if f <= forwards]
+            within = [point[2] for point in r["dev_curve"] if point[0] <= forwards]
             scores[r["cell"]] = max(scores.get(r["cell"], 0.0), max(within, default=0.0))
     return sorted(scores, key=lambda name: -scores[name])[:count]
 
 
-def plan(phase: int, tasks: list[str], cells: list[Cell], records: list[dict], count: int) -> list[tuple]:
+def plan(phase: int, tasks: list[str], cells: list[Cell], records: list[dict], count: int,
+         seeds: tuple[int, ...] | None = None) -> list[tuple]:
     """(cell, task, seed) in order: phase 1 every cell on seed 0; phase 2 the leaders and the reference."""
-    jobs = []
+    jobs, seeds = [], seeds or PHASES[phase].seeds
     for task in tasks:
         chosen = cells
         if phase == 2:
             top = set(leaders(records, task, count, PHASES[1].forwards))
             chosen = [c for c in cells if c.name in top or c.reference]
-        jobs += [(cell, task, seed) for cell in chosen for seed in PHASES[phase].seeds]
+        jobs += [(cell, task, seed) for cell in chosen for seed in seeds]
     return jobs
 
 
@@ -307,67 +310,77 @@ def runnable(cells: list[Cell], tasks: list[str], runs: Path) -> tuple[list[Cell
 # --- the report --------------------------------------------------------------------------------------------
 
 
-def grouped(records: list[dict]) -> dict:
-    """(cell, task, budget) -> records (one per seed, the latest)."""
-    groups = {}
-    for r in records:
-        groups.setdefault((r["cell"], r["task"], r["budget"]), {})[r["seed"]] = r
-    return {key: list(by_seed.values()) for key, by_seed in groups.items()}
+def column_runs(records: list[dict], cell: str, task: str, phase: int) -> list[dict]:
+    """A cell's runs in one column: the phase's largest budget, one run per seed (the latest)."""
+    mine = [r for r in records if (r["cell"], r["task"], r["phase"]) == (cell, task, phase)]
+    budget = max((r["budget"] for r in mine), default=None)
+    return list({r["seed"]: r for r in mine if r["budget"] == budget}.values())
 
 
 def test_value(record: dict) -> float | None:
     return record["test"].get(record["metric"])
 
 
-def mean_spread(values: list[float]) -> str:
+def mean_spread(runs: list[dict], phase: int) -> str:
+    """Test metric, mean +- std over seeds (their count; the budget where it is not the phase's)."""
+    values = [v for v in map(test_value, runs) if v is not None]
     if not values:
         return ""
     spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.1f}{spread} ({len(values)})"
+    budget = f", {runs[0]['budget']:,} F" if runs[0]["budget"] != PHASES[phase].forwards else ""
+    return f"{statistics.mean(values):.1f}{spread} ({len(values)}{budget})"
 
 
 def forwards_to(record: dict, target: float) -> int | None:
     """Forwards at the first dev evaluation at or above `target` (dev: 500 held-out training sentences)."""
-    return next((int(f) for f, _, m in record["dev_curve"] if m >= target), None)
+    return next((int(point[0]) for point in record["dev_curve"] if point[2] >= target), None)
+
+
+def reach(runs: list[dict]) -> str:
+    """SST-2 forwards to the target on dev, per run that reached it, and how many runs did."""
+    if not runs:
+        return ""
+    reached = sorted(f for f in (forwards_to(r, TARGET) for r in runs) if f is not None)
+    if not reached:
+        return f"not in {max(r['forwards'] for r in runs):,}"
+    return f"{', '.join(f'{f:,}' for f in reached)} ({len(reached)}/{len(runs)} runs)"
 
 
 def table(records: list[dict]) -> str:
-    """Rows estimator x trained set, columns task x budget (test, mean +- std over seeds), then the costs."""
-    groups = grouped(records)
-    columns = sorted({(task, budget) for _, task, budget in groups}, key=lambda c: (TASKS.index(c[0])
-                                                                                     if c[0] in TASKS else 9, c[1]))
-    head = [f"{t} test {SMOLLM2_TASKS[t]['metric']}, {b:,} F" for t, b in columns]
+    """Rows estimator x trained set, columns task x phase (test, mean +- std over seeds), then the costs."""
+    columns = sorted({(r["task"], r["phase"]) for r in records}, key=lambda c: (TASKS.index(c[0]), c[1]))
+    head = [f"{t} test {SMOLLM2_TASKS[t]['metric']}, {PHASES[p].forwards:,} F" for t, p in columns]
     lines = ["| estimator | trained set | trainable | " + " | ".join(head) + " | SST-2 forwards to dev >= "
-             f"{TARGET} | min per run | s/step | peak GB | paper claims |",
+             f"{TARGET} | min per run | s/step | peak RSS GB | paper claims |",
              "| --- | --- | ---: |" + " ---: |" * (len(columns) + 4) + " --- |"]
     for cell in CELLS:
         mine = [r for r in records if r["cell"] == cell.name]
         if not mine:
             continue
-        cells = [mean_spread([v for v in map(test_value, groups.get((cell.name, t, b), [])) if v is not None])
-                 for t, b in columns]
-        reach = [forwards_to(r, TARGET) for r in mine if r["task"] == "sst2"]
-        reached = [f for f in reach if f is not None]
-        reach_text = (f"{min(reached):,} ({len(reached)}/{len(reach)} runs)" if reached
-                      else (f"not in {max(r['forwards'] for r in mine if r['task'] == 'sst2'):,}" if reach else ""))
-        minutes = statistics.mean((r["wall_seconds"] or 0) / 60 for r in mine)
-        step = statistics.mean(r["seconds_per_step"] or 0 for r in mine)
+        texts = [mean_spread(column_runs(records, cell.name, t, p), p) for t, p in columns]
+        longest = [r for r in mine if r["budget"] == max(r["budget"] for r in mine)]  # the costs of the largest
+        minutes = statistics.mean(r["elapsed_seconds"] / 60 for r in longest)
+        step = statistics.mean(r["seconds_per_step"] or 0 for r in longest)
         peak = max(r["peak_rss_mb"] or 0 for r in mine) / 1024
         trainable = f"{mine[0]['trainable_params']:,}" if mine[0].get("trainable_params") else ""
-        lines.append(f"| {cell.estimator} | {cell.trained} | {trainable} | " + " | ".join(cells) +
-                     f" | {reach_text} | {minutes:.0f} | {step:.2f} | {peak:.1f} | {CLAIMS.get(cell.paper, '')} |")
+        sst2 = [r for r in longest if r["task"] == "sst2"]
+        lines.append(f"| {cell.estimator} | {cell.trained} | {trainable} | " + " | ".join(texts) +
+                     f" | {reach(sst2)} | {minutes:.0f} | {step:.2f} | {peak:.1f} | {CLAIMS.get(cell.paper, '')} |")
     return "\n".join(lines)
 
 
-def mean_curve(runs: list[dict]) -> tuple[list[float], list[float]]:
-    """The seeds' mean dev metric at the forwards they all evaluated."""
-    curves = [{f: m for f, _, m in r["dev_curve"]} for r in runs]
+def mean_curve(runs: list[dict], x: int) -> tuple[list[float], list[float]]:
+    """The seeds' mean dev metric at the points they all evaluated, against forwards (x 0) or minutes (x 3; the
+    first seed's)."""
+    curves = [{point[0]: point for point in r["dev_curve"]} for r in runs]
     common = sorted(set.intersection(*(set(c) for c in curves)))
-    return common, [statistics.mean(c[f] for c in curves) for f in common]
+    xs = [curves[0][f][x] / (60 if x == 3 else 1) if len(curves[0][f]) > x else 0.0 for f in common]
+    return xs, [statistics.mean(c[f][2] for c in curves) for f in common]
 
 
 def figure(records: list[dict], out: Path, title: str) -> bool:
-    """Dev metric against forward passes, one panel per task: each cell's longest runs, mean over seeds."""
+    """Dev metric against forward passes (top) and minutes (bottom), a column per task: each cell's longest runs,
+    mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,24 +391,26 @@ def figure(records: list[dict], out: Path, title: str) -> bool:
     tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
     if not tasks:
         return False
-    fig, axes = plt.subplots(1, len(tasks), figsize=(8 * len(tasks), 5.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(8 * len(tasks), 10), squeeze=False)
+    for column, task in enumerate(tasks):
         for cell in CELLS:
             runs = [r for r in records if r["task"] == task and r["cell"] == cell.name]
             if not runs:
                 continue
-            budget = max(r["budget"] for r in runs)
-            longest = [r for r in runs if r["budget"] == budget]
-            xs, ys = mean_curve(longest)
-            ax.plot(xs, ys, "--" if cell.reference else "-", marker="o", markersize=3,
-                    label=f"{cell.estimator}; {cell.trained} ({len(longest)})")
-        if task == "sst2":
-            ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle=":")
-            ax.axvline(TARGET_FORWARDS / 3, color="grey", linewidth=0.8, linestyle=":")
+            longest = [r for r in runs if r["budget"] == max(r["budget"] for r in runs)]
+            for row, x in enumerate((0, 3)):
+                axes[row][column].plot(*mean_curve(longest, x), "--" if cell.reference else "-", marker="o",
+                                       markersize=3, label=f"{cell.estimator}; {cell.trained} ({len(longest)})")
         metric = SMOLLM2_TASKS[task]["metric"]
-        ax.set(xlabel="forward passes (first-order: 3 per step)", ylabel=f"{task} dev {metric}, %", title=task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        for ax, xlabel in zip((axes[0][column], axes[1][column]), ("forward passes (first-order: 3 per step)",
+                                                                   "minutes (1 thread, shared machine)")):
+            if task == "sst2":
+                ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle=":")
+            ax.set(xlabel=xlabel, ylabel=f"{task} dev {metric}, %", title=task)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        if task == "sst2":
+            axes[0][column].axvline(TARGET_FORWARDS / 3, color="grey", linewidth=0.8, linestyle=":")
     fig.suptitle(title)
     save_png(fig, out)
     return True
@@ -423,6 +438,7 @@ def main() -> None:
     parser.add_argument("--cells", help="comma-separated cell names (default: every cell this ftkit accepts)")
     parser.add_argument("--forwards", type=int, help="the phase's forward budget instead of its default")
     parser.add_argument("--leaders", type=int, default=2, help="phase 2: how many of the screen's best cells")
+    parser.add_argument("--seeds", help="comma-separated seeds instead of the phase's")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (a resumed run keeps its count)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run directories live")
@@ -444,7 +460,8 @@ def main() -> None:
     for name, problem in skipped.items():
         print(f"skipped {name}: {problem}", flush=True)
     if not args.report:
-        jobs = plan(args.phase, tasks, cells, load_records(args.results), args.leaders)
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+        jobs = plan(args.phase, tasks, cells, load_records(args.results), args.leaders, seeds)
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: train_cell(*job, args.phase, args), jobs))
     records = load_records(args.results)

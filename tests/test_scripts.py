@@ -53,26 +53,28 @@ def test_codes_moved_counts_the_codes_a_quzo_run_changed_and_none_under_nearest_
 
 def race_record(cell: str, seed: int, curve: list, test: float, budget: int = 1200, phase: int = 1) -> dict:
     return {"task": "sst2", "cell": cell, "seed": seed, "phase": phase, "budget": budget, "metric": "accuracy",
-            "dev_curve": curve, "test": {"accuracy": test}, "forwards": curve[-1][0], "trainable_params": 35136,
-            "wall_seconds": 600.0, "seconds_per_step": 1.0, "peak_rss_mb": 2048.0}
+            "dev_curve": [point + [3.0 * point[0]] for point in curve], "test": {"accuracy": test},
+            "forwards": curve[-1][0], "trainable_params": 35136, "elapsed_seconds": 3.0 * curve[-1][0],
+            "seconds_per_step": 1.0, "peak_rss_mb": 2048.0}
 
 
 def test_zo_race_counts_forwards_two_a_query_or_as_a_method_logs_them_and_records_a_run(tmp_path):
     events = [{"step": 0, "split": "dev", "accuracy": 0.5}] + [
-        {"step": s, "split": "train", "loss": 0.7} for s in (1, 2)] + [{"step": 2, "split": "dev", "accuracy": 0.6}]
-    assert zo_race.forwards_curve(events, 2, "accuracy") == ([[0, 0, 50.0], [4, 2, 60.0]], 4)
-    assert zo_race.forwards_curve(events, 8, "accuracy")[0][-1] == [16, 2, 60.0]  # 4 queries, central
+        {"step": s, "split": "train", "loss": 0.7, "elapsed": 3.0 * s} for s in (1, 2)] + [
+        {"step": 2, "split": "dev", "accuracy": 0.6, "elapsed": 8.0}]
+    assert zo_race.forwards_curve(events, 2, "accuracy") == ([[0, 0, 50.0, 0.0], [4, 2, 60.0, 8.0]], 4)
+    assert zo_race.forwards_curve(events, 8, "accuracy")[0][-1] == [16, 2, 60.0, 8.0]  # 4 queries, central
     logged = [dict(e, forwards=9) if e["split"] == "train" else e for e in events]  # a one-sided step of 8 signs
-    assert zo_race.forwards_curve(logged, 2, "accuracy") == ([[0, 0, 50.0], [18, 2, 60.0]], 18)
+    assert zo_race.forwards_curve(logged, 2, "accuracy") == ([[0, 0, 50.0, 0.0], [18, 2, 60.0, 8.0]], 18)
 
     (tmp_path / "metrics.jsonl").write_text("".join(f"{json.dumps(e)}\n" for e in events))
     (tmp_path / "summary.json").write_text(json.dumps({
         "steps": 2, "best_dev": 0.6, "best_step": 2, "test": {"accuracy": 0.55, "macro_f1": 0.5, "loss": 0.7},
         "trainable_params": 10, "seconds_per_step": 1.5, "wall_seconds": 9.0, "peak_rss_mb": 900.0}))
     record = zo_race.make_record(zo_race.BY_NAME["norms-gauss"], "sst2", 0, 1, 4, tmp_path, "start")
-    assert (record["forwards"], record["dev_curve"], record["test"]) == (4, [[0, 0, 50.0], [4, 2, 60.0]],
-                                                                         {"accuracy": 55.0, "macro_f1": 50.0})
-    assert (record["best_dev"], record["peak_rss_mb"], record["started"]) == (60.0, 900.0, "start")
+    assert (record["forwards"], record["dev_curve"][-1], record["test"]) == (4, [4, 2, 60.0, 8.0],
+                                                                             {"accuracy": 55.0, "macro_f1": 50.0})
+    assert (record["best_dev"], record["peak_rss_mb"], record["elapsed_seconds"]) == (60.0, 900.0, 8.0)
 
 
 def test_zo_race_skips_cells_this_ftkit_does_not_know_and_takes_the_screens_leaders_on_three_seeds(tmp_path):
@@ -101,6 +103,10 @@ def test_zo_race_table_gives_the_seed_spread_and_the_forwards_to_the_target():
     records = [race_record("norms-gauss", 0, [[0, 0, 66.0], [800, 400, 79.4], [1200, 600, 80.0]], 78.0),
                race_record("norms-gauss", 1, [[0, 0, 66.0], [800, 400, 75.0], [1200, 600, 76.0]], 76.0),
                race_record("codes-signs", 0, [[0, 0, 66.0], [1200, 600, 70.0]], 71.0)]
-    rows = {line.split(" | ")[0]: line for line in zo_race.table(records).splitlines()[2:]}
-    assert "| 77.0 +- 1.4 (2) | 800 (1/2 runs) | 10 | 1.00 | 2.0 |" in rows["| QuZO, Gaussian, central"]
-    assert "| 71.0 (1) | not in 1,200 |" in rows["| QuZO, random signs, central"]
+    records.append(race_record("codes-signs", 0, [[0, 0, 66.0], [2400, 1200, 79.2]], 80.0, 2400, 2))
+    lines = zo_race.table(records).splitlines()
+    assert "| sst2 test accuracy, 1,200 F | sst2 test accuracy, 2,400 F |" in lines[0]
+    rows = {line.split(" | ")[0]: line for line in lines[2:]}
+    assert "| 77.0 +- 1.4 (2) |  | 800 (1/2 runs) | 60 | 1.00 | 2.0 |" in rows["| QuZO, Gaussian, central"]
+    # The screen's run and the longer one: the costs and the forwards to the target of the longer.
+    assert "| 71.0 (1) | 80.0 (1) | 2,400 (1/1 runs) | 120 |" in rows["| QuZO, random signs, central"]
