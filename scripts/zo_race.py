@@ -177,8 +177,8 @@ def validate(cell: Cell, task: str, runs: Path) -> str | None:
 
     try:
         check_recipe(recipe_from_dict(cell_recipe(cell, task, 0, 1200, Path("."), 200, runs), cell.name), cell.name)
-    except RecipeError as error:
-        return str(error).splitlines()[0]
+    except RecipeError as error:  # "<cell>: <key>: <what>": the cell is named beside it
+        return str(error).splitlines()[0].removeprefix(f"{cell.name}: ").split(" (valid keys")[0]
     return None
 
 
@@ -359,7 +359,7 @@ def table(records: list[dict]) -> str:
             continue
         texts = [mean_spread(column_runs(records, cell.name, t, p), p) for t, p in columns]
         longest = [r for r in mine if r["budget"] == max(r["budget"] for r in mine)]  # the costs of the largest
-        minutes = statistics.mean(r["elapsed_seconds"] / 60 for r in longest)
+        minutes = statistics.mean((r.get("elapsed_seconds") or r.get("wall_seconds") or 0) / 60 for r in longest)
         step = statistics.mean(r["seconds_per_step"] or 0 for r in longest)
         peak = max(r["peak_rss_mb"] or 0 for r in mine) / 1024
         trainable = f"{mine[0]['trainable_params']:,}" if mine[0].get("trainable_params") else ""
@@ -421,8 +421,9 @@ def report(records: list[dict], skipped: dict, command: str) -> str:
     body = (f"_`{command}`, {stamp}; SmolLM2-135M-Instruct over its int4 g64 base, SST-2 in the chat prompt (MeZO's "
             f"1,000 / 500 draw; test: the 872 validation sentences on the best dev checkpoint), CB as MeZO draws "
             f"it. F: training forward passes (2 per query and step for central estimates, a method's own count "
-            f"where it logs one, 3 forward-equivalents per first-order step); dev every 200 F. One thread a run "
-            f"on a shared 2-core machine: minutes and s/step rank rows within this table only._\n\n" + table(records))
+            f"where it logs one, 3 forward-equivalents per first-order step); dev every 200 F (the first-order "
+            f"line: every 25 steps, 75 F); s/step and minutes include the evaluations. One thread a run on a "
+            f"shared 2-core machine: minutes and s/step rank rows within this table only._\n\n" + table(records))
     if skipped:
         body += "\n\nCells not run (this ftkit does not accept their recipes yet):\n\n" + "\n".join(
             f"- `{name}`: {problem}" for name, problem in skipped.items())
