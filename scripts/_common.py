@@ -34,6 +34,34 @@ LLAMA_2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 1
               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
 
 
+# The SmolLM2 studies' tasks (scripts/study_smollm2.py, scripts/zo_race.py): per task its data section (MeZO's
+# 1,000 / 500 draw where the training file allows; CB and COPA as MeZO does), tokens, and how many validation rows are
+# its test set (all, or the first N where evaluating is slow).
+SMOLLM2_TASKS = {
+    "sst2": {"data": {"task": "sst2", "n_train": 1000, "n_dev": 500, "max_seq_len": 128}, "metric": "accuracy"},
+    "cb": {"data": {"task": "cb", "n_train": 150, "n_dev": 100, "max_seq_len": 320}, "metric": "macro_f1"},
+    "copa": {"data": {"task": "copa", "n_train": 300, "n_dev": 100, "max_seq_len": 64}, "metric": "accuracy"},
+    "boolq": {"data": {"task": "boolq", "n_train": 1000, "n_dev": 200, "max_seq_len": 320}, "metric": "accuracy",
+              "test_rows": 500},
+    "squad": {"data": {"task": "squad", "n_train": 1000, "n_dev": 100, "max_seq_len": 384}, "metric": "f1",
+              "test_rows": 200},
+}
+SMOLLM2_TEST_FILES = {"boolq": "val.jsonl", "squad": "validation.jsonl"}
+
+
+def smollm2_test_subset(task: str, root: Path) -> Path:
+    """The first `test_rows` rows of the task's validation file (its test set under MeZO's protocol), written once
+    under `root`."""
+    rows = SMOLLM2_TASKS[task]["test_rows"]
+    source = Path(os.environ["FTKIT_DATA_DIR"]) / task / SMOLLM2_TEST_FILES[task]
+    target = root / task / f"test-{rows}.jsonl"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[:rows]
+        target.write_text("".join(lines), encoding="utf-8")
+    return target
+
+
 def utc_stamp(fmt: str = "%Y-%m-%d %H:%M") -> str:
     """Now, in UTC, for the "_Measured ..._" line above a table."""
     return f"{datetime.now(timezone.utc):{fmt}} UTC"

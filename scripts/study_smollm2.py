@@ -26,22 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from _common import REPO, use_shared_data, write_section
+from _common import REPO, SMOLLM2_TASKS, smollm2_test_subset, use_shared_data, write_section
 
 RECIPES = REPO / "recipes" / "smollm2"
 ROOT = REPO / "runs" / "study-smollm2"
-# Per task: its data section (MeZO's 1,000 / 500 draw where the training file allows; CB and COPA as MeZO does),
-# tokens, and how many validation rows are its test set (all, or the first N where evaluating is slow).
-TASKS = {
-    "sst2": {"data": {"task": "sst2", "n_train": 1000, "n_dev": 500, "max_seq_len": 128}, "metric": "accuracy"},
-    "cb": {"data": {"task": "cb", "n_train": 150, "n_dev": 100, "max_seq_len": 320}, "metric": "macro_f1"},
-    "copa": {"data": {"task": "copa", "n_train": 300, "n_dev": 100, "max_seq_len": 64}, "metric": "accuracy"},
-    "boolq": {"data": {"task": "boolq", "n_train": 1000, "n_dev": 200, "max_seq_len": 320}, "metric": "accuracy",
-              "test_rows": 500},
-    "squad": {"data": {"task": "squad", "n_train": 1000, "n_dev": 100, "max_seq_len": 384}, "metric": "f1",
-              "test_rows": 200},
-}
-TEST_FILES = {"boolq": "val.jsonl", "squad": "validation.jsonl"}
+TASKS = SMOLLM2_TASKS  # per task: data section, metric, test rows (scripts/_common.py)
 # The rows, in the tables' order: (recipe, label).
 ROWS = [
     ("zero_shot", "zero-shot"),
@@ -124,24 +113,13 @@ def recipe_for(task: str, row: str, seed: int, steps: int) -> dict:
     recipe = yaml.safe_load((RECIPES / f"{row}.yaml").read_text())
     data = {**recipe.get("data", {}), **TASKS[task]["data"], "data_seed": 0}
     if TASKS[task].get("test_rows"):
-        data["dev_file"] = str(test_subset(task))
+        data["dev_file"] = str(smollm2_test_subset(task, ROOT))
     recipe["data"] = data
     recipe.setdefault("train", {}).update(seed=seed, output_dir=str(run_dir(task, row, seed)), log_every=25,
                                           eval_every=EVAL_EVERY, save_every=0, keep_last=1, eval_batch_size=32,
                                           **({"max_steps": steps} if steps else {}))
     recipe["description"] = f"study-smollm2: {LABELS[row]}, {task}, seed {seed}"
     return recipe
-
-
-def test_subset(task: str) -> Path:
-    """The first `test_rows` rows of the task's validation file (its test set under MeZO's protocol)."""
-    source = Path(os.environ["FTKIT_DATA_DIR"]) / task / TEST_FILES[task]
-    target = ROOT / task / f"test-{TASKS[task]['test_rows']}.jsonl"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[: TASKS[task]["test_rows"]]
-        target.write_text("".join(lines), encoding="utf-8")
-    return target
 
 
 def run(task: str, row: str, seed: int, steps: int, threads: int) -> dict | None:

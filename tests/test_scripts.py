@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ftkit.training.setup import build_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import codes_moved  # noqa: E402
+import zo_race  # noqa: E402
 
 
 def base_layers(recipe) -> dict:
@@ -47,3 +49,64 @@ def test_codes_moved_counts_the_codes_a_quzo_run_changed_and_none_under_nearest_
     by_hand = sum(int((unpack_int4(saved[f"{name}.codes"], m.out_features, m.in_features)
                        != unpack_int4(m.codes, m.out_features, m.in_features)).sum()) for name, m in base.items())
     assert by_hand == stochastic["changed"]
+
+
+def race_record(cell: str, seed: int, curve: list, test: float, budget: int = 1200, phase: int = 1) -> dict:
+    return {"task": "sst2", "cell": cell, "seed": seed, "phase": phase, "budget": budget, "metric": "accuracy",
+            "dev_curve": [point + [3.0 * point[0]] for point in curve], "test": {"accuracy": test},
+            "forwards": curve[-1][0], "trainable_params": 35136, "elapsed_seconds": 3.0 * curve[-1][0],
+            "seconds_per_step": 1.0, "peak_rss_mb": 2048.0}
+
+
+def test_zo_race_counts_forwards_two_a_query_or_as_a_method_logs_them_and_records_a_run(tmp_path):
+    events = [{"step": 0, "split": "dev", "accuracy": 0.5}] + [
+        {"step": s, "split": "train", "loss": 0.7, "elapsed": 3.0 * s} for s in (1, 2)] + [
+        {"step": 2, "split": "dev", "accuracy": 0.6, "elapsed": 8.0}]
+    assert zo_race.forwards_curve(events, 2, "accuracy") == ([[0, 0, 50.0, 0.0], [4, 2, 60.0, 8.0]], 4)
+    assert zo_race.forwards_curve(events, 8, "accuracy")[0][-1] == [16, 2, 60.0, 8.0]  # 4 queries, central
+    logged = [dict(e, forwards=9) if e["split"] == "train" else e for e in events]  # a one-sided step of 8 signs
+    assert zo_race.forwards_curve(logged, 2, "accuracy") == ([[0, 0, 50.0, 0.0], [18, 2, 60.0, 8.0]], 18)
+
+    (tmp_path / "metrics.jsonl").write_text("".join(f"{json.dumps(e)}\n" for e in events))
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "steps": 2, "best_dev": 0.6, "best_step": 2, "test": {"accuracy": 0.55, "macro_f1": 0.5, "loss": 0.7},
+        "trainable_params": 10, "seconds_per_step": 1.5, "wall_seconds": 9.0, "peak_rss_mb": 900.0}))
+    record = zo_race.make_record(zo_race.BY_NAME["norms-gauss"], "sst2", 0, 1, 4, tmp_path, "start")
+    assert (record["forwards"], record["dev_curve"][-1], record["test"]) == (4, [4, 2, 60.0, 8.0],
+                                                                             {"accuracy": 55.0, "macro_f1": 50.0})
+    assert (record["best_dev"], record["peak_rss_mb"], record["elapsed_seconds"]) == (60.0, 900.0, 8.0)
+
+
+def test_zo_race_skips_cells_this_ftkit_does_not_know_and_takes_the_screens_leaders_on_three_seeds(tmp_path):
+    unknown = zo_race.Cell("norms-new", "new estimator", "norm scales", zo_race.NORMS,
+                           zo_race.zo(no_such_option=1))
+    cells, skipped = zo_race.runnable([zo_race.BY_NAME["norms-gauss"], unknown], ["sst2", "cb"], tmp_path)
+    assert [c.name for c in cells] == ["norms-gauss"]
+    assert "method.zo.no_such_option: unknown key" in skipped["norms-new"]
+
+    records = [race_record("norms-gauss", 0, [[0, 0, 66.0], [1200, 600, 78.0]], 77.0),
+               race_record("norms-signs", 0, [[0, 0, 66.0], [1200, 600, 74.0]], 73.0),
+               race_record("codes-signs", 0, [[0, 0, 66.0], [800, 400, 80.0], [1200, 600, 70.0]], 71.0),
+               race_record("fo-ste", 0, [[0, 0, 66.0], [450, 150, 90.0]], 89.0)]
+    assert zo_race.leaders(records, "sst2", 2, 1200) == ["codes-signs", "norms-gauss"]  # best dev in the budget
+    jobs = zo_race.plan(2, ["sst2"], [zo_race.BY_NAME[n] for n in ("norms-gauss", "norms-signs", "codes-signs",
+                                                                    "fo-ste")], records, 2)
+    assert [(c.name, seed) for c, _, seed in jobs] == [(n, s) for n in ("norms-gauss", "codes-signs", "fo-ste")
+                                                       for s in (0, 1, 2)]
+    # A constant-rate cell continues its screen run to a larger budget; the linear-decay reference does not.
+    assert zo_race.run_dir(tmp_path, "sst2", zo_race.BY_NAME["norms-gauss"], 1, 2400).name == "seed1"
+    recipe = zo_race.cell_recipe(zo_race.BY_NAME["norms-gauss-q4"], "sst2", 0, 1200, tmp_path, 200, tmp_path)
+    assert (recipe["train"]["max_steps"], recipe["train"]["eval_every"]) == (150, 25)  # 8 forwards a step
+
+
+def test_zo_race_table_gives_the_seed_spread_and_the_forwards_to_the_target():
+    records = [race_record("norms-gauss", 0, [[0, 0, 66.0], [800, 400, 79.4], [1200, 600, 80.0]], 78.0),
+               race_record("norms-gauss", 1, [[0, 0, 66.0], [800, 400, 75.0], [1200, 600, 76.0]], 76.0),
+               race_record("codes-signs", 0, [[0, 0, 66.0], [1200, 600, 70.0]], 71.0)]
+    records.append(race_record("codes-signs", 0, [[0, 0, 66.0], [2400, 1200, 79.2]], 80.0, 2400, 2))
+    lines = zo_race.table(records).splitlines()
+    assert "| sst2 test accuracy, 1,200 F | sst2 test accuracy, 2,400 F |" in lines[0]
+    rows = {line.split(" | ")[0]: line for line in lines[2:]}
+    assert "| 77.0 +- 1.4 (2) |  | 800 (1/2 runs) | 60 | 1.00 | 2.0 |" in rows["| QuZO, Gaussian, central"]
+    # The screen's run and the longer one: the costs and the forwards to the target of the longer.
+    assert "| 71.0 (1) | 80.0 (1) | 2,400 (1/1 runs) | 120 |" in rows["| QuZO, random signs, central"]
