@@ -39,11 +39,16 @@ class ZerothOrderError(UserError, ValueError):
 
 
 def directions_for(method: Optimizer, direction: str, perturb_bits: int, independent_roundings: bool,
-                   update_rounding: str) -> Directions:
-    """The direction source a method's rules ask for: rounded directions only where they round them."""
+                   update_rounding: str, **options) -> Directions:
+    """The direction source a method's rules ask for: rounded directions only where they round them. `options`:
+    the kind's (rank=..., refresh=...), None for its default."""
     bits = perturb_bits if method.zeroth_order.rounds_directions else 0
-    return Directions(bits=bits, independent=independent_roundings,
-                      update_rounding=update_rounding, distribution=direction)
+    chosen = tuple(sorted((key, value) for key, value in options.items() if value is not None))
+    try:
+        return Directions(bits=bits, independent=independent_roundings,
+                          update_rounding=update_rounding, distribution=direction, options=chosen)
+    except ValueError as err:
+        raise ZerothOrderError(f"{method.name}: {err}") from None
 
 
 class ZerothOrderCore:
@@ -84,7 +89,7 @@ class ZerothOrderCore:
             weight_decay: float | None = None, gradients: list[float] | None = None):
         return zeroth_order_step(self.targets, self.directions, step_seed, lr, self.eps if eps is None else eps,
                                  self.n_queries, self.weight_decay if weight_decay is None else weight_decay,
-                                 evaluate, combine, gradients)
+                                 evaluate, combine, gradients, place=(self.seed, self.steps_done))
 
     def replay_step(self, seed: int, lr: float, gradients: list[float]) -> None:
         self.run(seed, lr, gradients=gradients)
@@ -120,14 +125,16 @@ class ZerothOrderCore:
 
 @torch.no_grad()
 def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr: float, eps: float, n_queries: int,
-                      weight_decay: float, evaluate=None, combine=None, gradients: list[float] | None = None):
+                      weight_decay: float, evaluate=None, combine=None, gradients: list[float] | None = None,
+                      place: tuple[int, int] = (0, 0)):
     """One zeroth-order step on `targets`: for each query i, from w to w + eps u1_i (evaluate), to w - eps u1_i
     (evaluate), then w <- w - lr (sum_i g_i u2_i / n + wd w) with the last restore folded in. `evaluate(i)` returns
     the losses computed at the current weights (a list); `combine` turns all of them, in order, into one (L+, L-)
-    pair per query. A replay passes the projected `gradients` instead and evaluates nothing. Returns (gradients,
-    mean losses); with a non-finite gradient the weights are left as they were and the losses are [nan]."""
+    pair per query. A replay passes the projected `gradients` instead and evaluates nothing. `place`: (run seed,
+    step number), for kinds whose draws outlive a step. Returns (gradients, mean losses); with a non-finite gradient
+    the weights are left as they were and the losses are [nan]."""
     query_seeds = [derive(step_seed, i) for i in range(n_queries)]
-    step = directions.begin_step()  # what the kind keeps through the step (random-sign words, within a bound)
+    step = directions.begin_step(*place)  # what the kind keeps through the step (random-sign words, factors)
     local = []
     for i, seed in enumerate(query_seeds):
         _move(targets, directions, step, seed, 0.0, eps)
