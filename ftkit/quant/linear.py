@@ -147,8 +147,7 @@ class QuantLinear(nn.Module):
             return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         out = matmul(self, x)
         if self.output_perturbation is not None:  # x (W + scale U V^T)^T = x W^T + scale (x V) U^T
-            u, v, scale = self.output_perturbation
-            out = out.add((x @ v.to(x.dtype)) @ u.to(x.dtype).T, alpha=scale)
+            out = add_low_rank(out, x, *self.output_perturbation)
         return out
 
     def kernel_for(self, x: torch.Tensor) -> str:
@@ -167,6 +166,22 @@ class QuantLinear(nn.Module):
     @property
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, *self.group_params().values()))
+
+
+def add_low_rank(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """out + scale (x V) U^T, for x [..., K], V [K, r], U [N, r]. On the CPU it runs on one thread: its work is
+    r (1/N + 1/K) of the layer's matmul, and on a busy machine waking the other threads for each of its two products
+    costs more than the products (measured on SmolLM2-135M, 210 layers: 0.03 s a forward on one thread against
+    0.7-1.0 s on two; BENCHMARKS.md, "Low-rank directions: step cost")."""
+    threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        low = x.reshape(-1, x.shape[-1]).mm(v.to(x.dtype))
+        return torch.addmm(out.reshape(low.shape[0], -1), low, u.to(x.dtype).T, alpha=scale).view(out.shape)
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def step_codes_of(layers: list[QuantLinear], positions: list[torch.Tensor], steps: list[torch.Tensor]) -> None:

@@ -40,6 +40,7 @@ Where the direction lands:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -48,6 +49,21 @@ from ftkit.optim import lowrank_update
 from ftkit.optim.directions import DirectionKind, Directions, StepDraws
 from ftkit.optim.zo_streams import CHUNK_ELEMENTS, Q1, Q2, U, derive, gaussian, gaussian_chunks, quantize_direction
 from ftkit.optim.zo_targets import land
+
+@contextlib.contextmanager
+def one_thread(device):
+    """Torch on one thread for the block: a step's factors and its thinned update are many operations on small
+    tensors (a matrix's factors hold (m + n) r numbers), where waking the other threads costs more than the work
+    (on a busy machine, milliseconds an operation). The numbers are the same at any thread count."""
+    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
 
 LOWRANK_DOMAIN = 0x10C0  # separates the seeds of the V windows from any other use of the run seed
 FACTOR_U, FACTOR_V = 0, 1  # the sub-streams of a rounding's bits for each factor
@@ -118,12 +134,14 @@ class LowRankStep(StepDraws):
             return found
         if stream is None:
             rows, cols = shape
-            found = (gaussian((rows, self.rank), derive(query_seed, index, U), device),
-                     gaussian((cols, self.rank), derive(self.window, index), device))
+            with one_thread(device):
+                found = (gaussian((rows, self.rank), derive(query_seed, index, U), device),
+                         gaussian((cols, self.rank), derive(self.window, index), device))
         else:
             u, v = self.factors(d, query_seed, index, shape, device, None)
-            found = (quantize_direction(u.clone(), d.bits, derive(query_seed, index, stream, FACTOR_U)),
-                     quantize_direction(v.clone(), d.bits, derive(query_seed, index, stream, FACTOR_V)))
+            with one_thread(device):
+                found = (quantize_direction(u.clone(), d.bits, derive(query_seed, index, stream, FACTOR_U)),
+                         quantize_direction(v.clone(), d.bits, derive(query_seed, index, stream, FACTOR_V)))
         if query_seed == self.query:
             self.kept[key] = found
         return found
@@ -136,7 +154,8 @@ class LowRankStep(StepDraws):
             return targets
         entries = [(t.layer, t.index, *self.factors(directions, query_seeds[0], t.index, t.shape, t.device,
                                                     directions.update_stream)) for t in targets if t.low_bit]
-        done = lowrank_update.update(entries, directions.update_rounding, step_seed, coefs[0] * self.scale)
+        with one_thread(targets[0].device):
+            done = lowrank_update.update(entries, directions.update_rounding, step_seed, coefs[0] * self.scale)
         for layer in done:
             layer.output_perturbation = None
         return [t for t in targets if not (t.low_bit and t.layer in done)]
