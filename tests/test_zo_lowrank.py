@@ -104,8 +104,9 @@ def test_vectors_keep_gaussian_directions_and_v_is_kept_for_a_window_while_u_is_
 
 def test_independent_roundings_of_both_factors_keep_the_second_moment_and_one_rounding_inflates_it():
     """E[z1 z2^T | U, V] = z z^T with z1, z2 rounded with independent bits: over 300 draws the mean of z1 * z2 - z * z
-    is zero (within 4 standard errors of the draws' means, which is under 0.3 of the growth one rounding gives). With one rounding its diagonal grows by the
-    rounding variance of the products, (1/r) sum_a (U^2 var V + V^2 var U + var U var V), as predicted within 10%."""
+    is zero (within 4 standard errors of the draws' means, which is under 0.3 of the growth one rounding gives).
+    With one rounding its diagonal grows by the rounding variance of the products,
+    (1/r) sum_a (U^2 var V + V^2 var U + var U var V), as predicted within 10%."""
     shape, n, rank = (48, 40), 300, 2
     indep, shared, predicted = [], [], []
     for s in range(n):
