@@ -7,6 +7,7 @@ first-order training. MiniLM (or SmolLM2-135M) on SST-2 batches; every figure is
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --sections settings
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --sections window --window 50
     python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --profile "QuZO int4 g64, norms"
+    python scripts/bench_zo.py --model smollm2-135m --batch 16 --threads 2 --sections time --cases "all weights"
 
 time:   for each case, the median of a full ZO step and of two plain forward passes of the same model on the same
         batch, timed in turn (round robin) so machine noise falls on both alike; the ratio is what the
@@ -75,6 +76,9 @@ SMOLLM2_CASES = {
     "QuZO int4 g64, all weights but embeddings": ({"optimizer": "quzo"}, {"format": "int4", "group_size": 64}, 1e-6),
     "QuZO int4 g64, all weights but embeddings, random signs": ({"optimizer": "quzo", **SIGNS},
                                                                 {"format": "int4", "group_size": 64}, 1e-6),
+    **{f"QuZO int4 g64, all weights but embeddings, low rank {rank}": (
+        {"optimizer": "quzo", "zo": {"direction": "lowrank", "rank": rank}}, {"format": "int4", "group_size": 64}, 1e-6)
+       for rank in (1, 2, 4)},
     "QuZO int4 g64, norms": ({"optimizer": "quzo", "freeze": NORMS}, {"format": "int4", "group_size": 64}, 1e-4),
     "QuZO int4 g64 + LoRETTA_rep": ({"optimizer": "quzo", "adapter": "loretta_rep"},
                                     {"format": "int4", "group_size": 64}, 1e-3),
@@ -288,10 +292,12 @@ def print_profile(args, threads: tuple[int, ...], stamp: str, command: str) -> N
 
 
 def print_time(args, threads: tuple[int, ...]) -> None:
+    table = SMOLLM2_CASES if args.model == "smollm2-135m" else CASES
+    cases = tuple(case for case in table if not args.cases or any(part in case for part in args.cases.split(";")))
     print("| case | threads | trained elements | ZO step ms | 2 forwards ms | ratio | extra ns per element | "
           "Gaussian ns per element |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in bench_time(args.batch, args.repeats, args.model, threads):
+    for r in bench_time(args.batch, args.repeats, args.model, threads, cases):
         print(f"| {r['case']} | {r['threads']} | {r['trained']:,} | {r['step_ms']:.0f} | "
               f"{r['two_forwards_ms']:.0f} | {r['ratio']:.2f} | {r['extra_ns_per_element']:.1f} | "
               f"{r['gaussian_ns_per_element']:.2f} |")
@@ -349,6 +355,8 @@ def main() -> None:
     parser.add_argument("--malloc", default="training", choices=tuple(MALLOC))
     parser.add_argument("--window", type=int, default=50, help="batches the window section times (smollm2-135m)")
     parser.add_argument("--profile", metavar="CASE", help="where one case's step goes (at the first of --threads)")
+    parser.add_argument("--cases", help="the time section: only cases whose name contains one of these "
+                                        "';'-separated parts")
     args = parser.parse_args()
     threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else ()
     if args.child:

@@ -82,6 +82,11 @@ GRID = {
     # random signs at a rate where every update of the codes is drawn as its moves (ftkit.optim.sparse_update)
     "quzo_int4_signs": base(quant={"format": "int4"}, train={**ZO, "lr": 1e-5},
                             method={"optimizer": "quzo", "zo": {"direction": "rademacher"}}),
+    # low-rank directions (LOZO), V kept for 3 steps; at this rate the codes' updates are drawn as their moves
+    "quzo_int4_lowrank": base(quant={"format": "int4"}, train={**ZO, "lr": 1e-5},
+                              method={"optimizer": "quzo", "zo": {"direction": "lowrank", "rank": 2, "refresh": 3}}),
+    "mezo_lowrank": base(method={"optimizer": "mezo", "zo": {"direction": "lowrank", "rank": 2, "refresh": 3}},
+                         train=ZO),
     "quzo_one_rounding": base(quant={"format": "int4"}, train=ZO,
                               method={"optimizer": "quzo", "zo": {"independent_roundings": False}}),
     "quzo_nearest_update": base(quant={"format": "int4"}, train=ZO,

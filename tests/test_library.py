@@ -63,6 +63,7 @@ def zo_options(recipe) -> dict:
     zo = recipe.method.zo
     options = {"lr": recipe.train.lr, "eps": zo.eps, "n_queries": zo.n_queries, "weight_decay": zo.weight_decay,
                "seed": recipe.train.seed, "direction": zo.direction}
+    options.update({key: getattr(zo, key) for key in ("rank", "refresh") if getattr(zo, key) is not None})
     if recipe.method.optimizer == "quzo":
         options.update(perturb_bits=zo.perturb_bits, independent_roundings=zo.independent_roundings,
                        update_rounding=zo.update_rounding)

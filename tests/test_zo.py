@@ -819,7 +819,7 @@ def test_word_embeddings_are_frozen_for_zeroth_order_by_default(write_recipe, tm
     ({"method": {"optimizer": "quzo", "zo": {"eps": 0}}}, "method.zo.eps: must be positive"),
     ({"method": {"optimizer": "quzo", "zo": {"perturb_bits": 1}}}, "method.zo.perturb_bits"),
     ({"method": {"optimizer": "mezo", "zo": {"direction": "sobol"}}},
-     "method.zo.direction: unknown direction 'sobol' (available: gaussian, rademacher)"),
+     "method.zo.direction: unknown direction 'sobol' (available: gaussian, rademacher, lowrank)"),
     ({"method": {"optimizer": "quzo"}, "quant": {"format": "int4", "engine": "bitsandbytes"}},
      "bitsandbytes weights are frozen"),
     ({"method": {"optimizer": "quzo", "zo": {"update_round": "nearest"}}}, "did you mean 'method.zo.update_rounding'"),

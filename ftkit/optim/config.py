@@ -4,7 +4,7 @@ optimizer checks of the recipe around it. Their behaviour is in first_order.py a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from ftkit.components import Hook, Optimizer, Registry, Section, ZerothOrderRules, option
 
@@ -35,6 +35,10 @@ class ZOSpec:
                                        "off): one float32 buffer the size of the trained tensors; full-precision "
                                        "targets only.")
     direction: str = option("gaussian", help="Kind of random direction.", choices=lambda: DIRECTIONS)
+    rank: Optional[int] = option(None, help="direction lowrank: the rank r of each matrix's direction U V^T / sqrt(r) "
+                                            "(default 2).")
+    refresh: Optional[int] = option(None, help="direction lowrank: steps a matrix keeps its V (LOZO's lazy sampling; U "
+                                               "is redrawn every step; default 50).")
     perturb_bits: int = option(4, help="QuZO: directions are stochastically rounded onto a per-tensor grid of "
                                        "2^bits - 1 levels (0: unrounded).")
     independent_roundings: bool = option(True, help="QuZO: the perturbation and the update round the same Gaussian "
@@ -85,6 +89,19 @@ def _check_zo(zo: ZOSpec, recipe, chosen, fail) -> None:
     if zo.direction not in DIRECTIONS:
         fail("method.zo.direction", f"unknown direction {zo.direction!r} (available: "
                                     f"{', '.join(d.name for d in DIRECTIONS)})")
+    for key in direction_options(zo):
+        takes = [d.name for d in DIRECTIONS if key in d.options]
+        if zo.direction not in takes:
+            fail(f"method.zo.{key}", f"applies to direction {' or '.join(takes)}, and method.zo.direction is "
+                                     f"{zo.direction}")
+        if getattr(zo, key) < 1:
+            fail(f"method.zo.{key}", f"must be at least 1, got {getattr(zo, key)}")
+
+
+def direction_options(zo: ZOSpec) -> dict[str, int]:
+    """The options of a kind of direction `zo` sets (method.zo.rank, ...; unset ones are the kind's defaults)."""
+    keys = {key for d in DIRECTIONS for key in d.options}
+    return {key: getattr(zo, key) for key in sorted(keys) if getattr(zo, key) is not None}
 
 
 def _check_zeroth_order(recipe, chosen, fail) -> None:
@@ -114,11 +131,13 @@ def _check_zeroth_order(recipe, chosen, fail) -> None:
 @dataclass(frozen=True)
 class Direction:
     """A kind of random direction (method.zo.direction). `behaviour`: the kind itself, or a Hook to it, an
-    ftkit.optim.directions.DirectionKind (how it draws, perturbs, updates and what a trace records of it)."""
+    ftkit.optim.directions.DirectionKind (how it draws, perturbs, updates and what a trace records of it).
+    `options`: the method.zo keys that configure it (integers >= 1, unset: the kind's defaults)."""
 
     name: str
     summary: str
     behaviour: Any
+    options: tuple[str, ...] = ()
 
 
 DIRECTIONS: Registry = Registry("method.zo.direction", [
@@ -127,6 +146,8 @@ DIRECTIONS: Registry = Registry("method.zo.direction", [
     Direction("rademacher", "random signs +-1 (SPSA's): one random bit per element instead of a Gaussian, several "
                             "times cheaper to draw, and already on QuZO's grid, so no rounding is drawn",
               Hook("ftkit.optim.directions.rademacher:RADEMACHER")),
+    Direction("lowrank", "U V^T / sqrt(r) per matrix, V kept for `refresh` steps (LOZO); vectors Gaussian",
+              Hook("ftkit.optim.directions.lowrank:LOWRANK"), options=("rank", "refresh")),
 ])
 
 @dataclass(frozen=True)

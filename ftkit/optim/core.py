@@ -48,11 +48,16 @@ class ZerothOrderError(UserError, ValueError):
 
 
 def directions_for(method: Optimizer, direction: str, perturb_bits: int, independent_roundings: bool,
-                   update_rounding: str) -> Directions:
-    """The direction source a method's rules ask for: rounded directions only where they round them."""
+                   update_rounding: str, **options) -> Directions:
+    """The direction source a method's rules ask for: rounded directions only where they round them. `options`:
+    the kind's (rank=..., refresh=...), None for its default."""
     bits = perturb_bits if method.zeroth_order.rounds_directions else 0
-    return Directions(bits=bits, independent=independent_roundings,
-                      update_rounding=update_rounding, distribution=direction)
+    chosen = tuple(sorted((key, value) for key, value in options.items() if value is not None))
+    try:
+        return Directions(bits=bits, independent=independent_roundings,
+                          update_rounding=update_rounding, distribution=direction, options=chosen)
+    except ValueError as err:
+        raise ZerothOrderError(f"{method.name}: {err}") from None
 
 
 class ZerothOrderCore:
@@ -103,7 +108,8 @@ class ZerothOrderCore:
             weight_decay: float | None = None, gradients: list[float] | None = None):
         return zeroth_order_step(self.targets, self.directions, step_seed, lr, self.eps if eps is None else eps,
                                  self.n_queries, self.weight_decay if weight_decay is None else weight_decay,
-                                 evaluate, combine, gradients, self.estimator, self.momentum)
+                                 evaluate, combine, gradients, self.estimator, self.momentum,
+                                 place=(self.seed, self.steps_done))
 
     def replay_step(self, seed: int, lr: float, gradients: list[float]) -> None:
         self.run(seed, lr, gradients=gradients)
@@ -149,16 +155,17 @@ class ZerothOrderCore:
 @torch.no_grad()
 def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr: float, eps: float, n_queries: int,
                       weight_decay: float, evaluate=None, combine=None, gradients: list[float] | None = None,
-                      estimator: EstimatorKind = CENTRAL, momentum: Momentum | None = None):
+                      estimator: EstimatorKind = CENTRAL, momentum: Momentum | None = None,
+                      place: tuple[int, int] = (0, 0)):
     """One zeroth-order step on `targets`: the estimator walks the weights through its points (central: for each
     query i, w + eps u1_i then w - eps u1_i), evaluating at each, then w <- w + sum_i coef_i u2_i - lr wd w with the
     last query's restore folded in (or through the `momentum` buffer). `evaluate(i)` returns the losses computed at
     the current weights (a list; i None: the unperturbed weights); `combine` turns all of them, in order, into one
-    batch loss per evaluation. A replay passes the projected `gradients` instead and evaluates nothing. Returns
-    (gradients, losses whose mean is the step's loss); with a non-finite gradient the weights are left as they were
-    and the losses are [nan]."""
+    batch loss per evaluation. A replay passes the projected `gradients` instead and evaluates nothing. `place`:
+    (run seed, step number), for kinds whose draws outlive a step. Returns (gradients, losses whose mean is the
+    step's loss); with a non-finite gradient the weights are left as they were and the losses are [nan]."""
     query_seeds = [derive(step_seed, i) for i in range(n_queries)]
-    step = directions.begin_step()  # what the kind keeps through the step (random-sign words, within a bound)
+    step = directions.begin_step(*place)  # what the kind keeps through the step (random-sign words, factors)
 
     def move(query_seed: int, current: float, to: float) -> None:
         for target in step.pass_over(targets, query_seed):

@@ -24,15 +24,17 @@ from ftkit.optim.zo_targets import FloatTarget, zo_targets
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
     """A zeroth-order optimizer of the given declaration (`ftkit.optim.OPTIMIZERS`, whose `zeroth_order` rules it
-    follows) over a model or tensors. `direction` names a kind in ftkit.optim.DIRECTIONS; `perturb_bits`,
-    `independent_roundings` and `update_rounding` are read where the rules round directions and train low-bit codes
-    (QuZO). `estimator` names one in ftkit.optim.ESTIMATORS (central; one_sided: FZOO's, n_queries + 1 closure calls
-    a step) and `momentum` a momentum on the projected gradient (full-precision tensors only), as method.zo's."""
+    follows) over a model or tensors. `direction` names a kind in ftkit.optim.DIRECTIONS, `rank` and `refresh`
+    configure `direction="lowrank"` (None: its defaults); `perturb_bits`, `independent_roundings` and
+    `update_rounding` are read where the rules round directions and train low-bit codes (QuZO). `estimator` names
+    one in ftkit.optim.ESTIMATORS (central; one_sided: FZOO's, n_queries + 1 closure calls a step) and `momentum` a
+    momentum on the projected gradient (full-precision tensors only), as method.zo's."""
 
     def __init__(self, model_or_params, method: Optimizer, lr: float = 1e-6, eps: float = 1e-3,
                  n_queries: int = 1, weight_decay: float = 0.0, seed: int = 0, direction: str = "gaussian",
                  perturb_bits: int = 4, independent_roundings: bool = True, update_rounding: str = "stochastic",
-                 trace: str | Path | None = None, estimator: str = "central", momentum: float = 0.0):
+                 trace: str | Path | None = None, estimator: str = "central", momentum: float = 0.0,
+                 rank: int | None = None, refresh: int | None = None):
         if update_rounding not in ("stochastic", "nearest"):
             raise ValueError(f"update_rounding must be 'stochastic' or 'nearest', got {update_rounding!r}")
         if n_queries < 1 or eps <= 0 or lr < 0 or not 0 <= momentum < 1:
@@ -44,7 +46,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         else:
             params = [p for p in model_or_params if p.requires_grad]
             targets = [FloatTarget(f"params[{i}]", p, i, decay=p.ndim >= 2) for i, p in enumerate(params)]
-        directions = directions_for(method, direction, perturb_bits, independent_roundings, update_rounding)
+        directions = directions_for(method, direction, perturb_bits, independent_roundings, update_rounding,
+                                    rank=rank, refresh=refresh)
         self.core = ZerothOrderCore(targets, method, directions, eps, n_queries, weight_decay, seed, estimator,
                                     momentum)
         super().__init__([t.tensor for t in targets], {"lr": lr, "eps": eps, "weight_decay": weight_decay})
@@ -119,13 +122,15 @@ class MeZO(ZerothOrderOptimizer):
     g = (L(w + eps u) - L(w - eps u)) / (2 eps), w <- w - lr (g u + wd w); no direction is ever stored.
     `direction="rademacher"` draws random signs for u instead (cheaper to draw, see method.zo.direction);
     `estimator="one_sided"` is FZOO's batched one-sided estimate and `momentum` a momentum on the projected gradient
-    (see ZerothOrderOptimizer)."""
+    (see ZerothOrderOptimizer); `direction="lowrank", rank=2, refresh=50` a direction U V^T / sqrt(rank) per
+    matrix, V kept for `refresh` steps (LOZO)."""
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1, weight_decay: float = 0.0,
                  seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None,
-                 estimator: str = "central", momentum: float = 0.0):
-        super().__init__(params, MEZO, lr, eps, n_queries, weight_decay, seed, direction,
-                         trace=trace, estimator=estimator, momentum=momentum)
+                 estimator: str = "central", momentum: float = 0.0, rank: int | None = None,
+                 refresh: int | None = None):
+        super().__init__(params, MEZO, lr, eps, n_queries, weight_decay, seed, direction, trace=trace,
+                         estimator=estimator, momentum=momentum, rank=rank, refresh=refresh)
 
 
 class QuZO(ZerothOrderOptimizer):
@@ -134,11 +139,14 @@ class QuZO(ZerothOrderOptimizer):
     iterable of tensors. Directions are stochastically rounded onto a grid of 2^perturb_bits - 1 levels with
     independent bits for the perturbation and the update (unbiased), and updates land on the weights' own grid by
     stochastic rounding (`update_rounding="nearest"` and `independent_roundings=False` are the ablations).
-    `direction="rademacher"` draws random signs instead of Gaussians (no rounding needed, see method.zo.direction)."""
+    `direction="rademacher"` draws random signs instead of Gaussians (no rounding needed, see method.zo.direction);
+    `direction="lowrank", rank=2, refresh=50` a direction U V^T / sqrt(rank) per matrix with U and V rounded (LOZO;
+    a quantized layer adds eps (x V) U^T to its own kernel's output)."""
 
     def __init__(self, model_or_params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1,
                  weight_decay: float = 0.0, seed: int = 0, perturb_bits: int = 4, independent_roundings: bool = True,
                  update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None,
-                 estimator: str = "central", momentum: float = 0.0):
-        super().__init__(model_or_params, QUZO, lr, eps, n_queries, weight_decay, seed,
-                         direction, perturb_bits, independent_roundings, update_rounding, trace, estimator, momentum)
+                 estimator: str = "central", momentum: float = 0.0, rank: int | None = None,
+                 refresh: int | None = None):
+        super().__init__(model_or_params, QUZO, lr, eps, n_queries, weight_decay, seed, direction, perturb_bits,
+                         independent_roundings, update_rounding, trace, estimator, momentum, rank, refresh)

@@ -21,6 +21,7 @@ from ftkit.devices import describe, model_device
 from ftkit.distributed import SINGLE, World
 from ftkit.errors import UserError
 from ftkit.optim import OPTIMIZERS
+from ftkit.optim.config import direction_options
 from ftkit.optim.core import ZerothOrderCore, directions_for
 from ftkit.optim.trace import encode_tensor
 from ftkit.optim.zo_targets import zo_targets
@@ -39,7 +40,7 @@ class ZerothOrder:
                             f"({spec.n_queries}) must be a multiple of the number of processes ({world.size})")
         method = OPTIMIZERS[recipe.method.optimizer]
         directions = directions_for(method, spec.direction, spec.perturb_bits, spec.independent_roundings,
-                                    spec.update_rounding)
+                                    spec.update_rounding, **direction_options(spec))
         self.core = ZerothOrderCore(zo_targets(model), method, directions, spec.eps, spec.n_queries,
                                     spec.weight_decay, recipe.train.seed, spec.estimator, spec.momentum)
         self.loss = task_kind(recipe).loss

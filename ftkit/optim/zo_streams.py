@@ -19,6 +19,7 @@ from ftkit import devices
 
 U, Q1, Q2, UPDATE = 0, 1, 2, 3
 UPDATE_PLACES = 4  # where a sparse update's moves fall within their groups (ftkit.optim.sparse_update)
+UPDATE_ACCEPT = 5  # which candidate moves of a low-rank update are made (ftkit.optim.lowrank_update)
 MASK64 = (1 << 64) - 1
 
 

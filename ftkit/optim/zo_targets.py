@@ -19,7 +19,7 @@ from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive, uniform_chunks
 from ftkit.quant.linear import QuantLinear
 from ftkit.quant.scales import group_view
 
-__all__ = ["Directions", "FloatTarget", "QuantTarget", "zo_targets", "prepare_model"]
+__all__ = ["Directions", "FloatTarget", "QuantTarget", "land", "zo_targets", "prepare_model"]
 
 
 class FloatTarget:
@@ -127,18 +127,26 @@ class QuantTarget:
         for seed, coef in zip(query_seeds, coefs):
             u2 = d.update_direction(seed, self.index, shape, device)
             change = u2.mul_(coef) if change is None else change.add_(u2, alpha=coef)
-        blocks = layer.row_blocks()  # a block of rows at a time: temporaries of a few MiB, not of the layer
-        noise = uniform_chunks(change.numel(), derive(step_seed, self.index, UPDATE), device,
-                               size=(blocks[0].stop - blocks[0].start) * shape[1]) \
-            if d.update_rounding == "stochastic" else None
-        for rows in blocks:
-            group_view(change[rows], layer.group_size).div_(layer.scales[rows].to(torch.float32).unsqueeze(-1))
-            codes = layer.code_values(rows)
-            target = change[rows].add_(codes)  # in grid units
-            if decay:
-                target.add_(codes, alpha=-decay)
-            block_noise = None if noise is None else next(noise)[1].view_as(target)
-            layer.set_code_values(layer.codec.round(target, d.update_rounding, noise=block_noise), rows)
+        land(layer, self.index, change, step_seed, d.update_rounding, decay)
+
+
+@torch.no_grad()
+def land(layer: QuantLinear, index: int, change: torch.Tensor, step_seed: int, rounding: str, decay: float) -> None:
+    """codes <- R(codes + change / scale - decay * codes) for a layer's float32 `change` [N, K] (overwritten), R
+    onto the grid (SR with the noise of stream (step_seed, index, UPDATE), or nearest), a block of rows at a time:
+    temporaries of a few MiB, not of the layer."""
+    blocks = layer.row_blocks()
+    noise = uniform_chunks(change.numel(), derive(step_seed, index, UPDATE), change.device,
+                           size=(blocks[0].stop - blocks[0].start) * change.shape[1]) \
+        if rounding == "stochastic" else None
+    for rows in blocks:
+        group_view(change[rows], layer.group_size).div_(layer.scales[rows].to(torch.float32).unsqueeze(-1))
+        codes = layer.code_values(rows)
+        target = change[rows].add_(codes)  # in grid units
+        if decay:
+            target.add_(codes, alpha=-decay)
+        block_noise = None if noise is None else next(noise)[1].view_as(target)
+        layer.set_code_values(layer.codec.round(target, rounding, noise=block_noise), rows)
 
 
 def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget]:

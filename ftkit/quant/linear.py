@@ -11,9 +11,10 @@ Forward runs one of the matmul paths of ftkit.quant.kernels, chosen per format a
 and only for the duration of the matmul.
 
 For zeroth-order methods the layer exposes its codes, scales and codec (`code_values`, `set_code_values`,
-`scales`, `codec`) and a `perturbation` hook: a function of the layer returning an additive weight delta (a fresh
-float32 tensor, which the layer then owns), applied while dequantizing so the stored codes never change during a
-perturbed forward.
+`scales`, `codec`) and two ways to perturb it without changing its stored codes: a `perturbation` hook (a function
+of the layer returning an additive weight delta, a fresh float32 tensor which the layer then owns, applied while
+dequantizing), and an `output_perturbation` (U [N, r], V [K, r], scale) for a low-rank delta scale * U V^T: the
+layer runs its own low-bit kernel and adds scale * (x V) U^T, so no dense perturbed weight is ever built.
 
 Large layers are dequantized and rewritten a block of rows at a time (`row_blocks`), so what a layer needs beyond
 its codes is one float32 copy of its weight, not the several that whole-tensor unpacking and scaling would make.
@@ -57,6 +58,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, fill(out_features, groups, dtype=scale_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.perturbation: Optional[Callable[[QuantLinear], torch.Tensor]] = None
+        self.output_perturbation: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None  # (U, V, scale)
         # Whether a zeroth-order method updates the codes (full-parameter QuZO; set by its `prepare`). The codes are
         # a buffer, so this stands in for requires_grad: counting and the zeroth-order targets read it.
         self.train_codes = False
@@ -143,7 +145,10 @@ class QuantLinear(nn.Module):
             for block in self.row_blocks():  # W + delta, added into the delta: no second full-size tensor
                 self.add_dequantized(weight[block], block)
             return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return matmul(self, x)
+        out = matmul(self, x)
+        if self.output_perturbation is not None:  # x (W + scale U V^T)^T = x W^T + scale (x V) U^T
+            out = add_low_rank(out, x, *self.output_perturbation)
+        return out
 
     def kernel_for(self, x: torch.Tensor) -> str:
         """The matmul path `forward` takes for `x` (ftkit.quant.kernels)."""
@@ -161,6 +166,22 @@ class QuantLinear(nn.Module):
     @property
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, *self.group_params().values()))
+
+
+def add_low_rank(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """out + scale (x V) U^T, for x [..., K], V [K, r], U [N, r]. On the CPU it runs on one thread: its work is
+    r (1/N + 1/K) of the layer's matmul, and on a busy machine waking the other threads for each of its two products
+    costs more than the products (measured on SmolLM2-135M, 210 layers: 0.03 s a forward on one thread against
+    0.7-1.0 s on two; BENCHMARKS.md, "Low-rank directions: step cost")."""
+    threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        low = x.reshape(-1, x.shape[-1]).mm(v.to(x.dtype))
+        return torch.addmm(out.reshape(low.shape[0], -1), low, u.to(x.dtype).T, alpha=scale).view(out.shape)
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def step_codes_of(layers: list[QuantLinear], positions: list[torch.Tensor], steps: list[torch.Tensor]) -> None:

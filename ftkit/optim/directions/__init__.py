@@ -1,10 +1,10 @@
 """Kinds of random direction for zeroth-order steps, and the direction source a step draws from.
 
-A kind (`DirectionKind`, one module each: gaussian.py, rademacher.py; declared in ftkit.optim.DIRECTIONS) says how
-the direction u of one tensor is drawn from its stream's seed, whole or a chunk at a time, and what a trace records
-of it. A kind may also keep draws through a step (`StepDraws`: random-sign words drawn once and reused by a query's
-three passes) and update low-bit tensors its own way; the defaults keep nothing and leave every update to the
-targets (ftkit.optim.zo_targets).
+A kind (`DirectionKind`, one module each: gaussian.py, rademacher.py, lowrank.py; declared in ftkit.optim.DIRECTIONS)
+says how the direction u of one tensor is drawn from its stream's seed, whole or a chunk at a time, and what a trace
+records of it. A kind may also keep draws through a step (`StepDraws`: random-sign words drawn once and reused by a
+query's three passes, low-rank factors), stand in for targets it moves its own way, and update low-bit tensors its
+own way; the defaults keep nothing and leave every move and update to the targets (ftkit.optim.zo_targets).
 
 `Directions` is a kind with the rounding the optimizer asks for (its declaration's `zeroth_order`, a
 ftkit.components.ZerothOrderRules): u1 = Q1(u) for the perturbation and u2 = Q2(u) for the update, two stochastic
@@ -57,8 +57,15 @@ class DirectionKind:
         """What a trace header records of the kind beyond its name."""
         return {}
 
-    def begin_step(self) -> StepDraws:
-        """What the kind keeps through one step."""
+    def with_options(self, **options) -> DirectionKind:
+        """The kind configured by its method.zo options (ftkit.optim.config.Direction.options)."""
+        if options:
+            raise ValueError(f"direction {self.name!r} takes no option {', '.join(options)}")
+        return self
+
+    def begin_step(self, run_seed: int = 0, step: int = 0) -> StepDraws:
+        """What the kind keeps through step `step` (counted from 0) of a run seeded `run_seed`: a kind whose draws
+        outlive a step derives them from these, so a resumed run and a replay draw them again."""
         return StepDraws()
 
 
@@ -67,7 +74,8 @@ class StepDraws:
     direction drawn where it is used, and every target updated by itself."""
 
     def pass_over(self, targets: list, query_seed: int):
-        """The targets in order, for one pass of query `query_seed` (a kind may draw their directions ahead)."""
+        """The targets in order, for one pass of query `query_seed` (a kind may draw their directions ahead, or
+        yield in a target's place an object with its `move` and `update` that moves it another way)."""
         return iter(targets)
 
     def held(self, query_seed: int, index: int):
@@ -84,14 +92,15 @@ class StepDraws:
         return targets
 
 
-def direction_kind(name: str) -> DirectionKind:
-    """The kind ftkit.optim.DIRECTIONS declares as `name`."""
+def direction_kind(name: str, options: tuple = ()) -> DirectionKind:
+    """The kind ftkit.optim.DIRECTIONS declares as `name`, configured by `options` ((key, value) pairs)."""
     from ftkit.optim import DIRECTIONS
 
     if name not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(d.name for d in DIRECTIONS)}; got {name!r}")
     behaviour = DIRECTIONS[name].behaviour
-    return behaviour.resolve() if isinstance(behaviour, Hook) else behaviour
+    kind = behaviour.resolve() if isinstance(behaviour, Hook) else behaviour
+    return kind.with_options(**dict(options)) if options else kind
 
 
 @dataclass(frozen=True)
@@ -102,21 +111,22 @@ class Directions:
     independent: bool  # Q2 uses its own rounding bits (QuZO) or Q1's (the public code's variant)
     update_rounding: str  # "stochastic" or "nearest" (low-bit targets only)
     distribution: str = "gaussian"  # the kind's name in ftkit.optim.DIRECTIONS
+    options: tuple = ()  # the kind's options, (key, value) pairs (method.zo.rank, ...)
 
     def __post_init__(self):
-        direction_kind(self.distribution)  # an unknown kind is refused here, not at the first step
+        direction_kind(self.distribution, self.options)  # an unknown kind or option is refused here, not at a step
 
     @functools.cached_property
     def kind(self) -> DirectionKind:
-        return direction_kind(self.distribution)
+        return direction_kind(self.distribution, self.options)
 
     @property
     def rounds(self) -> bool:
         """Whether directions are rounded onto a grid: QuZO's, unless the kind's are on every grid already."""
         return self.bits > 0 and not self.kind.on_grid
 
-    def begin_step(self) -> StepDraws:
-        return self.kind.begin_step()
+    def begin_step(self, run_seed: int = 0, step: int = 0) -> StepDraws:
+        return self.kind.begin_step(run_seed, step)
 
     @property
     def streams(self) -> tuple[int, int, int]:

@@ -40,7 +40,7 @@ class RandomSigns(DirectionKind):
     def chunks(self, numel: int, seed: int, device="cpu", held=None):
         return sign_chunks(numel, seed, device, held)
 
-    def begin_step(self) -> SignStep:
+    def begin_step(self, run_seed: int = 0, step: int = 0) -> SignStep:
         return SignStep()
 
 
