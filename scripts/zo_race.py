@@ -75,7 +75,7 @@ def zo(lr: float | None = None, freeze: list | None = None, **options) -> dict:
 NORMS, LORETTA = "quzo_int4_norms_chat", "quzo_int4_loretta_rep"
 CODES = {"freeze": [], "lr": 1e-6}  # every int4 weight (and the norms) at quzo_int4.yaml's rate
 SCALES = {"freeze": [], "lr": 1e-6, "low_bit": "scales", "clip_gradient": 100.0}  # starting points: tune on merge
-ONE_SIDED = {"estimator": "one_sided", "n_queries": 8, "momentum": 0.9}  # 8 signs + the unperturbed loss: 9 forwards
+ONE_SIDED = {"estimator": "one_sided", "n_queries": 8}  # 8 signs + the unperturbed loss: 9 forwards
 STE = {"quant": {"format": "int4", "engine": "straight_through", "group_size": 64},
        "train": {"schedule": "linear", "warmup_steps": 20}}
 CELLS = [
@@ -96,9 +96,13 @@ CELLS = [
     Cell("scales-gauss", "QuZO, Gaussian, central, clipped", "int4 scales", NORMS, zo(**SCALES), paper="QZO"),
     Cell("scales-lowrank", "QuZO, low-rank r 4, refresh 50, clipped", "int4 scales", NORMS,
          zo(direction="lowrank", rank=4, refresh=50, **SCALES), paper="LOZO"),
-    Cell("norms-fzoo", "one-sided, 8 random signs, momentum 0.9", "norm scales", NORMS,
+    Cell("norms-fzoo", "one-sided, 8 random signs", "norm scales", NORMS,
          zo(direction="rademacher", **ONE_SIDED), 9, paper="FZOO"),
-    Cell("codes-fzoo", "one-sided, 8 random signs, momentum 0.9", "int4 codes", NORMS,
+    Cell("norms-fzoo-m", "one-sided, 8 random signs, momentum 0.9", "norm scales", NORMS,
+         zo(direction="rademacher", momentum=0.9, **ONE_SIDED), 9, paper="FZOO"),
+    Cell("norms-signs-m", "QuZO, random signs, central, momentum 0.9", "norm scales", NORMS,
+         zo(direction="rademacher", momentum=0.9), paper="ZO-AdaMU"),
+    Cell("codes-fzoo", "one-sided, 8 random signs", "int4 codes", NORMS,
          zo(direction="rademacher", **ONE_SIDED, **CODES), 9, paper="FZOO"),
 ]
 BY_NAME = {c.name: c for c in CELLS}
@@ -112,6 +116,7 @@ CLAIMS = {
     "LOZO": "LOZO: closer to first-order than MeZO at the same forward budget (OPT, LLaMA; SuperGLUE)",
     "QZO": "QZO: >18x less memory than bf16 fine-tuning; Llama-2-13B in 24 GB",
     "FZOO": "FZOO: about 3x fewer forwards than MeZO for the same accuracy, +3 points (18x on RoBERTa-large)",
+    "ZO-AdaMU": "ZO-AdaMU / LOZO-M: momentum on the zeroth-order estimate speeds convergence over MeZO",
     "STE": "the line to beat: 83.9% SST-2 test in 150 steps, MeZO's template (2.1 s a step, 4.4 GB)",
 }
 

@@ -117,7 +117,9 @@ def _check_zeroth_order(recipe, chosen, fail) -> None:
         fail("method.optimizer", f"{name} trains full-precision weights, and quant.format is {quant.format}: use quzo "
              f"for the quantized weights themselves, or set method.adapter to train an adapter over the quantized "
              f"base")
-    if full and low_bit and recipe.method.zo.momentum:
+    # With method.freeze the codes may all be frozen (the norms alone train): which tensors train is known once the
+    # model is built, where the core refuses momentum on codes in one line.
+    if full and low_bit and recipe.method.zo.momentum and not recipe.method.freeze:
         fail("method.zo.momentum", f"keeps a float buffer per trained tensor, and the {quant.format} codes {name} "
              f"trains have no float master copy to move along it; train an adapter or the norms, or set it to 0")
     if full and low_bit and not chosen.engine.zo_trains_weights:
