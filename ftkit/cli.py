@@ -271,11 +271,13 @@ def validate(
     overrides: Optional[list[str]] = OVERRIDES,
 ):
     """Check a recipe (keys, types, combinations) without loading any model or data."""
+    from ftkit.optim.config import describe_zeroth_order
     from ftkit.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides or [])
     out.print(f"ok: {recipe}: model {spec.model.name}, format {spec.quant.format}, adapter {spec.method.adapter}, "
-              f"optimizer {spec.method.optimizer}, task {spec.data.task}, {spec.train.max_steps} steps", markup=False)
+              f"optimizer {spec.method.optimizer}{describe_zeroth_order(spec)}, task {spec.data.task}, "
+              f"{spec.train.max_steps} steps", markup=False)
 
 
 def main():

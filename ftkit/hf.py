@@ -48,19 +48,20 @@ class ZOTrainer(Trainer):
     """A Trainer whose step is a zeroth-order optimizer of ftkit.optim.OPTIMIZERS: QuZO
     (`method="quzo"`, the default: low-bit codes and full-precision parameters alike) or MeZO (`method="mezo"`,
     full-precision parameters). The rate, weight decay and seed come from the TrainingArguments; `eps`, `n_queries`,
-    `direction` (a kind in ftkit.optim.DIRECTIONS) and QuZO's `perturb_bits`, `independent_roundings`,
-    `update_rounding` are keyword arguments."""
+    `direction` (a kind in ftkit.optim.DIRECTIONS), QuZO's `perturb_bits`, `independent_roundings`,
+    `update_rounding`, `low_bit` ("codes" or "scales": what the quantized layers train; None: as marked) and
+    `clip_gradient` are keyword arguments."""
 
     def __init__(self, *args, method: str = "quzo", eps: float = 1e-3, n_queries: int = 1, perturb_bits: int = 4,
                  independent_roundings: bool = True, update_rounding: str = "stochastic", direction: str = "gaussian",
-                 **kwargs):
+                 low_bit: str | None = None, clip_gradient: float | None = None, **kwargs):
         zeroth_order = [o.name for o in OPTIMIZERS if o.zeroth_order]
         if method not in zeroth_order:
             raise ValueError(f"method must be a zeroth-order optimizer ({', '.join(zeroth_order)}), got {method!r}")
         self.method = OPTIMIZERS[method]
         self.zo_options = {"eps": eps, "n_queries": n_queries, "perturb_bits": perturb_bits,
                            "independent_roundings": independent_roundings, "update_rounding": update_rounding,
-                           "direction": direction}
+                           "direction": direction, "low_bit": low_bit, "clip_gradient": clip_gradient}
         self.zeroth_order = None
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:

@@ -4,7 +4,7 @@ optimizer checks of the recipe around it. Their behaviour is in first_order.py a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from ftkit.components import Hook, Optimizer, Registry, Section, ZerothOrderRules, option
 
@@ -39,12 +39,19 @@ class ZOSpec:
                                                     "perturbation's rounding for the update (the authors' public "
                                                     "code).")
     update_rounding: Literal["stochastic", "nearest"] = option(
-        "stochastic", help="QuZO: how an update lands on a low-precision weight grid.")
+        "stochastic", help="QuZO: how an update lands on a low-precision weight grid (and, for either optimizer, on "
+                           "bf16 scales trained by low_bit: scales).")
     weight_decay: float = option(0.0, help="Decoupled weight decay, not applied to biases and norms.")
     train_embeddings: bool = option(False, help="Train the word embeddings too (a batch touches few rows, so random "
                                                 "directions mostly add noise there).")
     trace: bool = option(True, computes=False, help="Write the trajectory (seeds, projected gradients, learning "
                                                     "rates) to <run>/trace.ftz for `ftkit replay`.")
+    low_bit: Literal["codes", "scales"] = option(
+        "codes", help="What a native low-bit layer trains without an adapter: its codes (QuZO), or its per-group "
+                      "scales with the codes frozen (QZO), perturbed while dequantizing and updated on the scales' "
+                      "dtype (quant.scale_dtype). mezo trains scales too (unrounded directions).")
+    clip_gradient: Optional[float] = option(None, help="Clip each projected gradient to [-C, C] before the update "
+                                                       "(QZO's clipping of the directional derivative); null: off.")
     parallel: Literal["data", "queries"] = option(
         "data", computes=False, help="Several processes: split each batch between them (data), or give each the "
                                      "whole batch and n_queries / processes of the queries (queries). Same result.")
@@ -71,6 +78,8 @@ def _check_zo(zo: ZOSpec, recipe, chosen, fail) -> None:
         fail("method.zo.weight_decay", f"must be at least 0, got {zo.weight_decay}")
     if zo.perturb_bits != 0 and not 2 <= zo.perturb_bits <= 16:
         fail("method.zo.perturb_bits", f"must be 0 (unrounded directions) or 2..16, got {zo.perturb_bits}")
+    if zo.clip_gradient is not None and not zo.clip_gradient > 0:
+        fail("method.zo.clip_gradient", f"must be positive (or null: no clipping), got {zo.clip_gradient}")
     if zo.direction not in DIRECTIONS:
         fail("method.zo.direction", f"unknown direction {zo.direction!r} (available: "
                                     f"{', '.join(d.name for d in DIRECTIONS)})")
@@ -85,13 +94,46 @@ def _check_zeroth_order(recipe, chosen, fail) -> None:
     if recipe.train.grad_clip is not None:
         fail("train.grad_clip", f"clips a backpropagated gradient's norm, which {name} does not have; remove it (a "
              f"zeroth-order run that blows up wants a lower train.lr or method.zo.eps)")
-    if full and low_bit and not chosen.optimizer.trains_low_bit:
+    scales = recipe.method.zo.low_bit == "scales"
+    if scales:
+        _check_scales(recipe, chosen, fail)
+    if full and low_bit and not scales and not chosen.optimizer.trains_low_bit:
         fail("method.optimizer", f"{name} trains full-precision weights, and quant.format is {quant.format}: use quzo "
              f"for the quantized weights themselves, or set method.adapter to train an adapter over the quantized "
              f"base")
     if full and low_bit and not chosen.engine.zo_trains_weights:
         fail("method.adapter", f"{quant.engine} weights are frozen; zeroth-order training over them needs an "
              f"adapter (lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
+
+
+def _check_scales(recipe, chosen, fail) -> None:
+    """method.zo.low_bit: scales trains the scales of the model's own native low-bit layers."""
+    quant = recipe.quant
+    if not chosen.format.low_bit:
+        fail("method.zo.low_bit", f"scales trains the per-group scales of low-bit layers, and quant.format is "
+             f"{quant.format}: set quant.format (int4, int8, fp8_*)")
+    if not chosen.engine.zo_trains_weights:
+        fail("method.zo.low_bit", f"scales trains the scales of ftkit's own low-bit layers; {quant.engine} layers "
+             f"are frozen: use quant.engine: native")
+    if not chosen.adapter.trains_base:
+        fail("method.zo.low_bit", f"scales trains the base model's scales, and method.adapter {recipe.method.adapter} "
+             f"freezes the base: set method.adapter: none, or method.zo.low_bit: codes to train the adapter alone")
+
+
+def describe_zeroth_order(recipe) -> str:
+    """What `ftkit validate` says of a zeroth-order recipe's trainable set and clipping ("" for other recipes)."""
+    from ftkit.adapters import ADAPTERS
+    from ftkit.optim import OPTIMIZERS
+    from ftkit.quant import FORMATS
+
+    if OPTIMIZERS[recipe.method.optimizer].zeroth_order is None:
+        return ""
+    zo, parts = recipe.method.zo, []
+    if zo.low_bit != "codes" and FORMATS[recipe.quant.format].low_bit and ADAPTERS[recipe.method.adapter].trains_base:
+        parts.append(f"low-bit layers train their {zo.low_bit}, not their codes")
+    if zo.clip_gradient is not None:
+        parts.append(f"projected gradients clipped to [-{zo.clip_gradient:g}, {zo.clip_gradient:g}]")
+    return "".join(f", {part}" for part in parts)
 
 
 # --- zeroth-order estimators: what sets the optimizers apart, and the kinds of direction (read by ftkit.optim.core) ---

@@ -19,31 +19,37 @@ import torch.nn as nn
 from ftkit.components import Optimizer
 from ftkit.optim.config import MEZO, QUZO
 from ftkit.optim.core import ZerothOrderCore, directions_for
-from ftkit.optim.zo_targets import FloatTarget, zo_targets
+from ftkit.optim.zo_targets import FloatTarget, mark_low_bit, zo_targets
+from ftkit.quant.linear import QuantLinear
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
     """A zeroth-order optimizer of the given declaration (`ftkit.optim.OPTIMIZERS`, whose `zeroth_order` rules it
     follows) over a model or tensors. `direction` names a kind in ftkit.optim.DIRECTIONS; `perturb_bits`,
     `independent_roundings` and `update_rounding` are read where the rules round directions and train low-bit codes
-    (QuZO)."""
+    (QuZO). `low_bit`: what the low-bit layers marked trainable (ftkit.quantize's `trainable`) train, "codes" or
+    their per-group "scales" (QZO), switching the layers' flags; None leaves them as marked (codes by ftkit.quantize,
+    as method.zo.low_bit says for a model built from a recipe). `clip_gradient`: clip each projected gradient to
+    [-C, C] (None: off)."""
 
     def __init__(self, model_or_params, method: Optimizer, lr: float = 1e-6, eps: float = 1e-3,
                  n_queries: int = 1, weight_decay: float = 0.0, seed: int = 0, direction: str = "gaussian",
                  perturb_bits: int = 4, independent_roundings: bool = True, update_rounding: str = "stochastic",
-                 trace: str | Path | None = None):
+                 trace: str | Path | None = None, low_bit: str | None = None, clip_gradient: float | None = None):
         if update_rounding not in ("stochastic", "nearest"):
             raise ValueError(f"update_rounding must be 'stochastic' or 'nearest', got {update_rounding!r}")
         if n_queries < 1 or eps <= 0 or lr < 0:
             raise ValueError(f"need n_queries >= 1, eps > 0 and lr >= 0; got {n_queries}, {eps}, {lr}")
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
         if self.model is not None:
+            if low_bit is not None:
+                _choose_low_bit(self.model, low_bit)
             targets = zo_targets(model_or_params)
         else:
             params = [p for p in model_or_params if p.requires_grad]
             targets = [FloatTarget(f"params[{i}]", p, i, decay=p.ndim >= 2) for i, p in enumerate(params)]
         directions = directions_for(method, direction, perturb_bits, independent_roundings, update_rounding)
-        self.core = ZerothOrderCore(targets, method, directions, eps, n_queries, weight_decay, seed)
+        self.core = ZerothOrderCore(targets, method, directions, eps, n_queries, weight_decay, seed, clip_gradient)
         super().__init__([t.tensor for t in targets], {"lr": lr, "eps": eps, "weight_decay": weight_decay})
         if trace is not None:
             self.core.begin(Path(trace), recipe=None, initial_tensors={})
@@ -106,16 +112,28 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.core.steps_done, self.core.seed = int(ours["steps_done"]), int(ours["seed"])
 
 
+def _choose_low_bit(model: nn.Module, low_bit: str) -> None:
+    """Switch the trainable low-bit layers of `model` to train their codes or their scales (ftkit.quantize marks
+    their codes)."""
+    if low_bit not in ("codes", "scales"):
+        raise ValueError(f"low_bit must be 'codes' or 'scales', got {low_bit!r}")
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and (module.train_codes or module.train_scales):
+            mark_low_bit(module, low_bit)
+
+
 class MeZO(ZerothOrderOptimizer):
     """MeZO (Malladi et al.): zeroth-order SGD on full-precision tensors. `params`: a model (its parameters that
     require grad) or an iterable of tensors. Per step and query, u ~ N(0, I) from the seed,
     g = (L(w + eps u) - L(w - eps u)) / (2 eps), w <- w - lr (g u + wd w); no direction is ever stored.
-    `direction="rademacher"` draws random signs for u instead (cheaper to draw, see method.zo.direction)."""
+    `direction="rademacher"` draws random signs for u instead (cheaper to draw, see method.zo.direction).
+    `low_bit="scales"` trains the scales of a quantized model's layers (QZO); `clip_gradient` clips g to [-C, C]."""
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1, weight_decay: float = 0.0,
-                 seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None):
+                 seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None, low_bit: str | None = None,
+                 clip_gradient: float | None = None):
         super().__init__(params, MEZO, lr, eps, n_queries, weight_decay, seed, direction,
-                         trace=trace)
+                         trace=trace, low_bit=low_bit, clip_gradient=clip_gradient)
 
 
 class QuZO(ZerothOrderOptimizer):
@@ -124,10 +142,14 @@ class QuZO(ZerothOrderOptimizer):
     iterable of tensors. Directions are stochastically rounded onto a grid of 2^perturb_bits - 1 levels with
     independent bits for the perturbation and the update (unbiased), and updates land on the weights' own grid by
     stochastic rounding (`update_rounding="nearest"` and `independent_roundings=False` are the ablations).
-    `direction="rademacher"` draws random signs instead of Gaussians (no rounding needed, see method.zo.direction)."""
+    `direction="rademacher"` draws random signs instead of Gaussians (no rounding needed, see method.zo.direction).
+    `low_bit="scales"` trains the layers' per-group scales instead of their codes (QZO); `clip_gradient` clips each
+    projected gradient to [-C, C]."""
 
     def __init__(self, model_or_params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1,
                  weight_decay: float = 0.0, seed: int = 0, perturb_bits: int = 4, independent_roundings: bool = True,
-                 update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None):
+                 update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None,
+                 low_bit: str | None = None, clip_gradient: float | None = None):
         super().__init__(model_or_params, QUZO, lr, eps, n_queries, weight_decay, seed,
-                         direction, perturb_bits, independent_roundings, update_rounding, trace)
+                         direction, perturb_bits, independent_roundings, update_rounding, trace, low_bit,
+                         clip_gradient)
