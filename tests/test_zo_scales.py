@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import tiny_recipe
+from conftest import REPO, tiny_recipe
 from test_distributed import final, recipe_file, torchrun
 from test_library import OPTIMIZERS, assert_same_bits, cli_recipe, cli_weights, setup, zo_options, zo_trainer
 from test_zo import same_bits, weights, zo_recipe
@@ -232,3 +232,17 @@ def test_scales_on_two_processes_are_bit_identical_to_one(write_recipe, tmp_path
     assert same_bits(final(tmp_path / "one"), final(tmp_path / "two"))
     (_, records_one), (_, records_two) = (read_trace(tmp_path / d / TRACE_FILE) for d in ("one", "two"))
     assert records_one == records_two and len(records_two) == 4
+
+
+def test_validate_shows_the_trainable_set_and_the_clipping():
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    recipe = REPO / "recipes" / "smollm2" / "quzo_int4_scales_chat.yaml"
+    shown = CliRunner().invoke(app, ["validate", str(recipe)], terminal_width=400)
+    assert shown.exit_code == 0 and "optimizer quzo, low-bit layers train their scales, not their codes, projected " \
+                                     "gradients clipped to [-100, 100], task sst2" in shown.output
+    refused = CliRunner().invoke(app, ["validate", str(recipe), "method.adapter=lora"], terminal_width=400)
+    assert refused.exit_code != 0 and "method.zo.low_bit: scales trains the base model's scales" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1

@@ -120,22 +120,6 @@ def _check_scales(recipe, chosen, fail) -> None:
              f"freezes the base: set method.adapter: none, or method.zo.low_bit: codes to train the adapter alone")
 
 
-def describe_zeroth_order(recipe) -> str:
-    """What `ftkit validate` says of a zeroth-order recipe's trainable set and clipping ("" for other recipes)."""
-    from ftkit.adapters import ADAPTERS
-    from ftkit.optim import OPTIMIZERS
-    from ftkit.quant import FORMATS
-
-    if OPTIMIZERS[recipe.method.optimizer].zeroth_order is None:
-        return ""
-    zo, parts = recipe.method.zo, []
-    if zo.low_bit != "codes" and FORMATS[recipe.quant.format].low_bit and ADAPTERS[recipe.method.adapter].trains_base:
-        parts.append(f"low-bit layers train their {zo.low_bit}, not their codes")
-    if zo.clip_gradient is not None:
-        parts.append(f"projected gradients clipped to [-{zo.clip_gradient:g}, {zo.clip_gradient:g}]")
-    return "".join(f", {part}" for part in parts)
-
-
 # --- zeroth-order estimators: what sets the optimizers apart, and the kinds of direction (read by ftkit.optim.core) ---
 
 
