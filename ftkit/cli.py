@@ -275,7 +275,24 @@ def validate(
 
     spec = load_recipe(recipe, overrides or [])
     out.print(f"ok: {recipe}: model {spec.model.name}, format {spec.quant.format}, adapter {spec.method.adapter}, "
-              f"optimizer {spec.method.optimizer}, task {spec.data.task}, {spec.train.max_steps} steps", markup=False)
+              f"optimizer {spec.method.optimizer}{_describe_zeroth_order(spec)}, task {spec.data.task}, "
+              f"{spec.train.max_steps} steps", markup=False)
+
+
+def _describe_zeroth_order(recipe) -> str:
+    """What `ftkit validate` says of a zeroth-order recipe's trainable set and clipping ("" for other recipes)."""
+    from ftkit.adapters import ADAPTERS
+    from ftkit.optim import OPTIMIZERS
+    from ftkit.quant import FORMATS
+
+    if OPTIMIZERS[recipe.method.optimizer].zeroth_order is None:
+        return ""
+    zo, parts = recipe.method.zo, []
+    if zo.low_bit != "codes" and FORMATS[recipe.quant.format].low_bit and ADAPTERS[recipe.method.adapter].trains_base:
+        parts.append(f"low-bit layers train their {zo.low_bit}, not their codes")
+    if zo.clip_gradient is not None:
+        parts.append(f"projected gradients clipped to [-{zo.clip_gradient:g}, {zo.clip_gradient:g}]")
+    return "".join(f", {part}" for part in parts)
 
 
 def main():

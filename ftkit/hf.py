@@ -49,13 +49,15 @@ class ZOTrainer(Trainer):
     (`method="quzo"`, the default: low-bit codes and full-precision parameters alike) or MeZO (`method="mezo"`,
     full-precision parameters). The rate, weight decay and seed come from the TrainingArguments; `eps`, `n_queries`,
     `direction` (a kind in ftkit.optim.DIRECTIONS; `rank` and `refresh` for "lowrank"), `estimator` (in
-    ftkit.optim.ESTIMATORS), `momentum` and QuZO's `perturb_bits`, `independent_roundings`, `update_rounding` are
-    keyword arguments."""
+    ftkit.optim.ESTIMATORS), `momentum`, QuZO's `perturb_bits`, `independent_roundings`, `update_rounding`,
+    `low_bit` ("codes" or "scales": what the quantized layers train; None: as marked) and `clip_gradient` are keyword
+    arguments."""
 
     def __init__(self, *args, method: str = "quzo", eps: float = 1e-3, n_queries: int = 1, perturb_bits: int = 4,
                  independent_roundings: bool = True, update_rounding: str = "stochastic", direction: str = "gaussian",
                  estimator: str = "central", momentum: float = 0.0, rank: int | None = None,
-                 refresh: int | None = None, **kwargs):
+                 refresh: int | None = None, low_bit: str | None = None, clip_gradient: float | None = None,
+                 **kwargs):
         zeroth_order = [o.name for o in OPTIMIZERS if o.zeroth_order]
         if method not in zeroth_order:
             raise ValueError(f"method must be a zeroth-order optimizer ({', '.join(zeroth_order)}), got {method!r}")
@@ -63,7 +65,7 @@ class ZOTrainer(Trainer):
         self.zo_options = {"eps": eps, "n_queries": n_queries, "perturb_bits": perturb_bits,
                            "independent_roundings": independent_roundings, "update_rounding": update_rounding,
                            "direction": direction, "estimator": estimator, "momentum": momentum, "rank": rank,
-                           "refresh": refresh}
+                           "refresh": refresh, "low_bit": low_bit, "clip_gradient": clip_gradient}
         self.zeroth_order = None
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:

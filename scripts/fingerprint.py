@@ -99,6 +99,11 @@ GRID = {
                           method={"optimizer": "quzo", "adapter": "lora"}, train=ZO),
     "quzo_head_only": base(quant={"format": "int4"}, method={"optimizer": "quzo", "freeze": ["^encoder\\."]},
                            train=ZO),
+    # the int4 layers' scales, codes frozen (QZO); clipping the projected gradient, with MeZO on fp32 scales
+    "quzo_int4_scales": base(quant={"format": "int4", "group_size": 16}, train=ZO,
+                             method={"optimizer": "quzo", "zo": {"low_bit": "scales"}}),
+    "mezo_int4_scales_clipped": base(quant={"format": "int4", "group_size": 16, "scale_dtype": "float32"}, train=ZO,
+                                     method={"optimizer": "mezo", "zo": {"low_bit": "scales", "clip_gradient": 2.0}}),
     "llama_sst2_quzo_int4": {**base(quant={"format": "int4"}, method={"optimizer": "quzo"}, train=ZO),
                              "model": {"name": "minilm", "config": dict(TINY_LLAMA), "head_init": "random"}},
     "llama_choice_adamw": llama(CHOICE),

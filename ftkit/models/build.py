@@ -44,13 +44,16 @@ def finish_model(model: nn.Module, recipe: Recipe) -> nn.Module:
 
 
 def freeze(model: nn.Module, patterns: list[re.Pattern]) -> None:
-    """Freeze the parameters (and low-bit codes) whose names match one of `patterns`."""
+    """Freeze the parameters (and low-bit codes or scales) whose names match one of `patterns`."""
     for name, param in model.named_parameters():
         if any(p.search(name) for p in patterns):
             param.requires_grad_(False)
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.train_codes and any(p.search(f"{name}.codes") for p in patterns):
             module.train_codes = False
+        if isinstance(module, QuantLinear) and module.train_scales and any(p.search(f"{name}.scales")
+                                                                           for p in patterns):
+            module.train_scales = False
 
 
 def build_model(recipe: Recipe, task: TaskData, tokenizer, device: torch.device = CPU) -> tuple[nn.Module, str, dict]:

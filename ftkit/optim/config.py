@@ -46,12 +46,19 @@ class ZOSpec:
                                                     "perturbation's rounding for the update (the authors' public "
                                                     "code).")
     update_rounding: Literal["stochastic", "nearest"] = option(
-        "stochastic", help="QuZO: how an update lands on a low-precision weight grid.")
+        "stochastic", help="QuZO: how an update lands on a low-precision weight grid (and, for either optimizer, on "
+                           "bf16 scales trained by low_bit: scales).")
     weight_decay: float = option(0.0, help="Decoupled weight decay, not applied to biases and norms.")
     train_embeddings: bool = option(False, help="Train the word embeddings too (a batch touches few rows, so random "
                                                 "directions mostly add noise there).")
     trace: bool = option(True, computes=False, help="Write the trajectory (seeds, projected gradients, learning "
                                                     "rates) to <run>/trace.ftz for `ftkit replay`.")
+    low_bit: Literal["codes", "scales"] = option(
+        "codes", help="What a native low-bit layer trains without an adapter: its codes (QuZO), or its per-group "
+                      "scales with the codes frozen (QZO), perturbed while dequantizing and updated on the scales' "
+                      "dtype (quant.scale_dtype). mezo trains scales too (unrounded directions).")
+    clip_gradient: Optional[float] = option(None, help="Clip each projected gradient to [-C, C] before the update "
+                                                       "(QZO's clipping of the directional derivative); null: off.")
     parallel: Literal["data", "queries"] = option(
         "data", computes=False, help="Several processes: split each batch between them (data), or give each the "
                                      "whole batch and n_queries / processes of the queries (queries). Same result.")
@@ -86,6 +93,8 @@ def _check_zo(zo: ZOSpec, recipe, chosen, fail) -> None:
                                     f"{ESTIMATORS[zo.estimator].min_queries} queries ({ESTIMATORS[zo.estimator].why})")
     if not 0 <= zo.momentum < 1:
         fail("method.zo.momentum", f"must be in [0, 1), got {zo.momentum}")
+    if zo.clip_gradient is not None and not zo.clip_gradient > 0:
+        fail("method.zo.clip_gradient", f"must be positive (or null: no clipping), got {zo.clip_gradient}")
     if zo.direction not in DIRECTIONS:
         fail("method.zo.direction", f"unknown direction {zo.direction!r} (available: "
                                     f"{', '.join(d.name for d in DIRECTIONS)})")
@@ -113,7 +122,10 @@ def _check_zeroth_order(recipe, chosen, fail) -> None:
     if recipe.train.grad_clip is not None:
         fail("train.grad_clip", f"clips a backpropagated gradient's norm, which {name} does not have; remove it (a "
              f"zeroth-order run that blows up wants a lower train.lr or method.zo.eps)")
-    if full and low_bit and not chosen.optimizer.trains_low_bit:
+    scales = recipe.method.zo.low_bit == "scales"
+    if scales:
+        _check_scales(recipe, chosen, fail)
+    if full and low_bit and not scales and not chosen.optimizer.trains_low_bit:
         fail("method.optimizer", f"{name} trains full-precision weights, and quant.format is {quant.format}: use quzo "
              f"for the quantized weights themselves, or set method.adapter to train an adapter over the quantized "
              f"base")
@@ -125,6 +137,20 @@ def _check_zeroth_order(recipe, chosen, fail) -> None:
     if full and low_bit and not chosen.engine.zo_trains_weights:
         fail("method.adapter", f"{quant.engine} weights are frozen; zeroth-order training over them needs an "
              f"adapter (lora, loretta_rep or loretta_adp), or use quant.engine: native to train the weights with quzo")
+
+
+def _check_scales(recipe, chosen, fail) -> None:
+    """method.zo.low_bit: scales trains the scales of the model's own native low-bit layers."""
+    quant = recipe.quant
+    if not chosen.format.low_bit:
+        fail("method.zo.low_bit", f"scales trains the per-group scales of low-bit layers, and quant.format is "
+             f"{quant.format}: set quant.format (int4, int8, fp8_*)")
+    if not chosen.engine.zo_trains_weights:
+        fail("method.zo.low_bit", f"scales trains the scales of ftkit's own low-bit layers; {quant.engine} layers "
+             f"are frozen: use quant.engine: native")
+    if not chosen.adapter.trains_base:
+        fail("method.zo.low_bit", f"scales trains the base model's scales, and method.adapter {recipe.method.adapter} "
+             f"freezes the base: set method.adapter: none, or method.zo.low_bit: codes to train the adapter alone")
 
 
 # --- zeroth-order estimators: what sets the optimizers apart, and the kinds of direction (read by ftkit.optim.core) ---

@@ -13,6 +13,8 @@ estimator, ftkit.optim.estimators):
 Another estimator visits other points (one_sided: w, then w + eps u1_i per query) and combines the losses its own
 way; a momentum (ftkit.optim.momentum) folds the update into a buffer first. The core counts the forward passes
 every step spends (`forwards`), so runs of different estimators compare at equal cost.
+With `clip_gradient` C (QZO), each g_i is clipped to [-C, C] before the update; the trace records the clipped
+g_i, so a replay (which clips again: a no-op) lands the same update.
 
 MeZO: u1 = u2 = u, R the identity. QuZO: u1 = Q1(u), u2 = Q2(u) with independent rounding bits, and R stochastic
 rounding onto the weight grid for quantized layers (whose perturbation lives in the dequantize hook, so their codes
@@ -38,7 +40,7 @@ from ftkit.optim.estimators.central import CENTRAL
 from ftkit.optim.momentum import Momentum
 from ftkit.optim.trace import VERSION, TraceWriter
 from ftkit.optim.zo_streams import derive
-from ftkit.optim.zo_targets import Directions
+from ftkit.optim.zo_targets import Directions, FloatTarget
 
 STEP_DOMAIN = 0x5A0  # separates step seeds from any other use of the run seed
 
@@ -62,16 +64,21 @@ def directions_for(method: Optimizer, direction: str, perturb_bits: int, indepen
 
 class ZerothOrderCore:
     def __init__(self, targets: list, method: Optimizer, directions: Directions, eps: float, n_queries: int,
-                 weight_decay: float, seed: int, estimator: str = "central", momentum: float = 0.0):
+                 weight_decay: float, seed: int, estimator: str = "central", momentum: float = 0.0,
+                 clip_gradient: float | None = None):
         name, rules = method.name, method.zeroth_order
         if not targets:
             raise ZerothOrderError(f"{name}: nothing to train: no parameter requires grad and no quantized "
-                                   f"layer trains its codes")
+                                   f"layer trains its codes or scales")
+        if clip_gradient is not None and not clip_gradient > 0:
+            raise ZerothOrderError(f"{name}: clip_gradient must be positive (or None: no clipping), got "
+                                   f"{clip_gradient}")
         if not rules.trains_low_bit and any(t.low_bit for t in targets):
             raise ZerothOrderError(f"{name} trains full-precision tensors, and the model's quantized layers "
                                    f"train their codes: use quzo for a quantized model's own weights, or train an "
                                    f"adapter over the quantized base")
-        if not rules.trains_low_bit and any(t.tensor.dtype == torch.bfloat16 for t in targets):
+        if not rules.trains_low_bit and any(isinstance(t, FloatTarget) and t.tensor.dtype == torch.bfloat16
+                                            for t in targets):
             warnings.warn(f"{name} on bfloat16 weights: in-place perturbations leave rounding noise and updates "
                           f"below bf16's spacing round away; use model.dtype: float32, or quzo for low-precision "
                           f"weights", stacklevel=3)
@@ -86,6 +93,7 @@ class ZerothOrderCore:
         self.targets, self.method, self.directions = targets, method, directions
         self.eps, self.n_queries, self.weight_decay, self.seed = eps, n_queries, weight_decay, seed
         self.beta, self.momentum = momentum, Momentum(momentum, targets) if momentum else None
+        self.clip_gradient = clip_gradient
         self.steps_done = self.forwards = 0
         self.trace: TraceWriter | None = None
 
@@ -109,7 +117,7 @@ class ZerothOrderCore:
         return zeroth_order_step(self.targets, self.directions, step_seed, lr, self.eps if eps is None else eps,
                                  self.n_queries, self.weight_decay if weight_decay is None else weight_decay,
                                  evaluate, combine, gradients, self.estimator, self.momentum,
-                                 place=(self.seed, self.steps_done))
+                                 place=(self.seed, self.steps_done), clip=self.clip_gradient)
 
     def replay_step(self, seed: int, lr: float, gradients: list[float]) -> None:
         self.run(seed, lr, gradients=gradients)
@@ -123,7 +131,8 @@ class ZerothOrderCore:
         return {"version": VERSION, "method": self.method.name, "n_queries": self.n_queries, "eps": self.eps,
                 "estimator": self.estimator.name, "momentum": self.beta,
                 **self.directions.trace_fields(), "weight_decay": self.weight_decay, "seed": self.seed,
-                "trained_elements": sum(t.numel for t in self.targets), **extra}
+                "trained_elements": sum(t.numel for t in self.targets),
+                **({} if self.clip_gradient is None else {"clip_gradient": self.clip_gradient}), **extra}
 
     def begin(self, path: Path, resume_step: int | None = None, **extra) -> None:
         """Write the trace to `path` from here on (a resumed run's cut back to `resume_step` and continued)."""
@@ -156,14 +165,15 @@ class ZerothOrderCore:
 def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr: float, eps: float, n_queries: int,
                       weight_decay: float, evaluate=None, combine=None, gradients: list[float] | None = None,
                       estimator: EstimatorKind = CENTRAL, momentum: Momentum | None = None,
-                      place: tuple[int, int] = (0, 0)):
+                      place: tuple[int, int] = (0, 0), clip: float | None = None):
     """One zeroth-order step on `targets`: the estimator walks the weights through its points (central: for each
     query i, w + eps u1_i then w - eps u1_i), evaluating at each, then w <- w + sum_i coef_i u2_i - lr wd w with the
     last query's restore folded in (or through the `momentum` buffer). `evaluate(i)` returns the losses computed at
     the current weights (a list; i None: the unperturbed weights); `combine` turns all of them, in order, into one
     batch loss per evaluation. A replay passes the projected `gradients` instead and evaluates nothing. `place`:
-    (run seed, step number), for kinds whose draws outlive a step. Returns (gradients, losses whose mean is the
-    step's loss); with a non-finite gradient the weights are left as they were and the losses are [nan]."""
+    (run seed, step number), for kinds whose draws outlive a step. `clip`: each g_i is clipped to [-clip, clip].
+    Returns (gradients as applied, losses whose mean is the step's loss); with a non-finite gradient the weights
+    are left as they were and the losses are [nan]."""
     query_seeds = [derive(step_seed, i) for i in range(n_queries)]
     step = directions.begin_step(*place)  # what the kind keeps through the step (random-sign words, factors)
 
@@ -178,6 +188,8 @@ def zeroth_order_step(targets: list, directions: Directions, step_seed: int, lr:
     if not all(math.isfinite(g) for g in gradients):
         move(query_seeds[-1], left, 0.0)  # leave the weights as they were
         return gradients, [math.nan]
+    if clip is not None:
+        gradients = [min(max(g, -clip), clip) for g in gradients]
     if momentum is not None:
         coefs = estimator.coefficients(gradients, 1.0)
         for target in step.pass_over(targets, query_seeds[-1]):

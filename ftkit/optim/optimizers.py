@@ -19,7 +19,8 @@ import torch.nn as nn
 from ftkit.components import Optimizer
 from ftkit.optim.config import MEZO, QUZO
 from ftkit.optim.core import ZerothOrderCore, directions_for
-from ftkit.optim.zo_targets import FloatTarget, zo_targets
+from ftkit.optim.zo_targets import FloatTarget, mark_low_bit, zo_targets
+from ftkit.quant.linear import QuantLinear
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
@@ -28,13 +29,17 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     configure `direction="lowrank"` (None: its defaults); `perturb_bits`, `independent_roundings` and
     `update_rounding` are read where the rules round directions and train low-bit codes (QuZO). `estimator` names
     one in ftkit.optim.ESTIMATORS (central; one_sided: FZOO's, n_queries + 1 closure calls a step) and `momentum` a
-    momentum on the projected gradient (full-precision tensors only), as method.zo's."""
+    momentum on the projected gradient (full-precision tensors only), as method.zo's. `low_bit`: what the low-bit
+    layers marked trainable (ftkit.quantize's `trainable`) train, "codes" or their per-group "scales" (QZO),
+    switching the layers' flags; None leaves them as marked. `clip_gradient`: clip each projected gradient to
+    [-C, C] (None: off)."""
 
     def __init__(self, model_or_params, method: Optimizer, lr: float = 1e-6, eps: float = 1e-3,
                  n_queries: int = 1, weight_decay: float = 0.0, seed: int = 0, direction: str = "gaussian",
                  perturb_bits: int = 4, independent_roundings: bool = True, update_rounding: str = "stochastic",
                  trace: str | Path | None = None, estimator: str = "central", momentum: float = 0.0,
-                 rank: int | None = None, refresh: int | None = None):
+                 rank: int | None = None, refresh: int | None = None, low_bit: str | None = None,
+                 clip_gradient: float | None = None):
         if update_rounding not in ("stochastic", "nearest"):
             raise ValueError(f"update_rounding must be 'stochastic' or 'nearest', got {update_rounding!r}")
         if n_queries < 1 or eps <= 0 or lr < 0 or not 0 <= momentum < 1:
@@ -42,6 +47,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                              f"{lr}, {momentum}")
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
         if self.model is not None:
+            if low_bit is not None:
+                _choose_low_bit(self.model, low_bit)
             targets = zo_targets(model_or_params)
         else:
             params = [p for p in model_or_params if p.requires_grad]
@@ -49,7 +56,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         directions = directions_for(method, direction, perturb_bits, independent_roundings, update_rounding,
                                     rank=rank, refresh=refresh)
         self.core = ZerothOrderCore(targets, method, directions, eps, n_queries, weight_decay, seed, estimator,
-                                    momentum)
+                                    momentum, clip_gradient)
         super().__init__([t.tensor for t in targets], {"lr": lr, "eps": eps, "weight_decay": weight_decay})
         if trace is not None:
             self.core.begin(Path(trace), recipe=None, initial_tensors={})
@@ -116,6 +123,16 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.core.seed = int(ours["seed"])
 
 
+def _choose_low_bit(model: nn.Module, low_bit: str) -> None:
+    """Switch the trainable low-bit layers of `model` to train their codes or their scales (ftkit.quantize marks
+    their codes)."""
+    if low_bit not in ("codes", "scales"):
+        raise ValueError(f"low_bit must be 'codes' or 'scales', got {low_bit!r}")
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and (module.train_codes or module.train_scales):
+            mark_low_bit(module, low_bit)
+
+
 class MeZO(ZerothOrderOptimizer):
     """MeZO (Malladi et al.): zeroth-order SGD on full-precision tensors. `params`: a model (its parameters that
     require grad) or an iterable of tensors. Per step and query, u ~ N(0, I) from the seed,
@@ -123,14 +140,16 @@ class MeZO(ZerothOrderOptimizer):
     `direction="rademacher"` draws random signs for u instead (cheaper to draw, see method.zo.direction);
     `estimator="one_sided"` is FZOO's batched one-sided estimate and `momentum` a momentum on the projected gradient
     (see ZerothOrderOptimizer); `direction="lowrank", rank=2, refresh=50` a direction U V^T / sqrt(rank) per
-    matrix, V kept for `refresh` steps (LOZO)."""
+    matrix, V kept for `refresh` steps (LOZO); `low_bit="scales"` trains the scales of a quantized model's layers
+    (QZO); `clip_gradient` clips g to [-C, C]."""
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1, weight_decay: float = 0.0,
                  seed: int = 0, direction: str = "gaussian", trace: str | Path | None = None,
                  estimator: str = "central", momentum: float = 0.0, rank: int | None = None,
-                 refresh: int | None = None):
+                 refresh: int | None = None, low_bit: str | None = None, clip_gradient: float | None = None):
         super().__init__(params, MEZO, lr, eps, n_queries, weight_decay, seed, direction, trace=trace,
-                         estimator=estimator, momentum=momentum, rank=rank, refresh=refresh)
+                         estimator=estimator, momentum=momentum, rank=rank, refresh=refresh, low_bit=low_bit,
+                         clip_gradient=clip_gradient)
 
 
 class QuZO(ZerothOrderOptimizer):
@@ -141,12 +160,14 @@ class QuZO(ZerothOrderOptimizer):
     stochastic rounding (`update_rounding="nearest"` and `independent_roundings=False` are the ablations).
     `direction="rademacher"` draws random signs instead of Gaussians (no rounding needed, see method.zo.direction);
     `direction="lowrank", rank=2, refresh=50` a direction U V^T / sqrt(rank) per matrix with U and V rounded (LOZO;
-    a quantized layer adds eps (x V) U^T to its own kernel's output)."""
+    a quantized layer adds eps (x V) U^T to its own kernel's output). `low_bit="scales"` trains the layers' per-group
+    scales instead of their codes (QZO); `clip_gradient` clips each projected gradient to [-C, C]."""
 
     def __init__(self, model_or_params, lr: float = 1e-6, eps: float = 1e-3, n_queries: int = 1,
                  weight_decay: float = 0.0, seed: int = 0, perturb_bits: int = 4, independent_roundings: bool = True,
                  update_rounding: str = "stochastic", direction: str = "gaussian", trace: str | Path | None = None,
                  estimator: str = "central", momentum: float = 0.0, rank: int | None = None,
-                 refresh: int | None = None):
+                 refresh: int | None = None, low_bit: str | None = None, clip_gradient: float | None = None):
         super().__init__(model_or_params, QUZO, lr, eps, n_queries, weight_decay, seed, direction, perturb_bits,
-                         independent_roundings, update_rounding, trace, estimator, momentum, rank, refresh)
+                         independent_roundings, update_rounding, trace, estimator=estimator, momentum=momentum,
+                         rank=rank, refresh=refresh, low_bit=low_bit, clip_gradient=clip_gradient)

@@ -42,7 +42,8 @@ class ZerothOrder:
         directions = directions_for(method, spec.direction, spec.perturb_bits, spec.independent_roundings,
                                     spec.update_rounding, **direction_options(spec))
         self.core = ZerothOrderCore(zo_targets(model), method, directions, spec.eps, spec.n_queries,
-                                    spec.weight_decay, recipe.train.seed, spec.estimator, spec.momentum)
+                                    spec.weight_decay, recipe.train.seed, spec.estimator, spec.momentum,
+                                    spec.clip_gradient)
         self.loss = task_kind(recipe).loss
 
     @property

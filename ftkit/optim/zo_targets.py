@@ -3,7 +3,10 @@
 A `FloatTarget` is a full-precision parameter (fp32/bf16 weights, biases, norms, adapters, the head): perturbed in
 place, restored and updated in one fused pass. A `QuantTarget` is the codes of a `QuantLinear`: the perturbation
 is applied while the layer dequantizes (the `perturbation` hook), so stored codes change only at the update, which
-is rounded onto the weight grid (stochastically by default). No full-precision master copy exists.
+is rounded onto the weight grid (stochastically by default). No full-precision master copy exists. A `ScaleTarget`
+is the per-group scales of a `QuantLinear` whose codes stay frozen (QZO, method.zo.low_bit: scales): perturbed in
+the layer's dequantize path (`scale_perturbation`: the layer computes with s + delta), so bf16 scales are never
+perturbed in place, and updated on the scales' own dtype grid (bf16: stochastically rounded by default; fp32: added).
 
 Both take their directions from a `Directions` (ftkit.optim.directions: the kind of direction and its rounding)
 and, within a step, from the kind's `StepDraws` (`step`: what the kind keeps through the step; None outside one).
@@ -17,9 +20,9 @@ import torch.nn as nn
 from ftkit.optim.directions import Directions, StepDraws
 from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive, uniform_chunks
 from ftkit.quant.linear import QuantLinear
-from ftkit.quant.scales import group_view
+from ftkit.quant.scales import group_view, round_to_dtype
 
-__all__ = ["Directions", "FloatTarget", "QuantTarget", "land", "zo_targets", "prepare_model"]
+__all__ = ["Directions", "FloatTarget", "QuantTarget", "ScaleTarget", "land", "zo_targets", "prepare_model"]
 
 
 class FloatTarget:
@@ -149,13 +152,75 @@ def land(layer: QuantLinear, index: int, change: torch.Tensor, step_seed: int, r
         layer.set_code_values(layer.codec.round(target, rounding, noise=block_noise), rows)
 
 
-def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget]:
+class ScaleTarget:
+    """The scales [N, groups] of a QuantLinear (its codes untouched). Behaves as a full-precision tensor for the
+    direction kinds (`low_bit` False: drawn ahead, held, never updated as moves of codes)."""
+
+    low_bit = False
+
+    def __init__(self, name: str, layer: QuantLinear, index: int):
+        self.name, self.layer, self.index = name, layer, index
+
+    @property
+    def numel(self) -> int:
+        return self.layer.scales.numel()
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.layer.scales
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.scales.device
+
+    def _direction(self, d: Directions, query_seed: int, streams: tuple, held) -> torch.Tensor:
+        """The direction of the last of `streams` as one float32 vector (the scales are few: 1/group of the weights)."""
+        out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        for part, directions in d.chunks(query_seed, self.index, self.numel, self.device, streams, held):
+            out[part] = directions[-1]
+        return out
+
+    def move(self, d: Directions, query_seed: int, current: float, to: float, step: StepDraws | None = None) -> None:
+        """The layer computes with scales s + to * u1 (stored scales untouched); `to` = 0 removes the perturbation."""
+        if to == 0.0:
+            self.layer.scale_perturbation = None
+            return
+        held = None if step is None else step.held(query_seed, self.index)
+        self.layer.scale_perturbation = self._direction(d, query_seed, (Q1,), held).mul_(to).view_as(self.tensor)
+
+    @torch.no_grad()
+    def update(self, d: Directions, step_seed: int, query_seeds: list[int], coefs: list[float], restore: float,
+               decay: float, step: StepDraws | None = None) -> None:
+        """s <- R(s + sum_i coef_i * u2_i), R onto the scales' dtype: bf16 by `update_rounding` (stochastic: unbiased,
+        so updates far below bf16's spacing still move the scales on average), fp32 a plain add. No weight decay:
+        pulling scales towards zero would shrink the weights, not regularise them."""
+        layer = self.layer
+        layer.scale_perturbation = None
+        change = None
+        for seed, coef in zip(query_seeds, coefs):
+            held = None if step is None else step.held(seed, self.index)
+            u2 = self._direction(d, seed, (d.update_stream,), held)
+            change = u2.mul_(coef) if change is None else change.add_(u2, alpha=coef)
+        scales = layer.scales
+        target = change.add_(scales.detach().view(-1).to(torch.float32))
+        noise = None
+        if scales.dtype != torch.float32 and d.update_rounding == "stochastic":
+            noise = next(uniform_chunks(self.numel, derive(step_seed, self.index, UPDATE), self.device,
+                                        size=self.numel))[1]
+        scales.copy_(round_to_dtype(target, scales.dtype, d.update_rounding, noise).view_as(scales))
+        layer.drop_derived()
+
+
+def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget | ScaleTarget]:
     """Every trainable tensor, in module order: the codes of QuantLinear layers whose `train_codes` is set
-    (full-parameter QuZO, see `prepare_model`) and parameters with requires_grad."""
-    targets: list[FloatTarget | QuantTarget] = []
+    (full-parameter QuZO, see `prepare_model`), their scales where `train_scales` is set (QZO) and parameters with
+    requires_grad."""
+    targets: list[FloatTarget | QuantTarget | ScaleTarget] = []
     for module_name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.train_codes:
             targets.append(QuantTarget(module_name, module, len(targets)))
+        if isinstance(module, QuantLinear) and module.train_scales:
+            targets.append(ScaleTarget(f"{module_name}.scales", module, len(targets)))
         for param_name, param in module.named_parameters(recurse=False):
             if param.requires_grad:
                 name = f"{module_name}.{param_name}" if module_name else param_name
@@ -165,16 +230,24 @@ def zo_targets(model: nn.Module) -> list[FloatTarget | QuantTarget]:
 
 def prepare_model(model: nn.Module, recipe) -> None:
     """What zeroth-order methods train beyond the parameters an adapter leaves trainable (their `prepare`,
-    ftkit.components.Optimizer): without an adapter, the codes of low-bit layers themselves (QuZO), and never the
-    word embeddings unless `method.zo.train_embeddings`: a batch touches few of their rows, so a random direction
-    moves the rest with no signal (pure noise), at the cost of random numbers for much of a small model."""
+    ftkit.components.Optimizer): without an adapter, the codes of low-bit layers themselves (QuZO) or their scales
+    (`method.zo.low_bit: scales`, QZO), and never the word embeddings unless `method.zo.train_embeddings`: a batch
+    touches few of their rows, so a random direction moves the rest with no signal (pure noise), at the cost of
+    random numbers for much of a small model."""
     from ftkit.adapters import ADAPTERS
 
     if ADAPTERS[recipe.method.adapter].trains_base:
         for module in model.modules():
             if isinstance(module, QuantLinear):
-                module.train_codes = True
+                mark_low_bit(module, recipe.method.zo.low_bit)
     if not recipe.method.zo.train_embeddings:
         embeddings = model.backbone.get_input_embeddings()
         if embeddings is not None:
             embeddings.weight.requires_grad_(False)
+
+
+def mark_low_bit(layer: QuantLinear, low_bit: str) -> None:
+    """Mark what of a low-bit layer a zeroth-order method trains: its "codes" (QuZO) or its "scales" (QZO)."""
+    if low_bit not in ("codes", "scales"):
+        raise ValueError(f"low_bit must be 'codes' or 'scales', got {low_bit!r}")
+    layer.train_codes, layer.train_scales = low_bit == "codes", low_bit == "scales"

@@ -11,10 +11,12 @@ Forward runs one of the matmul paths of ftkit.quant.kernels, chosen per format a
 and only for the duration of the matmul.
 
 For zeroth-order methods the layer exposes its codes, scales and codec (`code_values`, `set_code_values`,
-`scales`, `codec`) and two ways to perturb it without changing its stored codes: a `perturbation` hook (a function
-of the layer returning an additive weight delta, a fresh float32 tensor which the layer then owns, applied while
-dequantizing), and an `output_perturbation` (U [N, r], V [K, r], scale) for a low-rank delta scale * U V^T: the
-layer runs its own low-bit kernel and adds scale * (x V) U^T, so no dense perturbed weight is ever built.
+`scales`, `codec`) and three ways to perturb it without changing its stored codes: a `perturbation` hook (a
+function of the layer returning an additive weight delta, a fresh float32 tensor which the layer then owns, applied
+while dequantizing); a `scale_perturbation`, a float32 delta of the scales [N, groups] for training the scales
+instead (QZO): the layer dequantizes with scales s + delta, so bf16 scales are never perturbed in place; and an
+`output_perturbation` (U [N, r], V [K, r], scale) for a low-rank delta scale * U V^T: the layer runs its own
+low-bit kernel and adds scale * (x V) U^T, so no dense perturbed weight is ever built.
 
 Large layers are dequantized and rewritten a block of rows at a time (`row_blocks`), so what a layer needs beyond
 its codes is one float32 copy of its weight, not the several that whole-tensor unpacking and scaling would make.
@@ -62,6 +64,9 @@ class QuantLinear(nn.Module):
         # Whether a zeroth-order method updates the codes (full-parameter QuZO; set by its `prepare`). The codes are
         # a buffer, so this stands in for requires_grad: counting and the zeroth-order targets read it.
         self.train_codes = False
+        # The same for the scales (method.zo.low_bit: scales), and the delta a perturbed forward adds to them.
+        self.train_scales = False
+        self.scale_perturbation: Optional[torch.Tensor] = None
         self._derived: dict = {}  # kernel layouts of the codes and scales (ftkit.quant.kernels), rebuilt on demand
 
     @classmethod
@@ -98,10 +103,14 @@ class QuantLinear(nn.Module):
                              f"multiple of {block}, got {rows.start}")
         return slice(rows.start, rows.start + -(-(rows.stop - rows.start) // block) * block)
 
-    def group_params(self, rows: slice | None = None) -> dict[str, torch.Tensor]:
-        """The codec's per-group tensors (scales, minimums) by name, of all rows or of `rows`."""
+    def group_params(self, rows: slice | None = None, scale_delta: torch.Tensor | None = None) -> dict:
+        """The codec's per-group tensors (scales, minimums) by name, of all rows or of `rows`; with `scale_delta`
+        ([N, groups] float32), the scales are float32 s + delta."""
         rows = rows or slice(0, self.out_features)
-        return {name: getattr(self, name)[rows] for name in self.codec.params}
+        params = {name: getattr(self, name)[rows] for name in self.codec.params}
+        if scale_delta is not None:
+            params["scales"] = params["scales"].to(torch.float32) + scale_delta[rows]
+        return params
 
     def code_values(self, rows: slice | None = None) -> torch.Tensor:
         """Grid values [N, K] (or of `rows`) as float32 (integers for int formats, FP8 values for FP8)."""
@@ -119,36 +128,46 @@ class QuantLinear(nn.Module):
         the grid's range, in place, reading and writing only those codes (integer grids)."""
         step_codes_of([self], [positions], [steps])
 
-    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
-        """The float32 weight [N, K] (or its `rows`), filled a block of rows at a time."""
+    def dequantize(self, rows: slice | None = None, scale_delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight [N, K] (or its `rows`), filled a block of rows at a time; with `scale_delta`, the
+        weight of scales s + delta (see `group_params`)."""
         if rows is None:
             blocks = self.row_blocks()
             if len(blocks) == 1:  # the block is the weight: no second copy
-                return self.dequantize(blocks[0])
+                return self.dequantize(blocks[0], scale_delta)
             weight = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.codes.device)
             for block in blocks:
-                weight[block] = self.dequantize(block)
+                weight[block] = self.dequantize(block, scale_delta)
             return weight
         # code_values gives a fresh float32 tensor, which the codec turns into weights in place
-        return self.codec.decode(self.code_values(rows), self.group_params(rows), self.group_size)
+        return self.codec.decode(self.code_values(rows), self.group_params(rows, scale_delta), self.group_size)
 
-    def add_dequantized(self, into: torch.Tensor, rows: slice) -> None:
+    def add_dequantized(self, into: torch.Tensor, rows: slice, scale_delta: torch.Tensor | None = None) -> None:
         """into += the float32 weight of `rows`, in the same pass as decoding where the codec can (see
         ftkit.quant.codecs.scale_groups: bit for bit `into + dequantize(rows)` with bf16 scales)."""
-        self.codec.decode(self.code_values(rows), self.group_params(rows), self.group_size, into=into)
+        self.codec.decode(self.code_values(rows), self.group_params(rows, scale_delta), self.group_size, into=into)
 
     # --- forward ----------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perturbation is not None:
-            weight = self.perturbation(self)
-            for block in self.row_blocks():  # W + delta, added into the delta: no second full-size tensor
-                self.add_dequantized(weight[block], block)
-            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        out = matmul(self, x)
+        if self.perturbation is None and self.scale_perturbation is None:
+            out = matmul(self, x)
+        else:  # perturbed weights or scales: the kernels read the stored ones, so dequantize
+            weight = self.perturbed_weight()
+            out = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.output_perturbation is not None:  # x (W + scale U V^T)^T = x W^T + scale (x V) U^T
             out = add_low_rank(out, x, *self.output_perturbation)
         return out
+
+    def perturbed_weight(self) -> torch.Tensor:
+        """The float32 weight under `perturbation` and `scale_perturbation`."""
+        scale_delta = self.scale_perturbation
+        if self.perturbation is None:
+            return self.dequantize(scale_delta=scale_delta)
+        weight = self.perturbation(self)
+        for block in self.row_blocks():  # W + delta, added into the delta: no second full-size tensor
+            self.add_dequantized(weight[block], block, scale_delta)
+        return weight
 
     def kernel_for(self, x: torch.Tensor) -> str:
         """The matmul path `forward` takes for `x` (ftkit.quant.kernels)."""
@@ -201,10 +220,13 @@ def step_codes_of(layers: list[QuantLinear], positions: list[torch.Tensor], step
 def count_tensor(module: nn.Module, leaf: str, tensor: torch.Tensor):
     """The native engine's counting (ftkit.components.Engine.count): codes stand for the layer's logical weights and
     are trained when `train_codes` is set; the codec's per-group tensors (scales, minimums) are bytes, not
-    parameters. Bytes are those of the storage the codec made (int4: half a byte per weight, rows padded to 64)."""
+    parameters, unless the scales are trained (`train_scales`): then each scale is a trained parameter. Bytes are
+    those of the storage the codec made (int4: half a byte per weight, rows padded to 64)."""
     if not isinstance(module, QuantLinear) or (leaf != "codes" and leaf not in module.codec.params):
         return None
     nbytes = tensor.numel() * tensor.element_size()
     if leaf == "codes":
         return module.in_features * module.out_features, nbytes, module.train_codes
+    if leaf == "scales" and module.train_scales:
+        return tensor.numel(), nbytes, True
     return 0, nbytes, False

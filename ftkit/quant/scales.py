@@ -41,3 +41,18 @@ def compute_scales(weight: torch.Tensor, codec, group_size: int, method: str, dt
 def _error(groups: torch.Tensor, scale: torch.Tensor, codec) -> torch.Tensor:
     s = scale.to(torch.float32).unsqueeze(-1)
     return (codec.round(groups / s) * s - groups).pow(2).sum(-1)
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, mode: str = "nearest",
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 `x` onto the grid of `dtype` (bfloat16 or float32), as `dtype`: to nearest (the cast), or
+    stochastically with `noise` uniform in [0, 1): bf16 keeps the top 16 bits of a float32, so adding 16 random bits
+    below them and truncating rounds the magnitude up with probability equal to the dropped fraction (unbiased; a
+    carry moves into the next binade, which is the correct upper neighbour). float32 is its own grid."""
+    if dtype == torch.float32 or mode == "nearest":
+        return x.to(dtype)
+    if dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding onto {dtype} is not defined here (bfloat16 or float32)")
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    below = (noise * 65536.0).to(torch.int32).view_as(bits)
+    return ((bits + below) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
