@@ -157,6 +157,20 @@ def test_scales_train_the_codes_stay_and_runs_resume_and_replay_bit_for_bit(writ
     assert same_bits(end, weights(tmp_path / "parts"))
 
 
+@pytest.mark.parametrize("zo", [{"direction": "lowrank", "rank": 2, "refresh": 3},
+                                {"estimator": "one_sided", "n_queries": 2, "direction": "rademacher"}],
+                         ids=["lowrank", "one_sided"])
+def test_scales_train_with_every_direction_kind_and_estimator(write_recipe, tmp_path, zo):
+    """Low-rank kinds leave the scales full Gaussian directions (they are few); one-sided estimates move them too."""
+    runs = {}
+    for name, lr in (("still", 0.0), ("trained", 2e-3)):
+        train(zo_recipe(write_recipe, tmp_path, name, train={"max_steps": 2, "lr": lr}, **scales(**zo)))
+        runs[name] = weights(tmp_path / name)
+    before, after = runs["still"], runs["trained"]
+    moved = [k for k in after if k.endswith("scales") and not torch.equal(after[k], before[k])]
+    assert moved and all(torch.equal(after[k], before[k]) for k in after if k.endswith("codes"))
+
+
 def test_scales_and_norms_count_as_the_trainable_set(write_recipe, tmp_path):
     recipe = zo_recipe(write_recipe, tmp_path, "count", **scales())
     recipe.method.freeze = ["^(?!.*(LayerNorm|scales)).*$"]

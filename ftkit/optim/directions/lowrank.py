@@ -102,7 +102,10 @@ LOWRANK = LowRank()
 
 
 def is_matrix(target) -> bool:
-    return target.low_bit or target.param.ndim == 2
+    """Low-bit codes and full-precision matrices move along U V^T; vectors, and the scales of low-bit layers
+    (method.zo.low_bit: scales: a delta the layer dequantizes with, few numbers), keep full Gaussian directions."""
+    param = getattr(target, "param", None)
+    return target.low_bit or (param is not None and param.ndim == 2)
 
 
 class LowRankStep(StepDraws):
