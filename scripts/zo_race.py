@@ -94,8 +94,9 @@ CELLS = [
     Cell("scales-signs", "QuZO, random signs, central, clipped", "int4 scales", NORMS,
          zo(direction="rademacher", **SCALES), paper="QZO"),
     Cell("scales-gauss", "QuZO, Gaussian, central, clipped", "int4 scales", NORMS, zo(**SCALES), paper="QZO"),
-    Cell("scales-lowrank", "QuZO, low-rank r 4, refresh 50, clipped", "int4 scales", NORMS,
-         zo(direction="lowrank", rank=4, refresh=50, **SCALES), paper="LOZO"),
+    # a low-rank kind leaves the scales full Gaussian directions (few numbers), so scales-lowrank would be this cell
+    Cell("scales-gauss-hi", "QuZO, Gaussian, central, clipped, lr 1e-5", "int4 scales", NORMS,
+         zo(**{**SCALES, "lr": 1e-5}), paper="QZO"),
     Cell("norms-fzoo", "one-sided, 8 random signs", "norm scales", NORMS,
          zo(direction="rademacher", **ONE_SIDED), 9, paper="FZOO"),
     Cell("norms-fzoo-m", "one-sided, 8 random signs, momentum 0.9", "norm scales", NORMS,
