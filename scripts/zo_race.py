@@ -10,9 +10,11 @@ A cell is a named set of recipe overrides on a recipe of recipes/smollm2/. Every
 anything trains: a cell whose keys this ftkit does not know (an estimator not merged yet) is skipped with the
 validation's one line, so the race runs with the estimators there are and takes in new ones by adding their cells.
 
-Forward passes: a central zeroth-order step costs 2 x n_queries forwards; a method that counts its own (a "forwards"
-key in metrics.jsonl's train events: the forwards of that step) is counted by that. A first-order step, forward and
-backward, counts as 3 forward-equivalents. Evaluations are not counted (they cost every cell the same).
+Forward passes: a step of a cell costs the same number of forwards every time, which the cell declares: 2 x
+n_queries for central differences, n_queries + 1 for the one-sided estimate, 3 forward-equivalents for a first-order
+step (forward and backward). The running total ftkit logs ("forwards" in metrics.jsonl's train events) is not
+summed: a run resumed from a checkpoint of an ftkit that did not count restarts it. Evaluations are not counted
+(they cost every cell the same).
 
 Each run is `ftkit train --resume auto` in RUNS/<task>/<cell>/seed<k>/, so an interrupted race continues where it
 stopped; a constant-rate cell's larger budget continues its screen run (resuming is exact, and the rate does not
@@ -57,7 +59,7 @@ class Cell:
     trained: str
     base: str
     overrides: dict = field(default_factory=dict)
-    forwards_per_step: int = 2  # for planning; a run's logged "forwards" wins
+    forwards_per_step: int = 2  # what one step costs (the module's docstring)
     paper: str = ""  # a key of CLAIMS
     steps: int | None = None  # fixed steps instead of the budget's (the first-order reference)
     eval_forwards: int | None = None  # dev every this many forwards instead of the phase's
@@ -203,11 +205,11 @@ def find(records: list[dict], task: str, cell: str, seed: int, forwards: int) ->
 
 def forwards_curve(events: list[dict], per_step: int, metric: str) -> tuple[list[list[float]], int]:
     """Dev [forwards, step, metric %, seconds since the start] at each evaluation, and the forwards of the whole
-    run: the train events' "forwards" (per step) where logged, else `per_step` a step."""
+    run: `per_step` a step (see the module's docstring)."""
     done, total, curve = 0, 0, []
     for event in events:
         if event["split"] == "train":
-            total += event.get("forwards", per_step) * (event["step"] - done)
+            total += per_step * (event["step"] - done)
             done = event["step"]
         elif event["split"] == "dev" and metric in event:
             curve.append([total + per_step * (event["step"] - done), event["step"], round(100 * event[metric], 2),
