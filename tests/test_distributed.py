@@ -59,6 +59,17 @@ def same_bits(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(as_bytes(a[k]), as_bytes(b[k])) for k in a)
 
 
+def one_and_two_processes(write_recipe, tmp_path, **sections) -> None:
+    """Train `sections` on one process and on two (torchrun): the same weights and the same 4-step trace."""
+    one = recipe_file(write_recipe, tmp_path, "one", **sections)
+    two = recipe_file(write_recipe, tmp_path, "two", **sections)
+    train(load_recipe(one))
+    torchrun("train", two)
+    assert same_bits(final(tmp_path / "one"), final(tmp_path / "two"))
+    (_, records_one), (_, records_two) = (read_trace(tmp_path / d / TRACE_FILE) for d in ("one", "two"))
+    assert records_one == records_two and len(records_two) == 4
+
+
 def processes(run_dir: Path) -> int:
     return json.loads((run_dir / "summary.json").read_text())["processes"]
 

@@ -94,11 +94,9 @@ def test_random_signs_are_fair_independent_bits_whatever_the_cut_and_thread_coun
     assert torch.equal(quantize_direction(whole[:4096].clone(), 4, seed=3), whole[:4096])
 
 
-@pytest.mark.parametrize("directions", [QUZO, Directions(bits=4, independent=True, update_rounding="stochastic",
-                                                          distribution="rademacher")], ids=["gaussian", "rademacher"])
-def test_mean_quzo_estimate_matches_the_true_gradient(directions):
-    QUZO = directions  # noqa: N806  (the estimate under test)
-    layer = quant_layer("int8", 4, 8)
+def least_squares(layer) -> tuple:
+    """(loss, its backpropagated gradient at the layer's dequantized weight) of 0.5 |layer(x) - y|^2 on a fixed
+    batch of 16: the problem whose zeroth-order estimates the unbiasedness tests average."""
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
     target_out = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
 
@@ -108,7 +106,15 @@ def test_mean_quzo_estimate_matches_the_true_gradient(directions):
 
     weight = layer.dequantize().requires_grad_(True)
     (0.5 * ((x @ weight.T + layer.bias.detach() - target_out) ** 2).sum()).backward()
-    truth = weight.grad
+    return loss, weight.grad
+
+
+@pytest.mark.parametrize("directions", [QUZO, Directions(bits=4, independent=True, update_rounding="stochastic",
+                                                          distribution="rademacher")], ids=["gaussian", "rademacher"])
+def test_mean_quzo_estimate_matches_the_true_gradient(directions):
+    QUZO = directions  # noqa: N806  (the estimate under test)
+    layer = quant_layer("int8", 4, 8)
+    loss, truth = least_squares(layer)
     target, eps, total, n = QuantTarget("w", layer, 0), 1e-3, torch.zeros_like(truth), 4000
     for s in range(n):
         target.move(QUZO, s, 0.0, eps)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from conftest import assert_sums_close, tiny_recipe
 from test_library import assert_same_bits, cli_recipe, cli_weights, setup, zo_options, zo_trainer
-from test_zo import same_bits, weights, zo_recipe
+from test_zo import least_squares, same_bits, weights, zo_recipe
 
 from ftkit.errors import RecipeError
 from ftkit.optim import QuZO, lowrank_update
@@ -140,16 +140,7 @@ def test_mean_low_rank_quzo_estimate_matches_the_true_gradient():
     d = lowrank(rank=2, refresh=1)
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(nn.Linear(8, 4), "int8")
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
-    target_out = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
-
-    def loss() -> float:
-        with torch.inference_mode():
-            return 0.5 * ((layer(x) - target_out) ** 2).sum().item()
-
-    weight = layer.dequantize().requires_grad_(True)
-    (0.5 * ((x @ weight.T + layer.bias.detach() - target_out) ** 2).sum()).backward()
-    truth = weight.grad
+    loss, truth = least_squares(layer)
     target, eps, total, n = QuantTarget("w", layer, 0), 1e-3, torch.zeros_like(truth), 4000
     for s in range(n):
         step = d.begin_step(0, s)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from conftest import tiny_recipe
 from safetensors.torch import load_file
-from test_distributed import final, recipe_file, same_bits, torchrun
+from test_distributed import one_and_two_processes
 from test_faults import one_error_line
 from test_library import assert_same_bits, cli_recipe, cli_weights, setup, zo_options, zo_trainer
 
@@ -202,13 +202,7 @@ def test_library_refusals():
 def test_two_processes_compute_what_one_computes(write_recipe, tmp_path, parallel):
     zo = {"estimator": "one_sided", "n_queries": 2, "parallel": parallel, "momentum": 0.5 if parallel == "data" else 0}
     sections = {"method": {"optimizer": "mezo", "zo": zo}, "train": {"max_steps": 4, "eval_every": 0, "save_every": 2}}
-    one = recipe_file(write_recipe, tmp_path, "one", **sections)
-    two = recipe_file(write_recipe, tmp_path, "two", **sections)
-    train(load_recipe(one))
-    torchrun("train", two)
-    assert same_bits(final(tmp_path / "one"), final(tmp_path / "two"))
-    (_, records_one), (_, records_two) = (read_trace(tmp_path / d / TRACE_FILE) for d in ("one", "two"))
-    assert records_one == records_two and len(records_two) == 4
+    one_and_two_processes(write_recipe, tmp_path, **sections)
     train_events = lambda d: [(e["loss"], e["forwards"]) for e in read_events(d / "metrics.jsonl")  # noqa: E731
                               if e["split"] == "train"]
     assert train_events(tmp_path / "one") == train_events(tmp_path / "two")

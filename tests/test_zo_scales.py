@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import REPO, tiny_recipe
-from test_distributed import final, recipe_file, torchrun
+from test_distributed import one_and_two_processes
 from test_library import OPTIMIZERS, assert_same_bits, cli_recipe, cli_weights, setup, zo_options, zo_trainer
 from test_zo import same_bits, weights, zo_recipe
 
@@ -239,13 +239,7 @@ def test_scales_on_two_processes_are_bit_identical_to_one(write_recipe, tmp_path
     sections = dict(method={"optimizer": "quzo", "zo": {"low_bit": "scales", "clip_gradient": 2.0}},
                     quant={"format": "int4", "group_size": 16}, train={"max_steps": 4, "eval_every": 0,
                                                                        "save_every": 4})
-    one = recipe_file(write_recipe, tmp_path, "one", **sections)
-    two = recipe_file(write_recipe, tmp_path, "two", **sections)
-    train(load_recipe(one))
-    torchrun("train", two)
-    assert same_bits(final(tmp_path / "one"), final(tmp_path / "two"))
-    (_, records_one), (_, records_two) = (read_trace(tmp_path / d / TRACE_FILE) for d in ("one", "two"))
-    assert records_one == records_two and len(records_two) == 4
+    one_and_two_processes(write_recipe, tmp_path, **sections)
 
 
 def test_validate_shows_the_trainable_set_and_the_clipping():
