@@ -19,8 +19,14 @@ Importing ftkit imports no torch: each name is imported when first touched (docs
 """
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# bitsandbytes logs, when imported, that an optional package for its CPU 4-bit kernel is missing. PEFT imports it
+# whenever it is installed, so every adapter run would start with that line; ftkit.quant.bnb, which alone uses
+# bitsandbytes' layers, lets the line through (ftkit.quant.bnb.BNB_LOGGER).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _LAZY = {
     **{name: "ftkit.recipe" for name in ("Recipe", "load_recipe", "recipe_from_dict", "recipe_to_dict")},

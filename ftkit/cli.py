@@ -97,6 +97,9 @@ def train(
         line += f" -> {end:.4f} at step {summary['steps']}"
     if summary.get("best_step"):
         line += f" (best {summary['best_dev']:.4f} at step {summary['best_step']})"
+    test = (summary.get("test") or {}).get(metric)
+    if test is not None:  # scored with the best checkpoint's weights, else the last's
+        line += f"; test {metric} {test:.4f}"
     line += f"; peak RSS {summary['peak_rss_mb']:,.0f} MiB"
     if "peak_gpu_allocated_mb" in summary:
         line += (f", GPU {summary['peak_gpu_allocated_mb']:,.0f} MiB allocated / "

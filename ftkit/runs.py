@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -17,10 +18,22 @@ from ftkit.training import checkpoint as ckpt
 from ftkit.training import rundir
 
 
-def load_run_recipe(run_dir: Path) -> Recipe:
-    """The recipe of a run directory, after checking that nothing in it is a link."""
+# Overrides that name a data file: on a finished run they say where to read a split, in place of its data record.
+DATA_PATH_KEY = re.compile(r"data\.(train|dev|test)_file|data\.tasks\.[^.=]+\.(train|dev|test)")
+
+
+def load_run_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The recipe of a run directory (with `overrides`), after checking that nothing in it is a link."""
     rundir.check_layout(run_dir)
-    return rundir.read_recipe(run_dir)
+    return rundir.read_recipe(run_dir, overrides)
+
+
+def recorded_data(run_dir: Path, recipe: Recipe, overrides: list[str] | tuple[str, ...] = ()) -> dict | None:
+    """The run's data record (ftkit.data.provenance), less the splits whose file `overrides` name."""
+    from ftkit.data import provenance
+
+    given = {item.partition("=")[0].strip() for item in overrides}
+    return provenance.read_record(run_dir, recipe.data.task, given)
 
 
 def checkpoint_to_use(run_dir: Path, checkpoint: Path | None = None, warn: Callable[[str], None] = print) -> Path:
@@ -58,11 +71,14 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
 
     if split not in ("dev", "test"):
         raise UserError(f"--split must be dev or test, got {split!r}")
-    ptq = None
+    ptq, recorded = None, None
     if target.is_dir():
-        recipe = load_run_recipe(target)
-        if overrides:
-            ptq = _ptq_spec(recipe, overrides)
+        data_paths = [item for item in overrides if DATA_PATH_KEY.fullmatch(item.partition("=")[0].strip())]
+        recipe = load_run_recipe(target, data_paths)
+        recorded = recorded_data(target, recipe, data_paths)
+        rest = [item for item in overrides if item not in data_paths]
+        if rest:
+            ptq = _ptq_spec(recipe, rest)
         step_dir = checkpoint_to_use(target, checkpoint, warn)
     elif target.is_file():
         recipe, step_dir = load_recipe(target, overrides), None
@@ -71,7 +87,7 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
     else:
         raise UserError(f"not found: {target} (give a run directory or a recipe file)")
 
-    task = load_task_data(recipe, splits=("train", split))
+    task = load_task_data(recipe, splits=("train", split), recorded=recorded)
     if split not in task.splits:
         raise UserError(f"task {task.name} has no {split} split here (found: {', '.join(task.splits)})")
     placed = resolve_device(device)
@@ -100,7 +116,7 @@ def _ptq_spec(recipe: Recipe, overrides: list[str]):
     for item in overrides:
         if not item.startswith("quant."):
             raise UserError(f"override {item!r}: a finished run can only be re-evaluated under quant.* overrides "
-                            f"(post-training quantization)")
+                            f"(post-training quantization) and data file paths (data.dev_file=PATH, ...)")
     from ftkit.quant import FORMATS
 
     if FORMATS[recipe.quant.format].low_bit:
@@ -123,16 +139,18 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
     The directory is written beside `out_dir` under a temporary name and renamed into place whole, so an export
     that fails (a full disk) leaves nothing, and of two exports to the same place one wins and the other says so."""
     from ftkit.adapters import ADAPTERS
-    from ftkit.training.setup import build_run
 
     recipe = load_run_recipe(run_dir)
     adapter = ADAPTERS[recipe.method.adapter]
+    if merge and adapter.trains_base:
+        warn(f"note: {run_dir} has no adapter (method.adapter {adapter.name}); its weights are exported as they are")
+        merge = False
     if merge and not adapter.mergeable:
         raise UserError(f"{adapter.name} adapters cannot be merged into the base weights (they are not a weight "
                         f"update); export without --merge to keep them as their own tensors")
     step_dir = checkpoint_to_use(run_dir, checkpoint, warn)
     _check_export_target(out_dir)
-    run = build_run(recipe, splits=("train",))
+    run = _run_without_data(recipe, run_dir)
     ckpt.load_checkpoint(Path(step_dir), run.model)
     adapters = adapter.unwrap(run.model.backbone, merge) if adapter.unwrap is not None else {}
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -150,6 +168,28 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
             raise UserError(f"{out_dir} was written by another process meanwhile; choose another -o") from None
         raise UserError(f"cannot write {out_dir}: {failure.strerror or failure}; nothing was left behind") from None
     return out_dir
+
+
+def _run_without_data(recipe: Recipe, run_dir: Path):
+    """The run's model as training built it, without reading its data: the labels come from the recipe, a head
+    initialised from the data from the run directory's record. A run directory from before the record was kept is
+    built from its data, as then."""
+    from ftkit.data import provenance
+    from ftkit.data.dataset import TaskData, task_spec
+    from ftkit.training.setup import build_run
+
+    if not (run_dir / provenance.RECORD).is_file():
+        return build_run(recipe, splits=("train",))
+    spec = task_spec(recipe)
+    task = TaskData(name=recipe.data.task, spec=spec, labels=list(spec.label_words))
+    run = build_run(recipe, num_classes=len(task.labels))
+    run.task = task
+    head = run_dir / rundir.INITIAL_HEAD
+    if head.is_file():
+        from safetensors.torch import load_file
+
+        run.model.head.load_state_dict(load_file(str(head)))
+    return run
 
 
 def _check_export_target(out_dir: Path) -> None:

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftkit.data import provenance
 from ftkit.data.files import LINE, read_rows
 from ftkit.data.tasks import BUILTIN_TASKS
 from ftkit.errors import DataError, first_line
@@ -36,6 +37,7 @@ class TaskData:
     labels: list[str]  # label values in class order; class i is labels[i]
     splits: dict[str, list[Example]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it was read from
+    origins: dict[str, dict] = field(default_factory=dict)  # split as read, before sampling -> ftkit.data.provenance
 
     @property
     def label_words(self) -> list[str]:
@@ -62,19 +64,27 @@ def task_kind(recipe: Recipe):
     return TASK_KINDS[task_spec(recipe).kind]
 
 
-def load_task_data(recipe: Recipe, splits: tuple[str, ...] = SPLITS) -> TaskData:
+def load_task_data(recipe: Recipe, splits: tuple[str, ...] = SPLITS, recorded: dict | None = None) -> TaskData:
+    """The task's `splits`. `recorded` (ftkit.data.provenance.read_record: a run directory's data record) pins
+    each split to the file the run read; without it, the ordinary lookup applies."""
     name = recipe.data.task
     spec = task_spec(recipe)
     data = TaskData(name=name, spec=spec, labels=list(spec.label_words))
-    # With MeZO-style sampling, dev is drawn from train and the validation split becomes the test set.
+    # With MeZO-style sampling, dev is drawn from train and the validation split becomes the test set, unless the
+    # recipe names a test file of its own: that one is the test set, and the validation split is not read when dev
+    # is drawn from train.
     sampling = recipe.data.n_train is not None or recipe.data.n_dev is not None
-    wanted = set(splits) | ({"train", "dev"} if sampling else set())
+    own_test = explicit_file(recipe, "test") is not None
+    wanted = set(splits)
+    if sampling:
+        wanted = {"train"} | ({"test"} if own_test else set()) | (set() if own_test and recipe.data.n_dev else {"dev"})
     raw = {}
     for split in SPLITS:
         if split in wanted:
-            found = _read_split(recipe, name, spec, split, required=split == "train" or (split == "dev" and sampling))
+            required = split == "train" or (split == "dev" and sampling and not own_test)
+            found = _read_split(recipe, name, spec, split, required, recorded)
             if found is not None:
-                raw[split], data.sources[split] = found
+                raw[split], data.sources[split], data.origins[split] = found
     if sampling:
         raw, data.sources = _sample_mezo_style(recipe, raw, data.sources)
     for split, rows in raw.items():
@@ -83,36 +93,82 @@ def load_task_data(recipe: Recipe, splits: tuple[str, ...] = SPLITS) -> TaskData
     return data
 
 
-def _read_split(recipe: Recipe, name: str, spec: TaskSpec, split: str, required: bool):
-    """Return (rows, source) for one split, or None when an optional split is absent."""
+def explicit_file(recipe: Recipe, split: str) -> str | None:
+    """The file the recipe names for `split` (data.<split>_file of a built-in task, data.tasks.<name>.<split> of
+    its own), else None."""
+    name = recipe.data.task
+    if name in recipe.data.tasks:
+        return getattr(recipe.data.tasks[name], split)
+    return getattr(recipe.data, f"{split}_file")
+
+
+def split_key(recipe: Recipe, split: str) -> str:
+    name = recipe.data.task
+    return f"data.tasks.{name}.{split}" if name in recipe.data.tasks else f"data.{split}_file"
+
+
+def _read_split(recipe: Recipe, name: str, spec: TaskSpec, split: str, required: bool, recorded: dict | None):
+    """Return (rows, source, origin) for one split, or None when an optional split is absent."""
+    entry = recorded.get(split) if recorded else None
+    if entry is not None:
+        return _read_recorded(recipe, name, spec, split, entry)
+    key = split_key(recipe, split)
     if name in recipe.data.tasks:
         path = getattr(spec, split)
         if path is None:
             return None
-        return _read_file(_locate(path, recipe), spec, f"data.tasks.{name}.{split}"), path
+        located = _locate(path, recipe)
+        return _read_file(located, spec, key), path, provenance.file_origin(located, key)
     builtin = BUILTIN_TASKS[name]
     explicit = getattr(recipe.data, f"{split}_file")
     if explicit:
-        return _read_file(_locate(explicit, recipe), spec, f"data.{split}_file", builtin.prepare), explicit
+        located = _locate(explicit, recipe)
+        return _read_file(located, spec, key, builtin.prepare), explicit, provenance.file_origin(located, key)
     looked = []
     data_dir = os.environ.get("FTKIT_DATA_DIR")
     if data_dir and split in builtin.files:
         candidate = Path(data_dir) / name / builtin.files[split]
         if candidate.is_file():
-            return _read_file(candidate, spec, f"data.{split}_file", builtin.prepare), str(candidate)
+            rows = _read_file(candidate, spec, key, builtin.prepare)
+            return rows, str(candidate), provenance.file_origin(candidate, key)
         looked.append(str(candidate))
     elif split in builtin.files:
         looked.append(f"$FTKIT_DATA_DIR/{name}/{builtin.files[split]} (FTKIT_DATA_DIR is not set)")
     if split in builtin.hub_splits:
-        rows, error = _read_hub(builtin, split)
+        rows, error, origin = _read_hub(builtin, split, key)
         if rows is not None:
             source = f"hub {builtin.hub_path}/{builtin.hub_name}:{builtin.hub_splits[split]}"
-            return _prepared(rows, builtin.prepare, spec, source, list(rows[0]) if rows else []), source
+            return _prepared(rows, builtin.prepare, spec, source, list(rows[0]) if rows else []), source, origin
         looked.append(f"the hub ({error})")
     if required:
         raise DataError(f"{name} {split} data not found: looked in {'; '.join(looked)}. "
                         f"Set FTKIT_DATA_DIR or data.{split}_file")
     return None
+
+
+def _read_recorded(recipe: Recipe, name: str, spec: TaskSpec, split: str, entry: dict):
+    """A split read where the run read it: the recorded file (or an identical copy), or the recorded hub split."""
+    builtin = BUILTIN_TASKS.get(name) if name not in recipe.data.tasks else None
+    prepare = builtin.prepare if builtin else None
+    if "hub" in entry and builtin is not None:
+        rows, error, origin = _read_hub(builtin, split, entry["key"])
+        if rows is None:
+            raise DataError(f"{name} {split} data: the run read it from the hub ({entry['hub']}), which cannot be "
+                            f"read now ({error}); give the file with {entry['key']}=PATH")
+        provenance.check_hub(entry, origin.get("fingerprint"), name, split)
+        source = f"hub {builtin.hub_path}/{builtin.hub_name}:{builtin.hub_splits[split]}"
+        return _prepared(rows, prepare, spec, source, list(rows[0]) if rows else []), source, origin
+    candidates, remedy = [], f"restore it, or give the file to use with {entry['key']}=PATH (ftkit eval)"
+    explicit = explicit_file(recipe, split)
+    if explicit:
+        candidates.append(_locate(explicit, recipe))
+    if builtin is not None and split in builtin.files:
+        remedy = (f"restore it, set FTKIT_DATA_DIR to a directory holding an identical {name}/"
+                  f"{builtin.files[split]}, or give the file to use with {entry['key']}=PATH (ftkit eval)")
+        if os.environ.get("FTKIT_DATA_DIR"):
+            candidates.append(Path(os.environ["FTKIT_DATA_DIR"]) / name / builtin.files[split])
+    path = provenance.intact_file(entry, candidates, name, split, remedy)
+    return _read_file(path, spec, entry["key"], prepare), str(path), provenance.file_origin(path, entry["key"])
 
 
 def _locate(path: str, recipe: Recipe) -> Path:
@@ -145,14 +201,17 @@ def _prepared(rows: list[dict], prepare, spec: TaskSpec, source: str, columns: l
     return rows
 
 
-def _read_hub(builtin, split: str):
+def _read_hub(builtin, split: str, key: str):
+    """(rows, None, origin), or (None, why not, None)."""
     try:
         import datasets
 
         dataset = datasets.load_dataset(builtin.hub_path, builtin.hub_name, split=builtin.hub_splits[split])
     except Exception as err:  # offline, missing package, unknown dataset: all mean "not here"
-        return None, first_line(err)[:120]
-    return [{LINE: i + 1, **row} for i, row in enumerate(dataset)], None
+        return None, first_line(err)[:120], None
+    origin = {"key": key, "hub": builtin.hub_path, "name": builtin.hub_name, "split": builtin.hub_splits[split],
+              "fingerprint": getattr(dataset, "_fingerprint", None)}
+    return [{LINE: i + 1, **row} for i, row in enumerate(dataset)], None, origin
 
 
 def _sample_mezo_style(recipe: Recipe, raw: dict, sources: dict):
@@ -173,10 +232,13 @@ def _sample_mezo_style(recipe: Recipe, raw: dict, sources: dict):
     if n_dev:
         sampled["dev"] = [train[i] for i in order[n_train:n_train + n_dev]]
         new_sources["dev"] = f"{sources['train']} (held-out sample of {n_dev})"
-        if "dev" in raw:
-            sampled["test"], new_sources["test"] = raw["dev"], sources["dev"]
-    elif "dev" in raw:
-        sampled["dev"], new_sources["dev"] = raw["dev"], sources["dev"]
+        test_from = "test" if "test" in raw else "dev"  # the recipe's own test file, else the validation split
+        if test_from in raw:
+            sampled["test"], new_sources["test"] = raw[test_from], sources[test_from]
+    else:
+        for split in ("dev", "test"):
+            if split in raw:
+                sampled[split], new_sources[split] = raw[split], sources[split]
     return sampled, new_sources
 
 

@@ -7,16 +7,20 @@ parameter counts use the layer's shape, not the tensor's numel.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
 # Bytes of quantization statistics: one fp32 absmax per block of 64 weights, or with double quantization one byte
 # per block plus one fp32 per 256 blocks.
 BLOCK = 64
+BNB_LOGGER = "bitsandbytes.backends.cpu.ops"  # quiet until this engine is chosen (ftkit/__init__.py)
 
 
 def to_bnb_linear(linear: nn.Linear, name: str, spec, generator=None) -> nn.Module:
     """The bitsandbytes engine's conversion: int4 as nf4 / fp4, int8 as LLM.int8; computes in the layer's dtype."""
+    logging.getLogger(BNB_LOGGER).setLevel(logging.NOTSET)  # the engine is chosen: its notes concern the run
     import bitsandbytes as bnb
 
     device, compute_dtype = linear.weight.device, linear.weight.dtype

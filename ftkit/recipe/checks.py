@@ -157,6 +157,12 @@ def _check_data(recipe: Recipe, fail, where: str) -> None:
                 fail(f"{prefix}.template", f"uses {{{missing}}}, which is not in text_columns {task.text_columns}")
     if d.task in BUILTIN_TASKS or d.task in d.tasks:  # after the tasks' own checks: their kinds are known
         _check_prompt_overrides(d, fail)
+    own = d.tasks.get(d.task)
+    dev, test = (own.dev, own.test) if own else (d.dev_file, d.test_file)
+    if d.n_dev is not None and dev and test:  # docs/tasks.md: a test file of the recipe's own under the protocol
+        fail(f"data.tasks.{d.task}.dev" if own else "data.dev_file",
+             f"{dev} would never be read: with data.n_dev set, dev is drawn from train and the test file is the "
+             f"test set; drop the dev file, or unset data.n_dev to select on it")
 
 
 def _check_prompt_overrides(d, fail) -> None:

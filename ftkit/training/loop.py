@@ -7,6 +7,7 @@ step, metrics, `_evaluate_dev`, `_save`) and `_finish` (test split, summary)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -20,6 +21,7 @@ import yaml
 from rich.console import Console
 
 from ftkit.adapters import ADAPTERS
+from ftkit.data import provenance
 from ftkit.data.batches import TrainStream, shard
 from ftkit.data.dataset import SPLITS
 from ftkit.devices import deterministic, peak_memory_mb, reset_peak_memory, synchronize
@@ -216,7 +218,9 @@ def _set_up(recipe: Recipe, run_dir: Path, resume_from: Path | None, console: Co
     if resume_from is not None:
         check_environment(ckpt.read_trainer_state(resume_from).get("environment"),
                           f"cannot resume {run_dir} bit-exactly", allow_inexact, world.device)
-    run = build_run(recipe, world.device, encode=SPLITS, method=True, world=world)
+    # A resumed run reads its data where it first read it (run_dir/data.json), whatever the shell's FTKIT_DATA_DIR.
+    recorded = provenance.read_record(run_dir, recipe.data.task, set()) if resume_from is not None else None
+    run = build_run(recipe, world.device, encode=SPLITS, method=True, world=world, recorded=recorded)
     stream = TrainStream(run.encoded("train"), recipe.train.batch_size, recipe.train.seed, run.pad_id,
                          recipe.train.group_by_length)
     adapter = ADAPTERS[recipe.method.adapter]
@@ -231,12 +235,27 @@ def _set_up(recipe: Recipe, run_dir: Path, resume_from: Path | None, console: Co
         torch.manual_seed(recipe.train.seed)
     if world.is_main:
         if resume_from is None:  # a run that stopped before its first checkpoint starts over
-            for name in ("metrics.jsonl", "summary.json", "trace.ftz"):
+            for name in ("metrics.jsonl", "summary.json", "trace.ftz", rundir.INITIAL_HEAD):
                 remove(run_dir / name)
         write_atomic(run_dir / rundir.RECIPE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        record_data(run, run_dir)
     t.log = MetricsLog(run_dir, recipe.train.tensorboard) if world.is_main else NullLog()
     _announce(t)
     return t
+
+
+def record_data(run: Run, run_dir: Path) -> None:
+    """What the run directory needs to be evaluated and exported anywhere: where each split came from (data.json),
+    and a head initialised from the data that training does not change (initial_head.safetensors), which a
+    checkpoint does not hold."""
+    write_atomic(run_dir / provenance.RECORD, json.dumps(provenance.record(run.task.name, run.task.origins),
+                                                         indent=2) + "\n")
+    head = getattr(run.model, "head", None)
+    if "prototype_scale" in run.facts and any(not p.requires_grad for p in head.parameters()):
+        from safetensors.torch import save
+
+        write_atomic(run_dir / rundir.INITIAL_HEAD, save({k: v.detach().contiguous().cpu()
+                                                          for k, v in head.state_dict().items()}))
 
 
 def _resume(t: Training, resume_from: Path) -> None:

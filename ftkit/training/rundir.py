@@ -23,6 +23,7 @@ import socket
 import time
 from pathlib import Path
 
+from ftkit.data import provenance
 from ftkit.errors import UserError
 from ftkit.recipe import Recipe, load_recipe
 from ftkit.safe_files import (
@@ -38,8 +39,11 @@ LOCK = "run.lock"
 MARKER = "run.json"
 RECIPE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
+DATA_RECORD = provenance.RECORD  # where each split came from
+INITIAL_HEAD = "initial_head.safetensors"  # a head initialised from the data, where training leaves it as it was
 # Everything ftkit writes at the top of a run directory.
-OWN = (RECIPE, "metrics.jsonl", "summary.json", "trace.ftz", CHECKPOINTS, "tensorboard", LOCK, MARKER)
+OWN = (RECIPE, "metrics.jsonl", "summary.json", "trace.ftz", CHECKPOINTS, "tensorboard", LOCK, MARKER, DATA_RECORD,
+       INITIAL_HEAD)
 FOLDERS = (CHECKPOINTS, "tensorboard")
 STEP = re.compile(r"step-\d{6}")
 POINTERS = ("last", "best")

@@ -58,17 +58,18 @@ class Run:
 
 def build_run(recipe: Recipe, device: torch.device = CPU, *, splits: tuple[str, ...] = SPLITS,
               task: TaskData | None = None, encode: tuple[str, ...] = (), method: bool = False,
-              world: World = SINGLE, num_classes: int | None = None) -> Run:
+              world: World = SINGLE, num_classes: int | None = None, recorded: dict | None = None) -> Run:
     """The recipe's task data (`splits` of it, or `task` when the caller has loaded it), tokenizer and model on
     `device`; the `encode` splits tokenised now (others on first use); with `method`, the method, which `world`'s
     processes share. `num_classes` builds the model without reading any data: its head has that many classes and
-    starts from its seeded random weights (replay restores a prototype head from its trace)."""
+    starts from its seeded random weights (replay restores a prototype head from its trace). `recorded` is a run
+    directory's data record (ftkit.data.provenance): the data is read where the run read it."""
     if num_classes is not None:
         tokenizer = load_tokenizer(recipe.model)
         model, kind = assemble_model(recipe, tokenizer, num_classes, device=device)
         run = Run(recipe, None, tokenizer, model, kind, {"kind": kind}, device)
     else:
-        task = task if task is not None else load_task_data(recipe, splits)
+        task = task if task is not None else load_task_data(recipe, splits, recorded)
         tokenizer = load_tokenizer(recipe.model)
         model, kind, facts = build_model(recipe, task, tokenizer, device)
         run = Run(recipe, task, tokenizer, model, kind, facts, device)
