@@ -153,8 +153,13 @@ def eval_command(
 
     from ftkit.runs import evaluate_target
     from ftkit.training.metrics import to_json
+    from ftkit.training.progress import EvalProgress
 
-    result = evaluate_target(target, split, checkpoint, overrides or [], device, warn=_warn)
+    progress = EvalProgress(err, f"eval {split}")  # on stderr: --json keeps stdout to itself
+    try:
+        result = evaluate_target(target, split, checkpoint, overrides or [], device, warn=_warn, progress=progress)
+    finally:
+        progress.close()
     if as_json:
         out.print(to_json(result), markup=False)
     else:

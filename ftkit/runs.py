@@ -56,13 +56,14 @@ def checkpoint_to_use(run_dir: Path, checkpoint: Path | None = None, warn: Calla
 
 
 def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, overrides: list[str] = (),
-                    device: str = "auto", warn: Callable[[str], None] = print) -> dict:
+                    device: str = "auto", warn: Callable[[str], None] = print, progress=None) -> dict:
     """Evaluate a run directory (its best checkpoint, else last, or `checkpoint`) or a recipe's untrained model.
 
     For a run directory, `quant.*` overrides quantize the trained model after loading it (post-training
     quantization), e.g. quant.format=int4 quant.group_size=128. `device` is where to evaluate (auto: a GPU when one
     is visible), whatever device the run trained on: checkpoints are read onto the CPU and copied there. A damaged
-    checkpoint is passed over for the newest intact one, with a line to `warn`.
+    checkpoint is passed over for the newest intact one, with a line to `warn`. `progress` follows the batches
+    (ftkit.eval.evaluate).
     """
     from ftkit.data.dataset import load_task_data
     from ftkit.devices import deterministic, resolve_device
@@ -93,10 +94,10 @@ def evaluate_target(target: Path, split: str, checkpoint: Path | None = None, ov
     placed = resolve_device(device)
     with using_threads(recipe.train.threads), deterministic(placed):  # as fast as the run trained
         run = build_run(recipe, placed, task=task)
-        return _evaluate(run, split, step_dir, ptq, target)
+        return _evaluate(run, split, step_dir, ptq, target, progress)
 
 
-def _evaluate(run, split: str, step_dir: Path | None, ptq, target: Path) -> dict:
+def _evaluate(run, split: str, step_dir: Path | None, ptq, target: Path, progress=None) -> dict:
     """The run's model with `step_dir`'s weights (else untrained), quantized by `ptq` when given, on `split`."""
     if step_dir is not None:
         ckpt.load_checkpoint(Path(step_dir), run.model)
@@ -104,7 +105,7 @@ def _evaluate(run, split: str, step_dir: Path | None, ptq, target: Path) -> dict
         from ftkit.quant.convert import quantize_model
 
         run.model = quantize_model(run.model, ptq)
-    metrics = run.evaluate(split)
+    metrics = run.evaluate(split, progress=progress)
     source = str(Path(step_dir).resolve()) if step_dir is not None else f"{target} (untrained)"
     if ptq is not None:
         source += f" + {ptq.format} post-training quantization"

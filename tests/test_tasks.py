@@ -48,7 +48,7 @@ def test_multiple_choice_prompts_and_candidate_scores_match_a_hand_computation(w
     task, tokenizer = load_task_data(recipe), load_tokenizer(recipe.model)
     examples = task.splits["train"][:3]
     assert [e.candidates for e in examples] == [("barks", "quacks"), ("barks", "meows", "bleats"), ("quacks", "moos")]
-    features = encode(examples, tokenizer, "causal_lm", task, 32)
+    features = encode(examples, tokenizer, "causal_lm", task, 32, one_row_per_candidate=True)
     for example, feature in zip(examples, features):
         for candidate, row, mask in zip(example.candidates, feature["rows"], feature["option_masks"]):
             # the prompt as the tokenizer encodes it (with its special tokens), then " candidate"
@@ -71,6 +71,9 @@ def test_multiple_choice_prompts_and_candidate_scores_match_a_hand_computation(w
             expected = sum(logprobs[row, t - 1, ids[t]].item() for t in positions) / len(positions)
             assert scores[i, j].item() == pytest.approx(expected, rel=1e-5)  # same network, another path
             row += 1
+    with torch.no_grad():  # the default layout: the candidates continue one pass over their shared prompt
+        shared = encode(examples, tokenizer, "causal_lm", task, 32)
+        torch.testing.assert_close(model(collate(shared, tokenizer.pad_token_id)), scores, rtol=0, atol=1e-5)
     metrics = evaluate(model, features, "multiple_choice", 8, tokenizer.pad_token_id, 0)
     assert set(metrics) == {"accuracy", "loss", "n"} and metrics["n"] == 3
 
@@ -168,7 +171,8 @@ def test_every_builtin_task_builds_its_prompts_from_its_fixture_rows(write_recip
     else:
         assert first.answers == options and first.answers[0] == target
     features = encode([first], load_tokenizer(recipe.model), "causal_lm", task, 512)
-    scored = features[0].get("next_tokens", features[0]["rows"])  # single-token candidates share one row
+    # single-token candidates share one row, longer ones one prompt pass; a generation answer has its own row
+    scored = features[0].get("next_tokens", features[0].get("candidate_ids", features[0]["rows"]))
     assert len(scored) == {"classification": len(task.labels), "multiple_choice": len(options or ()),
                            "generation": 1}[task.spec.kind]
 

@@ -40,18 +40,25 @@ def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len, one_
     When every candidate of the split is a single token (SST-2's " great" / " terrible", BoolQ's " Yes" / " No"),
     the rows of an example would differ only in their last token, so each example is instead one row, the prompt,
     with the candidates' tokens in `next_tokens`: the head reads all their scores from the prompt's last position,
-    one forward pass instead of one per candidate (ftkit.models.heads). `one_row_per_candidate` keeps the general
-    layout (tests compare the two)."""
+    one forward pass instead of one per candidate (ftkit.models.heads). Longer candidates of several per example
+    (COPA's sentences, label words of two or three tokens) share the prompt too: the row is the prompt, cut so that
+    the longest candidate fits, and the candidates' tokens are in `candidate_ids`, scored from one pass over the
+    prompt (ftkit.models.prefix). `one_row_per_candidate` keeps the general layout (tests compare them)."""
     kind = TASK_KINDS[task.spec.kind]
     candidates_of = kind.candidates(task, tokenizer)
     prompts = [tokenizer(prompt_text(task, example))["input_ids"] for example in examples]
     candidates = [candidates_of(example) for example in examples]
     one_row = not one_row_per_candidate and all(len(c) == 1 for cs in candidates for c in cs)
+    shared = not one_row_per_candidate and any(len(cs) > 1 for cs in candidates)
     features = []
     for example, prompt_ids, example_candidates in zip(examples, prompts, candidates):
         if one_row:
             feature = {"rows": [left_truncated(prompt_ids, 1, max_seq_len, tokenizer.bos_token_id)],
                        "next_tokens": [c[0] for c in example_candidates], "labels": example.label}
+        elif shared:
+            longest = max(len(c) for c in example_candidates)
+            feature = {"rows": [left_truncated(prompt_ids, longest, max_seq_len, tokenizer.bos_token_id)],
+                       "candidate_ids": [list(c) for c in example_candidates], "labels": example.label}
         else:
             rows, masks = [], []
             for candidate in example_candidates:
@@ -80,16 +87,25 @@ def left_truncated(prompt_ids: list[int], reserved: int, max_seq_len: int, bos_i
     return head + (body[len(body) - room :] if room < len(body) else body)
 
 
+# Feature entries that the layouts above own; any other entry is a task kind's own (ftkit.task_kinds).
+LAYOUT_KEYS = frozenset({"rows", "option_masks", "next_tokens", "candidate_ids", "labels"})
+
+
 def collate(features: list[dict], pad_id: int) -> dict:
     if "rows" in features[0]:
         rows = [r for f in features for r in f["rows"]]
         batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0)}
         if "next_tokens" in features[0]:  # one row per example; -1 pads examples with fewer candidates
             batch["next_tokens"] = _pad([f["next_tokens"] for f in features], -1)
+        elif "candidate_ids" in features[0]:  # one prompt row per example, its candidates after it
+            candidates = [c for f in features for c in f["candidate_ids"]]
+            batch["candidate_ids"] = _pad(candidates, pad_id)
+            batch["candidate_mask"] = _pad([[1] * len(c) for c in candidates], 0)
+            batch["num_candidates"] = torch.tensor([len(f["candidate_ids"]) for f in features], dtype=torch.long)
         else:
             batch["option_mask"] = _pad([m for f in features for m in f["option_masks"]], 0)
             batch["num_candidates"] = torch.tensor([len(f["rows"]) for f in features], dtype=torch.long)
-        for key in features[0].keys() - {"rows", "option_masks", "next_tokens", "labels"}:  # a kind's own, as lists
+        for key in features[0].keys() - LAYOUT_KEYS:  # a kind's own, as lists
             batch[key] = [f[key] for f in features]
     else:
         batch = {key: _pad([f[key] for f in features], pad_id if key == "input_ids" else 0)
@@ -203,6 +219,10 @@ def micro_batches(features: list[dict], micro_batch_size: int | None, pad_id: in
 
 
 def _length(feature: dict) -> int:
+    """The longest sequence an example stands for: with candidates after a shared prompt, the prompt and its longest
+    candidate, the length its longest row has in the one-row-per-candidate layout (so both sort alike)."""
+    if "candidate_ids" in feature:
+        return len(feature["rows"][0]) + max(len(c) for c in feature["candidate_ids"])
     return max(len(r) for r in feature["rows"]) if "rows" in feature else len(feature["input_ids"])
 
 

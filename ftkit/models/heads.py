@@ -5,7 +5,8 @@ scoring read (ftkit.task_kinds).
   (class prototypes) so the model is far above chance before any step; zeroth-order training cannot recover
   from a random head.
 - Causal LMs: each candidate label is scored by the mean log-probability of its tokens after the prompt
-  (MeZO's protocol); the scores are the logits. Single-token candidates share one row per example.
+  (MeZO's protocol); the scores are the logits. Single-token candidates share one row per example; longer ones
+  share one pass over the prompt (ftkit.models.prefix).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ftkit.models.prefix import candidate_logprobs
 
 PROTOTYPE_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 
@@ -63,6 +66,9 @@ class CausalLMScorer(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         if "next_tokens" in batch:
             return self._score_next_tokens(batch)
+        if "candidate_ids" in batch:  # candidates continuing one pass over their shared prompt
+            sums, counts = candidate_logprobs(self.lm, batch)
+            return per_example(sums / counts.clamp(min=1), batch["num_candidates"])
         # batch holds one row per (example, candidate); option_mask marks the candidate's tokens.
         hidden = self.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state[:, :-1]
@@ -76,15 +82,7 @@ class CausalLMScorer(nn.Module):
         per_token = torch.zeros(scored.shape, device=logits.device, dtype=token_logprob.dtype)
         per_token[scored] = token_logprob
         mean = per_token.sum(1) / scored.sum(1).clamp(min=1)
-        counts = batch["num_candidates"]  # on the host (ftkit.devices.HOST_KEYS)
-        if bool((counts == counts[0]).all()):
-            return mean.view(len(counts), int(counts[0]))
-        # Rows of examples with fewer candidates are padded with -inf: never predicted, no probability mass.
-        width = int(counts.max())
-        slots = (torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)).to(mean.device)
-        scores = torch.full((len(counts), width), float("-inf"), device=mean.device)
-        scores[slots] = mean
-        return scores
+        return per_example(mean, batch["num_candidates"])
 
     def _score_next_tokens(self, batch: dict) -> torch.Tensor:
         """Single-token candidates: one row per example, the prompt alone (right-padded). A candidate's score, the
@@ -97,6 +95,19 @@ class CausalLMScorer(nn.Module):
         tokens = batch["next_tokens"]
         # -1 pads examples with fewer candidates: -inf, never predicted, no probability mass.
         return logprobs.gather(-1, tokens.clamp(min=0)).masked_fill(tokens < 0, float("-inf"))
+
+
+def per_example(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """One score per candidate row [rows] as [examples, candidates], `counts` (on the host, ftkit.devices.HOST_KEYS)
+    giving each example's number of rows in order."""
+    if bool((counts == counts[0]).all()):
+        return scores.view(len(counts), int(counts[0]))
+    # Rows of examples with fewer candidates are padded with -inf: never predicted, no probability mass.
+    width = int(counts.max())
+    slots = (torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)).to(scores.device)
+    out = torch.full((len(counts), width), float("-inf"), device=scores.device)
+    out[slots] = scores
+    return out
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Progress: a live rich bar (step/total, loss, steps/s, ETA) on a terminal, plain lines elsewhere."""
+"""Progress: a live rich bar (step/total, loss, steps/s, ETA) on a terminal, plain lines elsewhere; for training and
+for a long evaluation."""
 
 from __future__ import annotations
 
@@ -39,6 +40,39 @@ class TrainProgress:
 
     def message(self, text: str) -> None:
         self.console.print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class EvalProgress:
+    """Batches scored out of the total, with an ETA, for an evaluation that lasts: nothing for the first `delay`
+    seconds (a quick split, the tests), then a live bar on a terminal, or elsewhere a line every `every` seconds.
+    Called with (done, total) after each batch (ftkit.eval.evaluate)."""
+
+    def __init__(self, console: Console, label: str, delay: float = 3.0, every: float = 30.0,
+                 clock=time.perf_counter):
+        self.console, self.label, self.delay, self.every, self.clock = console, label, delay, every, clock
+        self.start = self.printed = clock()
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        elapsed = now - self.start
+        if elapsed < self.delay or done >= total and self.bar is None:
+            return
+        if self.console.is_terminal:
+            if self.bar is None:
+                self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("batches  ETA"), TimeRemainingColumn(), console=self.console)
+                self.task = self.bar.add_task(self.label, total=total)
+                self.bar.start()
+            self.bar.update(self.task, completed=done)
+        elif now - self.printed >= self.every:
+            self.printed = now
+            eta = elapsed / done * (total - done) if done else float("nan")
+            self.console.print(f"{self.label}: {done}/{total} batches  {elapsed:.0f}s  ETA {eta:.0f}s")
 
     def close(self) -> None:
         if self.bar is not None:

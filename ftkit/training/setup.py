@@ -50,10 +50,10 @@ class Run:
                                                    self.recipe.data.max_seq_len)
         return self.features[split]
 
-    def evaluate(self, split: str, world: World = SINGLE) -> dict:
-        """The task's metrics on `split` (ftkit.eval), shared among `world`'s processes."""
+    def evaluate(self, split: str, world: World = SINGLE, progress=None) -> dict:
+        """The task's metrics on `split` (ftkit.eval), shared among `world`'s processes; `progress` as there."""
         return evaluate(self.model, self.encoded(split), self.task.spec.kind, self.recipe.train.eval_batch_size,
-                        self.pad_id, len(self.task.labels), self.tokenizer, world)
+                        self.pad_id, len(self.task.labels), self.tokenizer, world, progress)
 
 
 def build_run(recipe: Recipe, device: torch.device = CPU, *, splits: tuple[str, ...] = SPLITS,
