@@ -78,42 +78,48 @@ class FtkitLM(LM):
         return totals
 
     def score(self, pairs: list[tuple[list[int], list[int]]], what: str) -> list[tuple[float, bool]]:
-        """(sum of the continuation's token log-probabilities, whether greedy decoding gives it) per pair, in
-        batches of similar length (longest first, so memory peaks at once and padding is small)."""
-        for context, continuation in pairs:
+        """(sum of the continuation's token log-probabilities, whether greedy decoding gives it) per pair. Pairs
+        that feed the model the same tokens (a context's one-token candidates: SST-2's two label words) share one
+        row; rows go in batches of similar length, longest first (memory peaks at once, little padding)."""
+        rows: dict[tuple, list[int]] = {}
+        for i, (context, continuation) in enumerate(pairs):
             if len(continuation) > self.max_length:
                 raise UserError(f"a {what} continuation of {len(continuation)} tokens does not fit the model's "
                                 f"context of {self.max_length} tokens")
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+            # The input is context + continuation without its last token, cut from the left to the context length.
+            rows.setdefault(tuple((context + continuation)[-(self.max_length + 1) :][:-1]), []).append(i)
+        ordered = sorted(rows.items(), key=lambda row: -len(row[0]))
         results: list = [None] * len(pairs)
         with tqdm(total=len(pairs), desc=what, disable=not sys.stderr.isatty()) as bar:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                for i, result in zip(chunk, self.score_batch([pairs[i] for i in chunk])):
+            for start in range(0, len(ordered), self.batch_size):
+                chunk = ordered[start : start + self.batch_size]
+                members = [(r, i) for r, (_, owners) in enumerate(chunk) for i in owners]
+                scored = self.score_rows([row for row, _ in chunk], [(r, pairs[i][1]) for r, i in members])
+                for (_, i), result in zip(members, scored):
                     results[i] = result
-                bar.update(len(chunk))
+                bar.update(len(members))
         return results
 
     @torch.inference_mode()
-    def score_batch(self, pairs) -> list[tuple[float, bool]]:
-        # The input is context + continuation without its last token, cut from the left to the context length.
-        rows = [(context + continuation)[-(self.max_length + 1) :][:-1] for context, continuation in pairs]
+    def score_rows(self, rows: list[tuple], continuations: list[tuple[int, list[int]]]) -> list[tuple[float, bool]]:
+        """Each continuation (row index, tokens) scored at the end of its row: one forward pass for the rows."""
         width, device = max(len(r) for r in rows), model_device(self.lm)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        # The scored positions only go through the LM head, as ftkit's scorer does (no [rows, width, vocab] logits).
-        scored = torch.zeros_like(mask, dtype=torch.bool)
-        targets = torch.zeros_like(ids)
-        for row, (r, (_, continuation)) in enumerate(zip(rows, pairs)):
-            scored[row, len(r) - len(continuation) : len(r)] = True
-            targets[row, len(r) - len(continuation) : len(r)] = torch.tensor(continuation, device=device)
+        at_row, at_position, targets = [], [], []
+        for r, continuation in continuations:
+            at_row += [r] * len(continuation)
+            at_position += range(len(rows[r]) - len(continuation), len(rows[r]))
+            targets += continuation
         hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        logprobs = self.lm.get_output_embeddings()(hidden[scored]).float().log_softmax(-1)
-        picked = logprobs.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-        greedy = logprobs.argmax(-1) == targets[scored]
+        # Only the scored positions go through the LM head, as in ftkit's scorer: no [rows, width, vocab] logits.
+        logprobs = self.lm.get_output_embeddings()(hidden[at_row, at_position]).float().log_softmax(-1)
+        targets = torch.tensor(targets, device=device)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        greedy = logprobs.argmax(-1) == targets
         results, at = [], 0
-        for _, continuation in pairs:
+        for _, continuation in continuations:
             n = len(continuation)
             results.append((picked[at : at + n].sum().item(), bool(greedy[at : at + n].all())))
             at += n

@@ -99,10 +99,11 @@ def test_harness_model_answers_each_request_type_as_computed_by_hand(tmp_path):
     def requests(kind, *args):
         return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
-    # loglikelihood: multi-token continuations, a trailing space moved onto the continuation, an empty context.
+    # loglikelihood: multi-token continuations, a trailing space moved onto the continuation, an empty context,
+    # one-token continuations of one context (scored from one row).
     harness = FtkitLM(model, tokenizer, batch_size=2)
     pairs = [("the film was", " a complete disaster"), ("short", " yes"), ("a long prompt with many words in it ",
-             "unbelievably"), ("", "hello world")]
+             "unbelievably"), ("", "hello world"), ("short", " no")]  # " yes" and " no" share a row
     got = harness.loglikelihood(requests("loglikelihood", *pairs))
     for (context, continuation), (logprob, greedy) in zip(pairs, got):
         if context.endswith(" "):
