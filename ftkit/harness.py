@@ -56,8 +56,12 @@ def evaluate_harness(target: Path, tasks: str, include_path: Path | None = None,
         from ftkit.harness_lm import FtkitLM
 
         lm = FtkitLM(model, tokenizer, batch_size or recipe.train.eval_batch_size)
-        output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                         log_samples=log_samples)
+        try:
+            output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                             log_samples=log_samples)
+        except FileNotFoundError as error:  # a task's data files: relative ones are read from the working directory
+            raise UserError(f"--harness {tasks}: {error} (a task's relative data_files are read from the working "
+                            f"directory, {Path.cwd()})") from None
     source = str(Path(step_dir).resolve()) if step_dir is not None else f"{target} (untrained)"
     if ptq is not None:
         source += f" + {ptq.format} post-training quantization"
