@@ -145,8 +145,8 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible), cpu, cuda or cuda:N; "
                                "a run trained on a GPU evaluates on a CPU and the other way round"),
     harness: Optional[str] = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, comma-separated, "
-                                          "instead of the recipe's task and --split (needs `pip install 'ftkit\\[eval]'`"
-                                          "; docs/runs.md)"),
+                                          "instead of the recipe's task and --split (needs "
+                                          "`pip install 'ftkit\\[eval]'`; docs/runs.md)"),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="--harness: a folder of task YAML files"),
     limit: Optional[int] = typer.Option(None, "--limit", help="--harness: the first N examples of each task"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--harness: requests per forward pass "
