@@ -85,8 +85,8 @@ def test_harness_agrees_with_ftkit_eval_on_a_trained_int4_adapter_run(tmp_path, 
     monkeypatch.chdir(run_dir)
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--harness", "reviews_ftkit", "--include-path",
                                       str(TASKS)])
-    assert result.exit_code == 2 and f"Unable to find '{run_dir / 'reviews.jsonl'}' (a task's relative data_files are " \
-        "read from the working directory" in result.stderr
+    missing = f"Unable to find '{run_dir / 'reviews.jsonl'}' (a task's relative data_files are read from the working"
+    assert result.exit_code == 2 and missing in result.stderr
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--limit", "4"])
     assert result.exit_code == 2 and "--include-path, --limit and --batch-size apply with --harness" in result.stderr
 
