@@ -199,3 +199,18 @@ def test_validate_shows_the_chat_prompt_and_the_scoring(write_recipe):
     assert "task sst2 (chat prompt with system message 'Be brief.', candidates scored by per_char)" in shown.output
     shown = CliRunner().invoke(app, ["validate", str(write_recipe(tiny_recipe()))], terminal_width=400)
     assert "task sst2 (candidates scored by mean (auto))" in shown.output
+
+
+def test_eval_prints_the_accuracy_under_each_scoring(write_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    recipe = choice_recipe(write_recipe, tmp_path, scoring="per_char")
+    shown = CliRunner().invoke(app, ["eval", recipe.source, "--json"], terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    metrics = json.loads(shown.output)
+    assert metrics["accuracy"] == metrics["accuracy_per_char"]
+    table = CliRunner().invoke(app, ["eval", recipe.source], terminal_width=400).output
+    assert (f"accuracy by scoring: mean {metrics['accuracy_mean']:.4f}, sum {metrics['accuracy_sum']:.4f}, "
+            f"per_char {metrics['accuracy_per_char']:.4f}") in table
