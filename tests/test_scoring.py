@@ -214,3 +214,16 @@ def test_eval_prints_the_accuracy_under_each_scoring(write_recipe, tmp_path):
     table = CliRunner().invoke(app, ["eval", recipe.source], terminal_width=400).output
     assert (f"accuracy by scoring: mean {metrics['accuracy_mean']:.4f}, sum {metrics['accuracy_sum']:.4f}, "
             f"per_char {metrics['accuracy_per_char']:.4f}") in table
+
+
+def test_the_race_keeps_the_hand_written_sst2_chat_prompt_it_started_with(tmp_path):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import zo_race
+
+    data = zo_race.task_data("sst2", tmp_path)
+    assert data["template"] == SST2_CHAT and not data.get("chat")
+    assert data["label_words"] == {0: "negative", 1: "positive"}
