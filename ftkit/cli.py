@@ -182,6 +182,10 @@ def eval_command(
             table.add_column(column)
         table.add_row(result["source"], *(f"{result[column]:.4f}" for column in columns))
         out.print(table)
+        by_scoring = {k[len("accuracy_"):]: v for k, v in result.items() if k.startswith("accuracy_")}
+        if by_scoring:  # a causal LM's accuracy under each way of scoring candidates, from the same pass
+            out.print("accuracy by scoring: " + ", ".join(f"{k} {v:.4f}" for k, v in by_scoring.items()),
+                      markup=False)
     if not math.isfinite(result["loss"]):
         err.print(f"error: the loss of {result['source']} on {split} is {result['loss']}: these weights do not give "
                   f"finite outputs (the run diverged, or the checkpoint is damaged)", markup=False)
@@ -314,8 +318,21 @@ def validate(
 
     spec = load_recipe(recipe, overrides or [])
     out.print(f"ok: {recipe}: model {spec.model.name}, format {spec.quant.format}, adapter {spec.method.adapter}, "
-              f"optimizer {spec.method.optimizer}{_describe_zeroth_order(spec)}, task {spec.data.task}, "
-              f"{spec.train.max_steps} steps", markup=False)
+              f"optimizer {spec.method.optimizer}{_describe_zeroth_order(spec)}, task {spec.data.task}"
+              f"{_describe_prompt(spec)}, {spec.train.max_steps} steps", markup=False)
+
+
+def _describe_prompt(recipe) -> str:
+    """What `ftkit validate` says of how a causal LM reads the task: a chat prompt, the candidates' scoring."""
+    from ftkit.data.tasks import BUILTIN_TASKS, candidate_scoring
+    from ftkit.task_kinds import TASK_KINDS
+
+    d = recipe.data
+    spec = d.tasks[d.task] if d.task in d.tasks else BUILTIN_TASKS[d.task].spec
+    parts = ["chat prompt" + ("" if d.system is None else f" with system message {d.system!r}")] if d.chat else []
+    if TASK_KINDS[spec.kind].ranks_candidates:
+        parts.append(f"candidates scored by {candidate_scoring(d)}" + (" (auto)" if d.scoring == "auto" else ""))
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _describe_zeroth_order(recipe) -> str:

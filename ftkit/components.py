@@ -201,6 +201,8 @@ class TaskKind:
     encoders: bool = False
     # Whether its labels are named by words (`label_words`), which a recipe's `data.label_words` may replace.
     label_words: bool = False
+    # Whether its candidates compete (cross-entropy over their scores), so `data.scoring` says how each is scored.
+    ranks_candidates: bool = False
     validate: Callable[[Any, Fail], None] = no_checks
 
 

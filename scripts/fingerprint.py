@@ -134,8 +134,10 @@ def fingerprint(name: str, recipe_data: dict, work: Path) -> dict:
     summary = train(load_recipe(path))
     run_dir = work / name
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # "forwards" (zeroth-order forward passes so far) is a count, not arithmetic: added after the first fingerprints
-    figures = [{k: v for k, v in e.items() if k not in ("elapsed", "lr", "forwards")} for e in events]
+    # "forwards" (zeroth-order forward passes so far) is a count, not arithmetic: added after the first fingerprints;
+    # so were a causal LM's accuracies under each scoring (accuracy_mean, ...), read from the same scores as the rest
+    figures = [{k: v for k, v in e.items() if k not in ("elapsed", "lr", "forwards") and not k.startswith("accuracy_")}
+               for e in events]
     last = run_dir / "checkpoints" / "last"
     weights = load_file(str(last / "weights.safetensors"))
     digest = hashlib.sha256()

@@ -75,6 +75,10 @@ def zo(lr: float | None = None, freeze: list | None = None, **options) -> dict:
 
 
 NORMS, LORETTA = "quzo_int4_norms_chat", "quzo_int4_loretta_rep"
+# The race's SST-2 prompt, pinned: the chat recipes now render theirs through the tokenizer's chat template, which
+# adds SmolLM2's default system message; every cell of the race reads this one.
+SST2_CHAT_TEMPLATE = ("<|im_start|>user\nIs the sentiment of this movie review positive or negative?\n{sentence}"
+                      "<|im_end|>\n<|im_start|>assistant\n")
 CODES = {"freeze": [], "lr": 1e-6}  # every int4 weight (and the norms) at quzo_int4.yaml's rate
 SCALES = {"freeze": [], "lr": 1e-6, "low_bit": "scales", "clip_gradient": 100.0}  # starting points: tune on merge
 ONE_SIDED = {"estimator": "one_sided", "n_queries": 8}  # 8 signs + the unperturbed loss: 9 forwards
@@ -145,11 +149,11 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def task_data(task: str, runs: Path) -> dict:
-    """The task's data section: SST-2 in the chat prompt of quzo_int4_norms_chat.yaml; other tasks' own prompts."""
+    """The task's data section: SST-2 in the hand-written chat prompt the race started with (no system turn); other
+    tasks' own prompts."""
     data = {**SMOLLM2_TASKS[task]["data"], "data_seed": 0}
     if task == "sst2":
-        chat = yaml.safe_load((RECIPES / f"{NORMS}.yaml").read_text())["data"]
-        data.update(template=chat["template"], label_words=chat["label_words"])
+        data.update(template=SST2_CHAT_TEMPLATE, label_words={0: "negative", 1: "positive"})
     if SMOLLM2_TASKS[task].get("test_rows"):
         data["dev_file"] = str(smollm2_test_subset(task, runs))
     return data

@@ -59,7 +59,8 @@ def test_multiple_choice_prompts_and_candidate_scores_match_a_hand_computation(w
     batch = collate(features, tokenizer.pad_token_id)
     model.eval()
     with torch.no_grad():
-        scores = model(batch)
+        scores = model(batch)  # a recipe-defined task: the sum (docs/tasks.md); the mean is MeZO's
+        means = model.scores(batch)["mean"]
         logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert scores.shape == (3, 3) and torch.isinf(scores[0, 2]) and torch.isinf(scores[2, 2])
     logprobs = logits.log_softmax(-1)
@@ -68,14 +69,16 @@ def test_multiple_choice_prompts_and_candidate_scores_match_a_hand_computation(w
         for j in range(len(example.candidates)):
             ids, mask = batch["input_ids"][row], batch["option_mask"][row]
             positions = [t for t in range(1, len(ids)) if mask[t]]
-            expected = sum(logprobs[row, t - 1, ids[t]].item() for t in positions) / len(positions)
+            expected = sum(logprobs[row, t - 1, ids[t]].item() for t in positions)
             assert scores[i, j].item() == pytest.approx(expected, rel=1e-5)  # same network, another path
+            assert means[i, j].item() == pytest.approx(expected / len(positions), rel=1e-5)
             row += 1
     with torch.no_grad():  # the default layout: the candidates continue one pass over their shared prompt
         shared = encode(examples, tokenizer, "causal_lm", task, 32)
         torch.testing.assert_close(model(collate(shared, tokenizer.pad_token_id)), scores, rtol=0, atol=1e-5)
     metrics = evaluate(model, features, "multiple_choice", 8, tokenizer.pad_token_id, 0)
-    assert set(metrics) == {"accuracy", "loss", "n"} and metrics["n"] == 3
+    assert set(metrics) == {"accuracy", "loss", "n", "accuracy_mean", "accuracy_sum", "accuracy_per_char"}
+    assert metrics["n"] == 3 and metrics["accuracy"] == metrics["accuracy_sum"]
 
 
 def test_generation_trains_on_the_answer_and_decodes(write_recipe, tmp_path):

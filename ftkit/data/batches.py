@@ -9,6 +9,7 @@ import torch
 
 from ftkit.data.dataset import Example, TaskData
 from ftkit.devices import to_device
+from ftkit.errors import UserError
 from ftkit.task_kinds import TASK_KINDS
 
 
@@ -46,7 +47,9 @@ def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len, one_
     prompt (ftkit.models.prefix). `one_row_per_candidate` keeps the general layout (tests compare them)."""
     kind = TASK_KINDS[task.spec.kind]
     candidates_of = kind.candidates(task, tokenizer)
-    prompts = [tokenizer(prompt_text(task, example))["input_ids"] for example in examples]
+    # A rendered chat prompt carries its own special tokens (a BOS the template writes would come twice).
+    prompts = [tokenizer(prompt_text(task, example, tokenizer), add_special_tokens=not task.chat)["input_ids"]
+               for example in examples]
     candidates = [candidates_of(example) for example in examples]
     one_row = not one_row_per_candidate and all(len(c) == 1 for cs in candidates for c in cs)
     shared = not one_row_per_candidate and any(len(cs) > 1 for cs in candidates)
@@ -66,16 +69,32 @@ def _encode_for_causal_lm(examples, tokenizer, task: TaskData, max_seq_len, one_
                 rows.append(ids)
                 masks.append([0] * (len(ids) - len(candidate)) + [1] * len(candidate))
             feature = {"rows": rows, "option_masks": masks, "labels": example.label}
+        if kind.ranks_candidates:  # per-character scoring divides by these (ftkit.models.heads.SCORINGS)
+            feature["candidate_chars"] = [len(text) for text in example.candidates or task.label_words]
         if kind.extra_features is not None:
             feature.update(kind.extra_features(example, prompt_ids, task, tokenizer, max_seq_len))
         features.append(feature)
     return features
 
 
-def prompt_text(task: TaskData, example: Example) -> str:
-    """The prompt a causal LM reads; the label word, candidate or answer follows it (dataset.after_prompt)."""
+def prompt_text(task: TaskData, example: Example, tokenizer=None) -> str:
+    """The prompt a causal LM reads; the label word, candidate or answer follows it (dataset.after_prompt). With
+    data.chat, the filled-in template is the user turn of the tokenizer's chat template."""
     template = task.spec.template or " ".join("{" + c + "}" for c in task.spec.text_columns)
-    return template.format(**dict(zip(task.spec.text_columns, example.texts)))
+    text = template.format(**dict(zip(task.spec.text_columns, example.texts)))
+    return chat_prompt(tokenizer, text, task.system) if task.chat else text
+
+
+def chat_prompt(tokenizer, text: str, system: str | None) -> str:
+    """`text` as the user's turn, after `system` as the system message (None: none given, so the template decides),
+    with the assistant's turn opened."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", None) or "this model"
+        raise UserError(f"data.chat: the tokenizer of {name} has no chat template; write the chat turns in "
+                        f"data.template instead and remove data.chat")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def left_truncated(prompt_ids: list[int], reserved: int, max_seq_len: int, bos_id) -> list[int]:
@@ -88,7 +107,7 @@ def left_truncated(prompt_ids: list[int], reserved: int, max_seq_len: int, bos_i
 
 
 # Feature entries that the layouts above own; any other entry is a task kind's own (ftkit.task_kinds).
-LAYOUT_KEYS = frozenset({"rows", "option_masks", "next_tokens", "candidate_ids", "labels"})
+LAYOUT_KEYS = frozenset({"rows", "option_masks", "next_tokens", "candidate_ids", "candidate_chars", "labels"})
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
@@ -105,6 +124,11 @@ def collate(features: list[dict], pad_id: int) -> dict:
         else:
             batch["option_mask"] = _pad([m for f in features for m in f["option_masks"]], 0)
             batch["num_candidates"] = torch.tensor([len(f["rows"]) for f in features], dtype=torch.long)
+        if "candidate_chars" in features[0]:  # per-character scoring (ftkit.models.heads.SCORINGS)
+            if "next_tokens" in features[0]:  # [examples, candidates], padding 1 (its scores are -inf)
+                batch["candidate_chars"] = _pad([f["candidate_chars"] for f in features], 1)
+            else:  # one per candidate row, in the order of the rows' scores
+                batch["candidate_chars"] = torch.tensor([n for f in features for n in f["candidate_chars"]])
         for key in features[0].keys() - LAYOUT_KEYS:  # a kind's own, as lists
             batch[key] = [f[key] for f in features]
     else:

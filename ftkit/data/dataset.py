@@ -38,6 +38,8 @@ class TaskData:
     splits: dict[str, list[Example]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it was read from
     origins: dict[str, dict] = field(default_factory=dict)  # split as read, before sampling -> ftkit.data.provenance
+    chat: bool = False  # the prompt is the user turn of the tokenizer's chat template (data.chat)
+    system: str | None = None  # its system message (data.system); None: the template's own behaviour
 
     @property
     def label_words(self) -> list[str]:
@@ -69,7 +71,8 @@ def load_task_data(recipe: Recipe, splits: tuple[str, ...] = SPLITS, recorded: d
     each split to the file the run read; without it, the ordinary lookup applies."""
     name = recipe.data.task
     spec = task_spec(recipe)
-    data = TaskData(name=name, spec=spec, labels=list(spec.label_words))
+    data = TaskData(name=name, spec=spec, labels=list(spec.label_words), chat=recipe.data.chat,
+                    system=recipe.data.system)
     # With MeZO-style sampling, dev is drawn from train and the validation split becomes the test set, unless the
     # recipe names a test file of its own: that one is the test set, and the validation split is not read when dev
     # is drawn from train.
@@ -249,9 +252,10 @@ def _examples(rows: list[dict], spec: TaskSpec, labels: list[str], source: str, 
 
 def after_prompt(task, text: str) -> str:
     """A label word, candidate or answer as it follows the prompt: after one space, or directly where the template
-    ends a line (MeZO's templates: "...Yes or No?\n" is followed by "Yes", "...It was" by " great")."""
+    ends a line (MeZO's templates: "...Yes or No?\n" is followed by "Yes", "...It was" by " great") or where the
+    prompt is a chat turn (the assistant's reply starts right after its header)."""
     template = task.spec.template or ""
-    return text if template.endswith("\n") else " " + text
+    return text if getattr(task, "chat", False) or template.endswith("\n") else " " + text
 
 
 def texts_of(row: dict, spec: TaskSpec) -> tuple[str, ...]:

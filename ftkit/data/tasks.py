@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ftkit.recipe.schema import TaskSpec
+from ftkit.task_kinds import TASK_KINDS
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,20 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         hub_splits=HUB_SPLITS, prepare=Prepare(("passage", "question", "answers_spans"), _drop),
     ),
 }
+
+
+# How a causal LM scores a candidate when data.scoring is auto: built-in tasks keep MeZO's protocol (the mean
+# log-probability of the candidate's tokens); tasks defined in a recipe get the sum, which the evidence in docs/tasks.md
+# favours once label words differ in length.
+BUILTIN_SCORING, RECIPE_TASK_SCORING = "mean", "sum"
+
+
+def candidate_scoring(data) -> str:
+    """The scoring of a data section's task (`data.scoring`, with auto resolved). Tasks whose candidates do not
+    compete (generation: trained on the answer's mean log-probability) always use the mean."""
+    spec = data.tasks[data.task] if data.task in data.tasks else BUILTIN_TASKS[data.task].spec
+    if not TASK_KINDS[spec.kind].ranks_candidates:
+        return "mean"
+    if data.scoring != "auto":
+        return data.scoring
+    return RECIPE_TASK_SCORING if data.task in data.tasks else BUILTIN_SCORING

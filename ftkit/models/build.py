@@ -14,6 +14,7 @@ import torch.nn as nn
 from ftkit.adapters import ADAPTERS
 from ftkit.data.batches import collate, encode
 from ftkit.data.dataset import Example, TaskData
+from ftkit.data.tasks import candidate_scoring
 from ftkit.devices import CPU, model_device, to_device
 from ftkit.errors import RecipeError, UserError
 from ftkit.models.heads import CausalLMScorer, EncoderClassifier, init_prototype_head
@@ -26,8 +27,11 @@ from ftkit.recipe.schema import Recipe
 from ftkit.task_kinds import TASK_KINDS
 
 
-def wrap_backbone(backbone: nn.Module, kind: str, num_classes: int) -> nn.Module:
-    return EncoderClassifier(backbone, num_classes) if kind == "encoder" else CausalLMScorer(backbone, num_classes)
+def wrap_backbone(backbone: nn.Module, kind: str, num_classes: int, scoring: str = "mean") -> nn.Module:
+    """The task head over the backbone; a causal LM scores candidates by `scoring` (data.scoring, resolved)."""
+    if kind == "encoder":
+        return EncoderClassifier(backbone, num_classes)
+    return CausalLMScorer(backbone, num_classes, scoring)
 
 
 def finish_model(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -83,7 +87,7 @@ def assemble_model(recipe: Recipe, tokenizer, num_classes: int, finish: bool = T
     kind = model_kind(recipe.model, config)
     torch.manual_seed(recipe.train.seed)  # config-built weights and a random head depend on the seed only
     backbone = load_backbone(recipe.model, kind, vocab_size=len(tokenizer), quant=recipe.quant, device=device)
-    model = wrap_backbone(backbone, kind, num_classes)
+    model = wrap_backbone(backbone, kind, num_classes, candidate_scoring(recipe.data))
     return (finish_model(model, recipe) if finish else model), kind
 
 
@@ -106,7 +110,8 @@ def build_meta_model(recipe: Recipe, num_classes: int, vocab_size: int | None) -
     with torch.device("meta"):
         backbone = auto.from_config(config, dtype=DTYPES[recipe.model.dtype])
         skip = "encoder." if kind == "encoder" else "lm."
-        model = wrap_backbone(quantize_model(backbone, recipe.quant, skip_prefix=skip), kind, num_classes)
+        model = wrap_backbone(quantize_model(backbone, recipe.quant, skip_prefix=skip), kind, num_classes,
+                              candidate_scoring(recipe.data))
         return finish_model(model, recipe)
 
 

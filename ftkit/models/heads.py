@@ -4,9 +4,9 @@ scoring read (ftkit.task_kinds).
 - Encoders: masked mean pooling, then a linear head. The head starts from the label phrases' embeddings
   (class prototypes) so the model is far above chance before any step; zeroth-order training cannot recover
   from a random head.
-- Causal LMs: each candidate label is scored by the mean log-probability of its tokens after the prompt
-  (MeZO's protocol); the scores are the logits. Single-token candidates share one row per example; longer ones
-  share one pass over the prompt (ftkit.models.prefix).
+- Causal LMs: each candidate is scored from the log-probabilities of its tokens after the prompt, by their mean
+  (MeZO's protocol), sum or per-character sum (data.scoring); the scores are the logits. Single-token candidates
+  share one row per example; longer ones share one pass over the prompt (ftkit.models.prefix).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ftkit.models.prefix import candidate_logprobs
+from ftkit.models import prefix
 
 PROTOTYPE_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 
@@ -52,11 +52,29 @@ class EncoderClassifier(nn.Module):
         return self.head(pooled).float()
 
 
+# How a candidate's score comes from the log-probabilities of its tokens after the prompt (data.scoring): their
+# sum, their mean (MeZO's), or their sum over the candidate's length in characters (lm-evaluation-harness's acc_norm).
+# Each maps (sums, token counts, character counts) to scores.
+SCORINGS = {
+    "mean": lambda sums, tokens, chars: sums / tokens.clamp(min=1),
+    "sum": lambda sums, tokens, chars: sums,
+    "per_char": lambda sums, tokens, chars: sums / chars.clamp(min=1),
+}
+
+
+def aggregate(sums: torch.Tensor, tokens: torch.Tensor, chars: torch.Tensor | None, scoring: str) -> torch.Tensor:
+    """Candidates' scores under `scoring` from their summed token log-probabilities and token counts (any shape)."""
+    if chars is None:
+        chars = torch.ones_like(tokens)  # a batch without character counts (a head used on its own)
+    return SCORINGS[scoring](sums, tokens, chars.to(sums.device))
+
+
 class CausalLMScorer(nn.Module):
-    def __init__(self, lm: nn.Module, num_classes: int):
+    def __init__(self, lm: nn.Module, num_classes: int, scoring: str = "mean"):
         super().__init__()
         self.lm = lm
         self.num_classes = num_classes
+        self.scoring = scoring  # what forward returns, so what training optimises (data.scoring)
         self.max_new_tokens = 50  # generation tasks: the decoding budget at evaluation
 
     @property
@@ -64,11 +82,25 @@ class CausalLMScorer(nn.Module):
         return self.lm
 
     def forward(self, batch: dict) -> torch.Tensor:
+        """One score per candidate [examples, candidates] under the model's scoring."""
+        return self.scores(batch, (self.scoring,))[self.scoring]
+
+    def scores(self, batch: dict, scorings=tuple(SCORINGS)) -> dict[str, torch.Tensor]:
+        """The candidates' scores under each of `scorings`, from one forward pass."""
+        sums, tokens = self.candidate_logprobs(batch)
+        chars = batch.get("candidate_chars")
+        if "next_tokens" in batch:  # already [examples, candidates]
+            return {name: aggregate(sums, tokens, chars, name) for name in scorings}
+        return {name: by_example(aggregate(sums, tokens, chars, name), batch["num_candidates"]) for name in scorings}
+
+    def candidate_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability of each candidate's tokens after the prompt, their number): shaped [rows] for one
+        row per (example, candidate), [examples, candidates] for single-token candidates (`next_tokens`)."""
         if "next_tokens" in batch:
-            return self._score_next_tokens(batch)
+            logprobs = self._next_token_logprobs(batch)
+            return logprobs, torch.ones_like(batch["next_tokens"])
         if "candidate_ids" in batch:  # candidates continuing one pass over their shared prompt
-            sums, counts = candidate_logprobs(self.lm, batch)
-            return per_example(sums / counts.clamp(min=1), batch["num_candidates"])
+            return prefix.candidate_logprobs(self.lm, batch)
         # batch holds one row per (example, candidate); option_mask marks the candidate's tokens.
         hidden = self.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state[:, :-1]
@@ -81,13 +113,12 @@ class CausalLMScorer(nn.Module):
         # (an index_add_ of the positions into their rows would use atomic additions on a GPU).
         per_token = torch.zeros(scored.shape, device=logits.device, dtype=token_logprob.dtype)
         per_token[scored] = token_logprob
-        mean = per_token.sum(1) / scored.sum(1).clamp(min=1)
-        return per_example(mean, batch["num_candidates"])
+        return per_token.sum(1), scored.sum(1)
 
-    def _score_next_tokens(self, batch: dict) -> torch.Tensor:
-        """Single-token candidates: one row per example, the prompt alone (right-padded). A candidate's score, the
-        mean log-probability of its one token, is read at the prompt's last position, where every candidate's row
-        would have computed the same hidden state."""
+    def _next_token_logprobs(self, batch: dict) -> torch.Tensor:
+        """Single-token candidates: one row per example, the prompt alone (right-padded). A candidate's
+        log-probability is read at the prompt's last position, where every candidate's row would have computed the
+        same hidden state."""
         hidden = self.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         last = batch["attention_mask"].sum(1) - 1
         hidden = hidden.last_hidden_state[torch.arange(len(last), device=last.device), last]
@@ -97,17 +128,16 @@ class CausalLMScorer(nn.Module):
         return logprobs.gather(-1, tokens.clamp(min=0)).masked_fill(tokens < 0, float("-inf"))
 
 
-def per_example(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """One score per candidate row [rows] as [examples, candidates], `counts` (on the host, ftkit.devices.HOST_KEYS)
-    giving each example's number of rows in order."""
+def by_example(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-row values [rows] as [examples, candidates], `counts` candidates per example (on the host). Rows of
+    examples with fewer candidates are padded with -inf: never predicted, no probability mass."""
     if bool((counts == counts[0]).all()):
-        return scores.view(len(counts), int(counts[0]))
-    # Rows of examples with fewer candidates are padded with -inf: never predicted, no probability mass.
+        return values.view(len(counts), int(counts[0]))
     width = int(counts.max())
-    slots = (torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)).to(scores.device)
-    out = torch.full((len(counts), width), float("-inf"), device=scores.device)
-    out[slots] = scores
-    return out
+    slots = (torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)).to(values.device)
+    scores = torch.full((len(counts), width), float("-inf"), device=values.device)
+    scores[slots] = values
+    return scores
 
 
 @torch.no_grad()

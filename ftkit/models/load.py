@@ -19,16 +19,12 @@ from ftkit.devices import CPU
 from ftkit.errors import UserError, first_line
 from ftkit.models.packaged import PACKAGED
 from ftkit.quant import FORMATS
+from ftkit.recipe.architecture import ENCODER_TYPES
 from ftkit.recipe.schema import ModelSpec, QuantSpec
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-# Architectures read as sentence encoders (pooled embedding + head); everything else is a causal LM.
-ENCODER_TYPES = {
-    "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra", "mpnet", "albert",
-    "camembert", "modernbert",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

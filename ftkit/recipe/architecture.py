@@ -10,6 +10,11 @@ from pathlib import Path
 
 from ftkit.recipe.schema import ModelSpec
 
+# Architectures read as sentence encoders (pooled embedding + head); everything else is a causal LM.
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra", "mpnet", "albert",
+    "camembert", "modernbert",
+}
 # Config keys that bound the positions a model reads, by architecture family.
 POSITION_KEYS = ("max_position_embeddings", "n_positions")
 

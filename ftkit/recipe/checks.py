@@ -17,7 +17,7 @@ from ftkit.data.tasks import BUILTIN_TASKS
 from ftkit.errors import RecipeError
 from ftkit.optim import OPTIMIZERS
 from ftkit.quant import ENGINES, FORMATS
-from ftkit.recipe.architecture import known_architecture, positions
+from ftkit.recipe.architecture import ENCODER_TYPES, known_architecture, positions
 from ftkit.recipe.schema import Recipe, engine_sections, method_sections
 from ftkit.task_kinds import TASK_KINDS
 
@@ -157,6 +157,7 @@ def _check_data(recipe: Recipe, fail, where: str) -> None:
                 fail(f"{prefix}.template", f"uses {{{missing}}}, which is not in text_columns {task.text_columns}")
     if d.task in BUILTIN_TASKS or d.task in d.tasks:  # after the tasks' own checks: their kinds are known
         _check_prompt_overrides(d, fail)
+        _check_chat_and_scoring(recipe, fail)
     own = d.tasks.get(d.task)
     dev, test = (own.dev, own.test) if own else (d.dev_file, d.test_file)
     if d.n_dev is not None and dev and test:  # docs/tasks.md: a test file of the recipe's own under the protocol
@@ -181,6 +182,27 @@ def _check_prompt_overrides(d, fail) -> None:
             extra = sorted(set(d.label_words) - set(task.label_words))
             problem = f"lacks label {missing[0]!r}" if missing else f"has label {extra[0]!r}, which the task lacks"
             fail("data.label_words", f"{problem}: task {d.task} has the labels {sorted(task.label_words)}")
+
+
+def _check_chat_and_scoring(recipe: Recipe, fail) -> None:
+    """data.chat and data.scoring concern what a causal LM reads and scores; data.system needs data.chat."""
+    d = recipe.data
+    if d.system is not None and not d.chat:
+        fail("data.system", "is the system message of a chat prompt; set data.chat: true too (or remove it)")
+    if d.chat and _is_encoder(recipe.model):
+        fail("data.chat", f"renders the prompt through a causal LM's chat template; {recipe.model.name} is an "
+             f"encoder (set model.name to a causal LM, or remove data.chat)")
+    task = d.tasks[d.task] if d.task in d.tasks else BUILTIN_TASKS[d.task].spec
+    if d.scoring != "auto" and not TASK_KINDS[task.kind].ranks_candidates:
+        fail("data.scoring", f"task {d.task} is {task.kind}: it is trained on its answer's mean log-probability, "
+             f"with no candidates to rank; remove data.scoring")
+
+
+def _is_encoder(model) -> bool:
+    if model.kind != "auto":
+        return model.kind == "encoder"
+    architecture = known_architecture(model)
+    return architecture is not None and architecture.get("model_type") in ENCODER_TYPES
 
 
 def _unknown_fields(template: str, columns: list[str]) -> str | None:

@@ -180,6 +180,17 @@ class DataSpec:
                                                               "(label value -> word), replacing the task's.")
     tasks: dict[str, TaskSpec] = option(factory=dict, help="Tasks defined in the recipe, by name; `task` may name "
                                                            "one of them.")
+    chat: bool = option(False, help="Causal LMs: the prompt (the template filled in) becomes the user turn of the "
+                                    "tokenizer's chat template, rendered with the assistant's turn opened; the label "
+                                    "word, candidate or answer follows it directly (docs/tasks.md).")
+    system: Optional[str] = option(None, help="With `chat`: the system message. Unset: what the chat template does "
+                                              "without one (SmolLM2-Instruct's inserts its own default system "
+                                              "message); \"\": an empty system message.")
+    scoring: Literal["auto", "mean", "sum", "per_char"] = option(
+        "auto", help="How a causal LM scores a candidate from its tokens' log-probabilities after the prompt: mean "
+                     "(MeZO's), sum (lm-evaluation-harness's acc), per_char (the sum over the candidate's length in "
+                     "characters: the harness's acc_norm). auto: mean for built-in tasks, sum for recipe-defined "
+                     "ones (docs/tasks.md). Evaluation reports the accuracy under each.")
     n_train: Optional[int] = option(None, help="MeZO's protocol: draw n_train / n_dev examples from the train split "
                                                "with data_seed, and evaluate on the validation split (as `test`). "
                                                "Unset: train on all of train, dev = validation.")

@@ -27,13 +27,14 @@ def _check_generation(spec, fail) -> None:
 
 
 def _kind(name: str, summary: str, metrics: tuple, columns, validate, loss: str, score: str, combine: str,
-          extra_features: str | None = None, encoders: bool = False, label_words: bool = False) -> TaskKind:
+          extra_features: str | None = None, encoders: bool = False, label_words: bool = False,
+          ranks_candidates: bool = False) -> TaskKind:
     module = f"ftkit.task_kinds.{name}"
     return TaskKind(name, summary, metrics, columns=columns, validate=validate,
                     make_example=Hook(f"{module}:make_example"), candidates=Hook(f"{module}:candidates"),
                     loss=Hook(loss), score=Hook(score), combine=Hook(combine),
                     extra_features=Hook(extra_features) if extra_features else None, encoders=encoders,
-                    label_words=label_words)
+                    label_words=label_words, ranks_candidates=ranks_candidates)
 
 
 CANDIDATES = "ftkit.task_kinds.scoring"
@@ -41,11 +42,11 @@ TASK_KINDS: Registry = Registry("kind", [
     _kind("classification", "a label per row, named by a word that causal LMs score after the prompt",
           ("accuracy", "macro_f1"), lambda spec: [spec.label_column], _check_classification,
           loss=f"{CANDIDATES}:candidates_loss", score=f"{CANDIDATES}:score_candidates",
-          combine="ftkit.task_kinds.classification:combine", encoders=True, label_words=True),
+          combine="ftkit.task_kinds.classification:combine", encoders=True, label_words=True, ranks_candidates=True),
     _kind("multiple_choice", "each row brings its candidates; the index of the correct one is its label",
           ("accuracy",), lambda spec: [spec.candidates_column, spec.label_column], _check_multiple_choice,
           loss=f"{CANDIDATES}:candidates_loss", score=f"{CANDIDATES}:score_candidates",
-          combine=f"{CANDIDATES}:combine_candidates"),
+          combine=f"{CANDIDATES}:combine_candidates", ranks_candidates=True),
     _kind("generation", "a reference answer per row: trained on its tokens, evaluated by greedy decoding",
           ("exact_match", "f1"), lambda spec: [spec.answer_column], _check_generation,
           loss="ftkit.task_kinds.generation:answer_loss", score="ftkit.task_kinds.generation:score",
