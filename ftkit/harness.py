@@ -5,7 +5,9 @@ one line says how to install it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -57,8 +59,9 @@ def evaluate_harness(target: Path, tasks: str, include_path: Path | None = None,
 
         lm = FtkitLM(model, tokenizer, batch_size or recipe.train.eval_batch_size)
         try:
-            output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                             log_samples=log_samples)
+            with quiet():
+                output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                                 log_samples=log_samples)
         except FileNotFoundError as error:  # a task's data files: relative ones are read from the working directory
             raise UserError(f"--harness {tasks}: {error} (a task's relative data_files are read from the working "
                             f"directory, {Path.cwd()})") from None
@@ -69,6 +72,24 @@ def evaluate_harness(target: Path, tasks: str, include_path: Path | None = None,
     if target.is_dir():
         output["saved"] = _save(target, names, output, limit, warn)
     return output
+
+
+@contextlib.contextmanager
+def quiet():
+    """lm-eval without its notes that do not concern the run: its warnings below errors (a custom dataset's hint
+    about --metadata), and no `git describe` of the working directory (which prints "fatal: not a git repository"
+    outside one; the saved record names the checkpoint instead)."""
+    import lm_eval.evaluator as evaluator
+
+    logger = logging.getLogger("lm_eval")
+    level, git_hash = logger.level, evaluator.get_git_commit_hash
+    logger.setLevel(logging.ERROR)
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        evaluator.get_git_commit_hash = git_hash
 
 
 def _target(target: Path, checkpoint: Path | None, overrides: list[str], warn):

@@ -1,10 +1,11 @@
 """`ftkit eval --harness`: lm-evaluation-harness on a run's model as trained (int4 layers and a LoRETTA adapter here),
 checked against `ftkit eval` and against log-likelihoods and greedy decodes computed by hand. Importing lm_eval
-takes a few seconds: two tests import it."""
+takes a few seconds: three tests import it."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -159,3 +160,24 @@ def test_harness_refuses_an_encoder_and_names_the_missing_extra(write_recipe, tm
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed
     with pytest.raises(UserError, match=r"lm-evaluation-harness, an optional extra: pip install 'ftkit\[eval\]'"):
         evaluate_harness(reviews_recipe(tmp_path), "reviews_ftkit", device="cpu")
+
+
+def test_the_harness_runs_without_notes_that_do_not_concern_the_run(caplog, tmp_path, monkeypatch):
+    """lm-eval's warnings (a custom dataset's --metadata hint) and its `git describe` of the working directory
+    ("fatal: not a git repository" outside one) are kept out of an evaluation, and put back after it."""
+    pytest.importorskip("lm_eval")
+    import lm_eval.evaluator as evaluator
+
+    from ftkit.harness import quiet
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    calls = []
+    monkeypatch.setattr(evaluator, "get_git_commit_hash", lambda: calls.append(1) or "abc")
+    with caplog.at_level(logging.WARNING):
+        with quiet():
+            logging.getLogger("lm_eval.api.task").warning("reviews: Custom kwargs can be passed to `--metadata`")
+            assert evaluator.get_git_commit_hash() is None and not calls
+        assert not [r for r in caplog.records if r.name.startswith("lm_eval")]
+        logging.getLogger("lm_eval.api.task").warning("after the evaluation")
+    assert [r.getMessage() for r in caplog.records] == ["after the evaluation"]
+    assert evaluator.get_git_commit_hash() == "abc"
