@@ -1,9 +1,10 @@
 """Several processes (torchrun, gloo): a run on 2 processes computes what one process computes with the same global
 batch, bit for bit; sharded evaluation gives the single-process figures; a 2-process run resumes on 1.
 
-Each 2-process run is a real `torchrun --standalone --nproc_per_node 2` of `ftkit train` (or `ftkit train --nproc 2`)
-in a subprocess; the runs registered with `run` share one launch (tests/two_processes.py). Its single-process
-reference runs in this process with the same thread count (1), so both compute the same chunks with the same kernels.
+Each 2-process run is a real `torchrun --standalone --nproc_per_node 2` of `ftkit train` in a subprocess (the
+SIGTERM test's `ftkit train --nproc 2`); the runs registered with `run` share one launch (tests/two_processes.py).
+Its single-process reference runs in this process with the same thread count (1), so both compute the same chunks
+with the same kernels.
 """
 
 from __future__ import annotations
@@ -102,25 +103,24 @@ def test_query_parallel_gives_each_process_half_the_queries_and_the_same_update(
     assert records_one == records_two and all(len(r["gradients"]) == 4 for r in records_two)
 
 
-def test_ddp_first_order_matches_one_process_with_gradient_accumulation(tmp_path):
-    # Global batch 16 in chunks of 4: each process accumulates 2 chunks before DDP averages; dropout is on (tiny
-    # BERT's 0.1) and seeded per chunk, so the chunks see the same masks on either side.
-    sections = {"method": {"optimizer": "adamw"}, "train": {"batch_size": 16, "lr": 1e-3}}
-    one = recipe_file(tmp_path, "one", **sections)
-    two = recipe_file(tmp_path, "two", **sections)
-    train(load_recipe(one))
-    subprocess.run([sys.executable, "-m", "ftkit", "train", str(two), "--nproc", "2"], cwd=REPO, check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=600)
-    assert processes(tmp_path / "two") == 2 and processes(tmp_path / "one") == 1
-    expected, found = final(tmp_path / "one"), final(tmp_path / "two")
+# Global batch 16 in chunks of 4: each process accumulates 2 chunks before DDP averages; dropout is on (tiny BERT's
+# 0.1) and seeded per chunk, so the chunks see the same masks on either side.
+DDP = run("ddp", method={"optimizer": "adamw"}, train={"batch_size": 16, "lr": 1e-3})
+
+
+def test_ddp_first_order_matches_one_process_with_gradient_accumulation(two_process_runs, tmp_path):
+    train(load_recipe(recipe_file(tmp_path, "one", **sections_of(DDP))))
+    one, two = tmp_path / "one", two_process_runs[DDP][0]
+    assert processes(two) == 2 and processes(one) == 1
+    expected, found = final(one), final(two)
     assert expected.keys() == found.keys() and len(expected) > 30
     # DDP sums the processes' gradients in its own order, so equality is up to float rounding in general (with two
     # processes it happens to be exact: a + b == b + a). AdamW over 20 steps keeps the difference at rounding level.
     for name in expected:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     losses = lambda d: [e["loss"] for e in events(d, "train")]  # noqa: E731
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
-    assert events(tmp_path / "two", "dev")[-1]["accuracy"] == events(tmp_path / "one", "dev")[-1]["accuracy"]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    assert events(two, "dev")[-1]["accuracy"] == events(one, "dev")[-1]["accuracy"]
 
 
 QA = {"kind": "generation", "train": str(FIXTURES / "qa.jsonl"), "dev": str(FIXTURES / "qa.jsonl"),
