@@ -420,25 +420,26 @@ def _write_run_recipe(check: Check, path: Path, steps: int) -> Path:
 
 
 def processes(check: Check) -> dict:
-    """The same QuZO run in one process and in two processes sharing the GPU (gloo): the same bits."""
+    """The same QuZO run in one process (this one, as the determinism section's runs) and in two processes sharing
+    the GPU (gloo): the same bits."""
     from safetensors.torch import load_file
 
+    from ftkit.recipe import load_recipe
     from ftkit.training import checkpoint as ckpt
+    from ftkit.training.loop import train
 
     work = check.out / "processes"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     recipe = _write_run_recipe(check, work / "quzo_int4.yaml", steps=check.shapes["run_steps"])
     pinned = f"train.device={check.device.type}:0" if check.device.type == "cuda" else "train.device=cpu"
-    common = [str(recipe), pinned, "train.threads=1", "train.micro_batch_size=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "ftkit", "train", *common, f"train.output_dir={work / 'one'}"],
-                         capture_output=True, text=True, env=env)
+    common = [pinned, "train.threads=1", "train.micro_batch_size=4"]
+    train(load_recipe(recipe, [*common, f"train.output_dir={work / 'one'}"]))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ftkit", "train", *common, f"train.output_dir={work / 'two'}"],
-                         capture_output=True, text=True, env=env)
-    if one.returncode or two.returncode:
-        return {"error": f"exit {one.returncode} / {two.returncode}: {(one.stderr or two.stderr)[-1500:]}"}
+                          "-m", "ftkit", "train", str(recipe), *common, f"train.output_dir={work / 'two'}"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if two.returncode:
+        return {"error": f"exit {two.returncode}: {two.stderr[-1500:]}"}
     a = load_file(str(ckpt.resolve(work / "one" / "checkpoints") / ckpt.WEIGHTS))
     b = load_file(str(ckpt.resolve(work / "two" / "checkpoints") / ckpt.WEIGHTS))
     return {"two_equal_one": a.keys() == b.keys() and all(check.torch.equal(a[k], b[k]) for k in a)}

@@ -83,3 +83,11 @@ def tt_terms(layer) -> int:
     """An upper bound on the products summed into one output of a TT layer applied to an input, whichever way it
     is computed: the input's length plus every inner dimension of the chain of core products."""
     return layer.in_features + sum(n * r for n, r in zip(layer.shape, layer.ranks[1:])) + 1
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(request, tmp_path_factory):
+    """The two-process runs the selected tests' modules registered (tests/two_processes.py), in one torchrun launch."""
+    from two_processes import launch
+
+    return launch({item.module.__name__ for item in request.session.items}, tmp_path_factory.mktemp("two"))

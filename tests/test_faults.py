@@ -475,10 +475,11 @@ def test_the_command_an_interrupted_run_prints_continues_it_exactly(tmp_path, da
     command = hint.partition("continue with: ")[2]
     assert command == f"ftkit train {run_dir} --resume"
     words = shlex.split(command)
-    resumed = subprocess.run([*ftkit, *words[1:]], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    reference = load_recipe(tiny(tmp_path, data_files, "reference"), overrides)
-    train(reference)
+    resumed = subprocess.Popen([*ftkit, *words[1:]], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    train(load_recipe(tiny(tmp_path, data_files, "reference"), overrides))  # meanwhile, the uninterrupted run
+    resumed_output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, resumed_output
     assert same_bits(weights_at(run_dir, 60), weights_at(tmp_path / "reference", 60))
     assert events(run_dir, "train") == events(tmp_path / "reference", "train")
 

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+import two_processes
 from conftest import assert_sums_close, tiny_recipe
 from test_library import assert_same_bits, cli_recipe, cli_weights, setup, zo_options, zo_trainer
 from test_zo import least_squares, same_bits, weights, zo_recipe
@@ -258,13 +259,15 @@ def test_low_rank_runs_through_the_optimizer_and_the_trainer_with_the_loops_bits
     assert_same_bits(expected, model)
 
 
-def test_low_rank_on_two_processes_is_bit_identical_to_one(write_recipe, tmp_path):
-    from test_distributed import final, recipe_file, torchrun
+TWO_PROCESSES = two_processes.run("low rank", method={"optimizer": "quzo", "zo": LOWRANK}, quant={"format": "int4"},
+                                  train={"max_steps": 4})
 
-    sections = dict(method={"optimizer": "quzo", "zo": LOWRANK}, quant={"format": "int4"}, train={"max_steps": 4})
-    train(load_recipe(recipe_file(write_recipe, tmp_path, "one", **sections)))
-    torchrun("train", recipe_file(write_recipe, tmp_path, "two", **sections))
-    assert same_bits(final(tmp_path / "one"), final(tmp_path / "two"))
+
+def test_low_rank_on_two_processes_is_bit_identical_to_one(two_process_runs, tmp_path):
+    from test_distributed import final, recipe_file
+
+    train(load_recipe(recipe_file(tmp_path, "one", **two_processes.sections_of(TWO_PROCESSES))))
+    assert same_bits(final(tmp_path / "one"), final(two_process_runs[TWO_PROCESSES][0]))
 
 
 @pytest.mark.parametrize("zo, message", [

@@ -10,6 +10,7 @@ import statistics
 import pytest
 import torch
 import torch.nn as nn
+import two_processes
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 from test_distributed import one_and_two_processes
@@ -198,14 +199,17 @@ def test_library_refusals():
         MeZO(params, momentum=1.0)
 
 
+PARALLEL = {parallel: two_processes.run(f"one_sided {parallel}", method={"optimizer": "mezo", "zo": {
+    "estimator": "one_sided", "n_queries": 2, "parallel": parallel, "momentum": 0.5 if parallel == "data" else 0}},
+    train={"max_steps": 4, "eval_every": 0, "save_every": 2}) for parallel in ("data", "queries")}
+
+
 @pytest.mark.parametrize("parallel", ["data", "queries"])
-def test_two_processes_compute_what_one_computes(write_recipe, tmp_path, parallel):
-    zo = {"estimator": "one_sided", "n_queries": 2, "parallel": parallel, "momentum": 0.5 if parallel == "data" else 0}
-    sections = {"method": {"optimizer": "mezo", "zo": zo}, "train": {"max_steps": 4, "eval_every": 0, "save_every": 2}}
-    one_and_two_processes(write_recipe, tmp_path, **sections)
+def test_two_processes_compute_what_one_computes(two_process_runs, tmp_path, parallel):
+    two = one_and_two_processes(two_process_runs, tmp_path, PARALLEL[parallel])
     train_events = lambda d: [(e["loss"], e["forwards"]) for e in read_events(d / "metrics.jsonl")  # noqa: E731
                               if e["split"] == "train"]
-    assert train_events(tmp_path / "one") == train_events(tmp_path / "two")
+    assert train_events(tmp_path / "one") == train_events(two)
 
 
 @pytest.mark.parametrize("method, quant, expected", [

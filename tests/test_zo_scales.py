@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import two_processes
 from conftest import REPO, tiny_recipe
 from test_distributed import one_and_two_processes
 from test_library import OPTIMIZERS, assert_same_bits, cli_recipe, cli_weights, setup, zo_options, zo_trainer
@@ -235,11 +236,13 @@ def test_mezo_trains_scales_of_a_quantized_model_but_not_its_codes(write_recipe)
         load_recipe(write_recipe(tiny_recipe(method={"optimizer": "mezo"}, quant={"format": "int4"})))
 
 
-def test_scales_on_two_processes_are_bit_identical_to_one(write_recipe, tmp_path):
-    sections = dict(method={"optimizer": "quzo", "zo": {"low_bit": "scales", "clip_gradient": 2.0}},
-                    quant={"format": "int4", "group_size": 16}, train={"max_steps": 4, "eval_every": 0,
-                                                                       "save_every": 4})
-    one_and_two_processes(write_recipe, tmp_path, **sections)
+SCALES = two_processes.run("scales", method={"optimizer": "quzo", "zo": {"low_bit": "scales", "clip_gradient": 2.0}},
+                           quant={"format": "int4", "group_size": 16},
+                           train={"max_steps": 4, "eval_every": 0, "save_every": 4})
+
+
+def test_scales_on_two_processes_are_bit_identical_to_one(two_process_runs, tmp_path):
+    one_and_two_processes(two_process_runs, tmp_path, SCALES)
 
 
 def test_validate_shows_the_trainable_set_and_the_clipping():
