@@ -78,6 +78,8 @@ class Format:
     codec: Any = None
     # Matmul kernels that read this format's stored codes directly (besides dequantize-then-matmul).
     kernels: tuple[str, ...] = ()
+    # A group size the format fixes (GGUF's blocks of 32; its codec's `block`): quant.group_size is this or unset.
+    block: int = 0
 
     @property
     def low_bit(self) -> bool:

@@ -46,7 +46,7 @@ def bounds(layer, u: torch.Tensor, v: torch.Tensor, coef: float) -> torch.Tensor
     out = size[:, :1] * top[:, 0]
     for a in range(1, u.shape[1]):
         out.add_(size[:, a:a + 1] * top[:, a])
-    return out.mul_(abs(coef)).div_(layer.scales.to(torch.float64))
+    return out.mul_(abs(coef)).div_(layer.scales.to(torch.float64).abs())  # Q4_0's scales may be negative
 
 
 @torch.no_grad()

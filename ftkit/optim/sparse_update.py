@@ -58,7 +58,7 @@ def smallest_scale(layer) -> float:
     key = (layer.scales._version, layer.scales.data_ptr())
     cached = getattr(layer, "_smallest_scale", None)
     if cached is None or cached[0] != key:
-        cached = (key, layer.scales.to(torch.float64).min().item())
+        cached = (key, layer.scales.to(torch.float64).abs().min().item())  # Q4_0's may be negative
         layer._smallest_scale = cached
     return cached[1]
 
@@ -82,8 +82,8 @@ def moves(layers: list, step_seed: int, query_seed: int, coef: float,
     """For each (layer, tensor index): (flat positions row * K + column, steps of +-1) of the codes it moves."""
     device = layers[0][0].codes.device
     sizes = [layer.group_size or layer.in_features for layer, _ in layers]
-    chance = torch.cat([layer.scales.to(torch.float64).reshape(-1) for layer, _ in layers]).reciprocal_().mul_(
-        abs(coef))  # p_g of every group of every layer, layer after layer, rows in order
+    chance = torch.cat([layer.scales.to(torch.float64).reshape(-1) for layer, _ in layers]).abs_().reciprocal_().mul_(
+        abs(coef))  # p_g of every group of every layer, layer after layer, rows in order (Q4_0's scales may be < 0)
     groups_of = [layer.scales.numel() for layer, _ in layers]
     size = _per_group(sizes, groups_of, device)
     u = torch.cat(stream_words([(g, derive(step_seed, i, UPDATE)) for g, (_, i) in zip(groups_of, layers)], device))
@@ -95,11 +95,18 @@ def moves(layers: list, step_seed: int, query_seed: int, coef: float,
     words = _sign_words(numels, [derive(query_seed, i, U) for _, i in layers], device, words)
     direction = 1 if coef > 0 else -1
     result = []
-    for groups, layer_counts, layer_places, layer_words, group_size in zip(moving, counts.split(groups_of), places,
-                                                                           words, sizes):
-        positions = groups.repeat_interleave(layer_counts[groups]) * group_size + layer_places
-        result.append((positions, sign_at(layer_words, positions).mul_(direction)))
+    for (layer, _), groups, layer_counts, layer_places, layer_words, group_size in zip(
+            layers, moving, counts.split(groups_of), places, words, sizes):
+        moved = groups.repeat_interleave(layer_counts[groups])
+        positions = moved * group_size + layer_places
+        steps = sign_at(layer_words, positions).mul_(direction)
+        result.append((positions, _against_negative_scales(steps, layer, moved)))
     return result
+
+
+def _against_negative_scales(steps: torch.Tensor, layer, groups: torch.Tensor) -> torch.Tensor:
+    """A step in weight space is the opposite step in codes where the group's scale is negative (Q4_0)."""
+    return torch.where(layer.scales.reshape(-1)[groups] < 0, -steps, steps)
 
 
 def _per_group(sizes: list[int], groups_of: list[int], device) -> int | torch.Tensor:

@@ -22,6 +22,12 @@ FORMATS: Registry = Registry("quant.format", [
            kernels=("scaled_mm",)),
     Format("fp8_e5m2", "float8 with 5 exponent and 2 mantissa bits", codec=Hook("ftkit.quant.codecs:FP8_E5M2"),
            kernels=("scaled_mm",)),
+    Format("q4_0", "GGUF Q4_0: blocks of 32 codes 0..15 minus 8 and a float16 scale (4.5 bits a weight)",
+           codec=Hook("ftkit.quant.gguf_blocks:Q4_0"), kernels=("int4pack",), block=32),
+    Format("q4_1", "GGUF Q4_1: blocks of 32 codes 0..15, a float16 scale and minimum (5 bits a weight)",
+           codec=Hook("ftkit.quant.gguf_blocks:Q4_1"), kernels=("int4pack",), block=32),
+    Format("q8_0", "GGUF Q8_0: blocks of 32 int8 codes and a float16 scale (8.5 bits a weight)",
+           codec=Hook("ftkit.quant.gguf_blocks:Q8_0"), block=32),
 ])
 
 

@@ -27,6 +27,7 @@ their own noise (the zeroth-order update, ftkit.optim.zo_streams) pass it as `no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -37,12 +38,23 @@ from ftkit.quant.scales import compute_scales, group_view
 @dataclass(frozen=True)
 class IntCodec:
     """Signed integers qmin..qmax; the scale maps a group's absolute maximum to qmax (symmetric). Codes are stored
-    one per int8 byte, or `packed` two per byte (bits <= 4) in the layout of ftkit.quant.packing."""
+    one per int8 byte, or `packed` two per byte (bits <= 4) in the layout of ftkit.quant.packing.
+
+    A format with a quantizer of its own (GGUF's blocks, ftkit.quant.gguf_blocks) sets `encoder`, and may fix the
+    group size (`block`) and the scales' dtype; `signed=False` is the grid 0..2^bits - 1 with a per-group minimum
+    (w = minimum + code * scale)."""
 
     name: str
     bits: int
     packed: bool = False
-    params = ("scales",)
+    signed: bool = True
+    block: int = 0  # the format's own group size (0: quant.group_size)
+    scale_dtype: Optional[torch.dtype] = None  # the format's own scale dtype (None: quant.scale_dtype)
+    encoder: Optional[Callable] = None  # encoder(codec, weight, group_size, rounding, generator) -> as `encode`
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return ("scales",) if self.signed else ("scales", "minimums")
 
     def __post_init__(self):
         if self.packed and self.bits > 4:
@@ -50,11 +62,11 @@ class IntCodec:
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return -(2 ** (self.bits - 1)) if self.signed else 0
 
     @property
     def max_value(self) -> float:
@@ -72,10 +84,12 @@ class IntCodec:
         return torch.ones_like(x)
 
     def encode(self, weight, group_size, method="absmax", dtype=torch.bfloat16, rounding="nearest", generator=None):
+        if self.encoder is not None:
+            return self.encoder(self, weight, self.block or group_size, rounding, generator)
         return encode_symmetric(self, weight, group_size, method, dtype, rounding, generator)
 
     def decode(self, x, params, group_size, into=None):
-        return scale_groups(x, params, group_size, into)
+        return scale_groups(x, params, self.block or group_size, into)
 
     def empty(self, rows: int, cols: int, device=None) -> torch.Tensor:
         if self.packed:
@@ -85,7 +99,7 @@ class IntCodec:
         return torch.zeros(rows, cols, dtype=torch.int8, device=device)
 
     def pack(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self.packed:  # nibbles hold code - qmin: int4's -8..7 as 0..15
+        if self.packed:  # nibbles hold code - qmin: int4's -8..7 as 0..15, unsigned codes as they are
             pack_nibbles(x, -self.qmin, out=out)
         else:
             out.copy_(x.to(torch.int8))

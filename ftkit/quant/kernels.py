@@ -13,8 +13,8 @@ the stored codes, or a layout derived from them:
 | `scaled_mm` | CUDA     | float8 codes, per channel | activations to e4m3 per row       | none                      |
 
 Which formats have which kernel is declared once, by each format (`Format.kernels` in ftkit.quant.FORMATS); a layer
-takes only kernels its format declares, and only with a codec of codes and scales alone (a grid with minimums
-computes by dequantize).
+takes only kernels its format declares, and only with a codec of codes and scales alone, except int4pack, whose
+zero points take a grid's minimums (GGUF's Q4_1).
 
 `auto` (quant.kernel) picks per device from what scripts/bench_quant.py measured (BENCHMARKS.md): on the CPU,
 int4pack below SMALL_BATCH_ROWS rows and int8pack for bf16 activations; on a GPU, int4pack for up to
@@ -88,7 +88,7 @@ def usable(kernel: str, layer, x: torch.Tensor) -> bool:
         return True
     if kernel not in layer.format_kernels or (kernel, x.device.type, layer.fmt) in _UNUSABLE:
         return False
-    if tuple(layer.codec.params) != ("scales",):  # every kernel here reads codes and scales, nothing else
+    if tuple(layer.codec.params) != ("scales",) and not KERNELS[kernel].zeros:  # it reads codes and scales only
         return False
     return KERNELS[kernel].runs(layer, x, x.device.type, layer.scales.shape[1] == 1)
 
@@ -177,18 +177,27 @@ def int4_group(layer) -> int | None:
 
 def int4_scales_and_zeros(layer, group: int) -> torch.Tensor:
     """The int4 kernels' [groups, padded N, 2] bf16 table of scales and zero points; a weight is
-    (nibble - 8) * scale + zero, and ftkit's codes are symmetric, so every zero point is 0."""
+    (nibble - 8) * scale + zero. A symmetric grid (nibble = code + 8) has zero points 0; an unsigned one with
+    minimums (nibble = code, w = code * scale + minimum) has minimum + 8 * scale, summed in float32."""
 
     def build():
-        scales = layer.scales.to(torch.bfloat16)
+        if "minimums" in layer.codec.params:
+            return table(layer.scales.float(), layer.minimums.float() + (8 + layer.codec.qmin) * layer.scales.float())
+        return table(layer.scales, None)
+
+    def table(scales, zeros):
+        scales = scales.to(torch.bfloat16)
+        zeros = torch.zeros_like(scales) if zeros is None else zeros.to(torch.bfloat16)
         if layer.group_size == 0:
-            scales = scales.expand(-1, layer.in_features // group)
+            scales, zeros = scales.expand(-1, layer.in_features // group), zeros.expand(-1, layer.in_features // group)
         rows = layer.codes.shape[0]
         if rows != layer.out_features:  # padded rows get scale 0
-            scales = torch.cat([scales, scales.new_zeros(rows - layer.out_features, scales.shape[1])])
-        return torch.stack([scales, torch.zeros_like(scales)], dim=2).transpose(0, 1).contiguous()
+            pad = scales.new_zeros(rows - layer.out_features, scales.shape[1])
+            scales, zeros = torch.cat([scales, pad]), torch.cat([zeros, pad])
+        return torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous()
 
-    return _derived(layer, f"int4_table_{group}", (layer.scales,), build)
+    sources = tuple(getattr(layer, name) for name in layer.codec.params)
+    return _derived(layer, f"int4_table_{group}", sources, build)
 
 
 def int4pack_matmul(layer, x: torch.Tensor) -> torch.Tensor:
@@ -236,6 +245,7 @@ def scaled_mm_matmul(layer, x: torch.Tensor) -> torch.Tensor:
 class Kernel(NamedTuple):
     matmul: Callable  # (layer, x) -> the layer's output
     runs: Callable  # (layer, x, device type, per-channel scales) -> whether it computes this layer for this input
+    zeros: bool = False  # whether it takes per-group zero points (a grid's minimums) besides the scales
 
 
 # Every kernel, once: its matmul and where it runs (which formats have it: their `Format.kernels`).
@@ -243,6 +253,6 @@ KERNELS = {
     "dequantize": Kernel(dequantize_matmul, lambda *_: True),
     "int8pack": Kernel(int8pack_matmul, _int8pack_runs),
     "int_mm": Kernel(int_mm_matmul, _int_mm_runs),
-    "int4pack": Kernel(int4pack_matmul, _int4pack_runs),
+    "int4pack": Kernel(int4pack_matmul, _int4pack_runs, zeros=True),
     "scaled_mm": Kernel(scaled_mm_matmul, _scaled_mm_runs),
 }

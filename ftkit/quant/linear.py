@@ -45,6 +45,10 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.codec = FORMATS[fmt].grid()
         codes = self.codec.empty(out_features, in_features, device=device)
+        block = getattr(self.codec, "block", 0)  # a format with blocks of its own (GGUF) fixes the groups
+        if block and group_size not in (0, block):
+            raise ValueError(f"{fmt} stores blocks of {block} weights; quant.group_size must be {block} or unset")
+        group_size, scale_dtype = block or group_size, getattr(self.codec, "scale_dtype", None) or scale_dtype
         if group_size and in_features % group_size:
             raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
         if ROW_ALIGN % self.codec.row_block:
@@ -75,6 +79,7 @@ class QuantLinear(nn.Module):
                     generator: torch.Generator | None = None) -> "QuantLinear":
         layer = cls(linear.in_features, linear.out_features, fmt, group_size, linear.bias is not None, scale_dtype,
                     kernel, device=linear.weight.device)
+        group_size, scale_dtype = layer.group_size, layer.scales.dtype
         with torch.no_grad():
             weight = linear.weight.detach().to(torch.float32)
             grid_values, params = layer.codec.encode(weight, group_size, scale_method, scale_dtype, rounding,

@@ -39,6 +39,7 @@ def run_checks(recipe: Recipe, where: str) -> None:
     for component in (chosen.engine, chosen.optimizer, chosen.adapter):
         component.validate(recipe, chosen, fail)
     _check_kernel(q.kernel, chosen.format, fail)
+    _check_blocks(q, chosen.format, fail)
     if q.group_size and q.group_size % 2:
         fail("quant.group_size", f"must be even (0 for one scale per output channel), got {q.group_size}")
     _check_patterns(fail, "quant.skip", q.skip)
@@ -70,6 +71,19 @@ def _check_kernel(kernel: str, fmt, fail) -> None:
     if kernel not in everywhere and kernel not in fmt.kernels:
         fail("quant.kernel", f"{kernel} does not read {fmt.name} codes (kernels of {fmt.name}: "
              f"{', '.join(('dequantize',) + fmt.kernels)})")
+
+
+def _check_blocks(q, fmt, fail) -> None:
+    """A format with blocks of its own (GGUF's) fixes the group size and quantizes as llama.cpp does."""
+    if not fmt.block:
+        return
+    if q.group_size not in (0, fmt.block):
+        fail("quant.group_size", f"{fmt.name} stores blocks of {fmt.block} weights; set quant.group_size: "
+             f"{fmt.block} or leave it unset")
+    if q.scale_method != "absmax":
+        fail("quant.scale_method", f"{fmt.name} scales are llama.cpp's (from each block's range); use absmax")
+    if q.scale_dtype != "bfloat16":
+        fail("quant.scale_dtype", f"{fmt.name} stores float16 scales, as GGUF files do; leave quant.scale_dtype unset")
 
 
 def check_architecture(recipe: Recipe, architecture: dict, fail) -> None:
