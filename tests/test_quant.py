@@ -27,14 +27,19 @@ def probe_points(codec) -> torch.Tensor:
     if codec.name.startswith("fp8"):
         tiny = 2.0 ** codec.min_normal_exponent
         points += [tiny * 0.37, -tiny * 0.81, tiny * 1.3, tiny * 17.2]
-    return torch.tensor(points, dtype=torch.float32)
+    return on_grid_range(codec, torch.tensor(points, dtype=torch.float32))
+
+
+def on_grid_range(codec, x: torch.Tensor) -> torch.Tensor:
+    """Values of a symmetric grid's range moved into an unsigned grid's 0..qmax (Q4_1's codes)."""
+    return x if getattr(codec, "signed", True) else x.abs()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_nearest_is_within_half_a_step(fmt):
     codec = CODECS[fmt]
     generator = torch.Generator().manual_seed(0)
-    x = (torch.rand(20000, generator=generator) * 2 - 1) * codec.max_value
+    x = on_grid_range(codec, (torch.rand(20000, generator=generator) * 2 - 1) * codec.max_value)
     x = torch.cat([x, probe_points(codec), x / 1000])
     error = (codec.round(x, "nearest") - x).abs()
     assert torch.all(error <= codec.spacing(x) / 2 + 1e-6 * x.abs())
@@ -85,7 +90,7 @@ def test_stochastic_rounding_is_unbiased_with_bounded_variance(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_generators_give_replayable_independent_roundings(fmt):
     codec = CODECS[fmt]
-    x = (torch.rand(50000, generator=torch.Generator().manual_seed(4)) * 2 - 1) * codec.max_value / 3
+    x = on_grid_range(codec, (torch.rand(50000, generator=torch.Generator().manual_seed(4)) * 2 - 1) * codec.max_value / 3)
     first = codec.round(x, "stochastic", torch.Generator().manual_seed(10)) - x
     replay = codec.round(x, "stochastic", torch.Generator().manual_seed(10)) - x
     other = codec.round(x, "stochastic", torch.Generator().manual_seed(11)) - x
@@ -166,21 +171,31 @@ def linear(rows=96, cols=256, seed=6):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("group_size", [0, 32, 128])
 def test_quant_linear_storage_and_dequantization(fmt, group_size):
-    source = linear()
+    source, block = linear(), getattr(CODECS[fmt], "block", 0)
+    if block and group_size not in (0, block):  # GGUF's formats fix their blocks
+        with pytest.raises(ValueError, match=f"{fmt} stores blocks of 32 weights; quant.group_size must be 32"):
+            QuantLinear.from_linear(source, fmt, group_size=group_size)
+        return
     layer = QuantLinear.from_linear(source, fmt, group_size=group_size, scale_dtype=torch.float32)
     expected_dtype = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn,
-                      "fp8_e5m2": torch.float8_e5m2}[fmt]
+                      "fp8_e5m2": torch.float8_e5m2, "q4_0": torch.uint8, "q4_1": torch.uint8, "q8_0": torch.int8}[fmt]
     assert layer.codes.dtype == expected_dtype
     assert not any(t.dtype == torch.float32 and t.numel() >= source.weight.numel() for t in layer.state_dict().values())
     weight = source.weight.detach()
-    scales = layer.scales.repeat_interleave(group_size or weight.shape[1], dim=1)
+    group_size = block or group_size
+    scales = layer.scales.float().repeat_interleave(group_size or weight.shape[1], dim=1).abs()
+    # GGUF's quantizers choose d in float32 and round it to float16 after: up to 2^-9 of a row's largest weight more
+    slack = 2**-9 * weight.abs().amax(dim=1, keepdim=True) if block else 1e-6
+    # Q4_0 maps the signed largest value to -8, so values beyond +7 steps (of the opposite sign) clamp: a whole step
+    steps = 1.0 if fmt == "q4_0" else 0.5
     error = (layer.dequantize() - weight).abs()
-    assert torch.all(error <= CODECS[fmt].spacing(weight / scales) * scales / 2 + 1e-6)
+    assert torch.all(error <= CODECS[fmt].spacing(weight / scales) * scales * steps + slack)
 
 
 @pytest.mark.parametrize("fmt, group_size, kernel", [("int4", 0, "int4pack"), ("int4", 64, "int4pack"),
                                                      ("int8", 0, "int8pack"), ("int8", 0, "int_mm"),
-                                                     ("fp8_e4m3", 0, "scaled_mm"), ("fp8_e5m2", 0, "scaled_mm")])
+                                                     ("fp8_e4m3", 0, "scaled_mm"), ("fp8_e5m2", 0, "scaled_mm"),
+                                                     ("q4_0", 32, "int4pack"), ("q4_1", 32, "int4pack")])
 def test_fast_kernels_match_dequantize(fmt, group_size, kernel):
     layer = QuantLinear.from_linear(linear(rows=100, cols=256), fmt, group_size=group_size, kernel=kernel)
     x = torch.randn(3, 5, 256)
@@ -532,3 +547,55 @@ def test_a_runs_summary_counts_parameters_as_count_params_does(write_recipe, tmp
     counted = count_parameters(recipe)
     assert summary["total_params"] == counted["total"] > 0
     assert summary["trainable_params"] == counted["trainable"] > 0
+
+
+# --- GGUF's block formats -------------------------------------------------------------------------------------
+
+GGUF_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}
+
+
+def gguf_reference_matrix() -> torch.Tensor:
+    """Random rows, plus rows whose scaled values fall exactly on rounding ties (d = 1) and blocks of one value."""
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(8)) * 0.05
+    halves = torch.arange(-16, 16).float() / 2  # x.5 ties at d = 1 for every block format
+    weight[0, :32], weight[1, :32], weight[2, :32] = halves.clamp(-8, 7.5), halves.abs().clamp(0, 15), halves
+    weight[0, 0], weight[1, 31], weight[2, 5] = -8.0, 15.0, 127.0  # pins d to 1 (Q4_0, Q4_1, Q8_0)
+    weight[1, 0] = 0.0
+    weight[3, :64], weight[4, 32:64] = 0.0, 0.25  # d = 0 in the file
+    weight[5] *= 1e4  # large blocks: float16 scales near their range
+    return weight
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_TYPES))
+def test_gguf_block_codes_dequantize_to_what_gguf_quants_gives_for_its_own_bytes(fmt):
+    """The same float matrix quantized by ftkit and by gguf.quants (bit-exact with llama.cpp's quantizer): equal
+    weights to the bit, and true bytes: 18 (Q4_0), 20 (Q4_1) or 34 (Q8_0) per block of 32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    weight = gguf_reference_matrix()
+    kind = GGMLQuantizationType[GGUF_TYPES[fmt]]
+    expected = quants.dequantize(quants.quantize(weight.numpy(), kind), kind)
+    source = nn.Linear(256, 96, bias=False)
+    source.weight.data.copy_(weight)
+    layer = QuantLinear.from_linear(source, fmt)
+    assert layer.group_size == 32 and layer.scales.dtype == torch.float16
+    assert torch.equal(layer.dequantize(), torch.from_numpy(np.ascontiguousarray(expected)))
+    per_block = {"q4_0": 18, "q4_1": 20, "q8_0": 34}[fmt]
+    padded = 128 if fmt != "q8_0" else 96  # 4-bit codes: rows in blocks of 64
+    blocks = 96 * 256 // 32
+    assert layer.stored_bytes == blocks * per_block + (padded - 96) * 256 // 2
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_TYPES))
+def test_gguf_formats_refuse_other_groups_and_scale_options_in_one_line(fmt, write_recipe):
+    from ftkit.recipe import load_recipe
+    from ftkit.errors import RecipeError
+
+    for quant, message in [({"group_size": 64}, "quant.group_size: {} stores blocks of 32 weights; set quant.group"),
+                           ({"scale_method": "mse"}, "quant.scale_method: {} scales are llama.cpp's"),
+                           ({"scale_dtype": "float32"}, "quant.scale_dtype: {} stores float16 scales")]:
+        with pytest.raises(RecipeError, match=message.format(fmt)) as refused:
+            load_recipe(write_recipe(tiny_recipe(quant={"format": fmt, **quant})))
+        assert "\n" not in str(refused.value)
+    assert load_recipe(write_recipe(tiny_recipe(quant={"format": fmt, "group_size": 32}))).quant.group_size == 32
