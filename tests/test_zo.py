@@ -387,7 +387,8 @@ def test_a_perturbed_forward_draws_its_direction_on_several_threads_inside_infer
     assert torch.equal(outputs[0], outputs[1])
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 0), ("int8", 0), ("fp8_e5m2", 32)])
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 0), ("int8", 0), ("fp8_e5m2", 32), ("q4_0", 32),
+                                       ("q4_1", 32), ("q8_0", 32)])
 def test_row_blocks_and_noise_chunks_do_not_change_a_single_bit(monkeypatch, fmt, group):
     """Large layers are perturbed, dequantized and rewritten a block of rows at a time to bound their temporaries;
     the arithmetic per element is the same, so 64-row blocks (200 rows: 64, 64, 64, 8) give what one block gives."""
@@ -752,7 +753,7 @@ def test_replay_refuses_a_different_recipe(write_recipe, tmp_path):
         replay(changed, tmp_path / "mezo" / TRACE_FILE, tmp_path / "other")
 
 
-@pytest.mark.parametrize("optimizer, quant", [("quzo", {"format": "int4"}), ("mezo", {})])
+@pytest.mark.parametrize("optimizer, quant", [("quzo", {"format": "int4"}), ("mezo", {}), ("quzo", {"format": "q4_1"})])
 def test_resume_is_bit_exact_and_the_trace_continues(write_recipe, tmp_path, optimizer, quant):
     full = zo_recipe(write_recipe, tmp_path, "full", optimizer, quant=quant, train={"max_steps": 12, "save_every": 6})
     train(full)
@@ -784,7 +785,8 @@ def test_resume_without_its_trace_is_refused_with_a_way_out(write_recipe, tmp_pa
 
 @pytest.mark.parametrize("adapter, quant", [("loretta_rep", {"format": "int4"}), ("loretta_adp", {"format": "fp8_e4m3"}),
                                             ("lora", {"format": "int4", "engine": "bitsandbytes"}),
-                                            ("none", {"format": "int8"})])
+                                            ("none", {"format": "int8"}), ("loretta_rep", {"format": "q4_1"}),
+                                            ("none", {"format": "q4_0"})])
 def test_quzo_trains_adapters_over_any_frozen_base_and_full_weights(write_recipe, tmp_path, adapter, quant):
     # bitsandbytes' CPU 4-bit inference needs rows of at least one 64-element block
     model = {"config": {**TINY_BERT, "hidden_size": 64, "intermediate_size": 128}} if "engine" in quant else {}
@@ -924,3 +926,21 @@ def test_zeroth_order_moves_tensor_train_adapters_whose_layers_cache_their_matri
         back = model(batch)
     assert not torch.equal(moved, before)  # the perturbation reached the forward
     assert torch.allclose(back, before, atol=1e-5 * before.abs().max().item())  # and left with the restore
+
+
+def test_the_sparse_update_moves_q4_0_codes_against_negative_scales_along_the_weight_direction():
+    """Q4_0's scale is the block's signed largest value / -8, often negative: a move of +1 code is then a move of -|d|
+    in the weight. Drawn as its moves, every moved weight goes along -sign(coef) u, whatever its scale's sign, and
+    as often as |coef| / |d| says."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(256, 512), "q4_0")
+    assert (layer.scales < 0).any() and (layer.scales > 0).any()
+    before = layer.dequantize()
+    coef = -0.02 * layer.scales.float().abs().min().item()
+    QuantTarget("w", layer, 3).update(SIGNS, step_seed=11, query_seeds=[7], coefs=[coef], restore=0.0, decay=0.0)
+    change = layer.dequantize() - before
+    u = signs(before.shape, derive(7, 3, 0))
+    moved = change != 0
+    assert moved.sum() > 20 and torch.equal(change[moved].sign(), -u[moved])  # coef < 0: against the sign
+    expected = (abs(coef) / layer.scales.double().abs()).repeat_interleave(32, dim=1).sum().item()
+    assert abs(moved.sum().item() - expected) < 4 * math.sqrt(expected) + 0.02 * expected  # a few clamp away

@@ -76,18 +76,20 @@ def test_a_step_moves_the_scales_along_minus_lr_g_u2_and_never_the_codes(directi
     assert torch.equal(quant.scales, -lr * g * u2 + scales)  # fp32 scales: a plain add
 
 
-def test_stochastic_rounding_onto_bf16_is_unbiased_and_nearest_loses_small_updates():
-    # 1 + 0.3 bf16 spacings (2^-7 at 1): 200,000 roundings with the update's own noise stream. The mean's standard
-    # error is spacing * sqrt(0.21 / 200,000) = 8.0e-6; the noise's 15 bits leave a bias under 2^-16 spacing.
-    n, spacing = 200_000, 2.0**-7
+@pytest.mark.parametrize("dtype, spacing", [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)])
+def test_stochastic_rounding_onto_bf16_is_unbiased_and_nearest_loses_small_updates(dtype, spacing):
+    # 1 + 0.3 spacings (bf16: 2^-7 at 1; float16, GGUF's scales: 2^-10): 200,000 roundings with the update's own
+    # noise stream. The mean's standard error is spacing * sqrt(0.21 / 200,000); the noise's 15 bits leave a bias
+    # under 2^-16 spacing.
+    n = 200_000
     x = torch.full((n,), 1.0 + 0.3 * spacing)
     noise = next(uniform_chunks(n, 1234, size=n))[1]
-    rounded = round_to_dtype(x, torch.bfloat16, "stochastic", noise)
-    assert set(rounded.float().unique().tolist()) == {1.0, 1.0 + spacing}
-    assert abs(rounded.float().mean().item() - x[0].item()) < 4 * 8.0e-6 + spacing * 2.0**-16
-    assert torch.equal(round_to_dtype(x, torch.bfloat16, "nearest"), torch.ones(n, dtype=torch.bfloat16))
+    rounded = round_to_dtype(x, dtype, "stochastic", noise)
+    assert rounded.dtype == dtype and set(rounded.float().unique().tolist()) == {1.0, 1.0 + spacing}
+    assert abs(rounded.float().mean().item() - x[0].item()) < spacing * (4 * (0.21 / n) ** 0.5 + 2.0**-16)
+    assert torch.equal(round_to_dtype(x, dtype, "nearest"), torch.ones(n, dtype=dtype))
     # A negative value rounds its magnitude the same way.
-    negative = round_to_dtype(-x, torch.bfloat16, "stochastic", noise)
+    negative = round_to_dtype(-x, dtype, "stochastic", noise)
     assert torch.equal(negative, -rounded)
 
 
@@ -136,6 +138,7 @@ def test_clipping_bounds_the_recorded_gradients_and_replays(write_recipe, tmp_pa
     ("quzo", {"format": "int4", "group_size": 16}, {"clip_gradient": 5.0}),
     ("quzo", {"format": "int8"}, {"direction": "rademacher", "n_queries": 2}),
     ("mezo", {"format": "int4", "group_size": 16, "scale_dtype": "float32"}, {}),
+    ("quzo", {"format": "q4_0"}, {}),  # float16 scales, rounded stochastically
 ])
 def test_scales_train_the_codes_stay_and_runs_resume_and_replay_bit_for_bit(write_recipe, tmp_path, optimizer, quant,
                                                                           zo):

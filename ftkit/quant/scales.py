@@ -62,10 +62,11 @@ two neighbours, up with probability equal to x's distance from the lower one. fl
 
 
 def _stochastic_half(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    nearest = x.to(torch.float16)
-    towards = torch.where(nearest.to(torch.float32) > x, -torch.inf, torch.inf).to(torch.float16)
-    other = torch.nextafter(nearest, towards)
-    low, high = torch.minimum(nearest, other), torch.maximum(nearest, other)
+    """The magnitude rounded up with probability equal to its distance from the float16 below it (as bf16's)."""
+    magnitude = x.abs()
+    low = magnitude.to(torch.float16)
+    low = torch.where(low.to(torch.float32) > magnitude, torch.nextafter(low, torch.zeros_like(low)), low)
+    high = torch.nextafter(low, torch.full_like(low, torch.inf))
     spacing = high.to(torch.float32) - low.to(torch.float32)
-    up = noise.view_as(x) * spacing < x - low.to(torch.float32)
-    return torch.where(up, high, low)
+    up = noise.view_as(x) * spacing < magnitude - low.to(torch.float32)
+    return torch.where(up, high, low) * x.sign().to(torch.float16)
