@@ -330,16 +330,20 @@ def test_bitsandbytes_engine_runs_frozen_and_counts_its_bytes(fmt, kind, double)
     assert count_model(model)["total"] == 256 * 96 + 96 + 96 * 64 + 64
 
 
-def test_count_params_reports_int4_storage_with_logical_counts(write_recipe):
+@pytest.mark.parametrize("fmt", ["int4", "q4_0", "q4_1", "q8_0"])
+def test_count_params_reports_int4_storage_with_logical_counts(write_recipe, fmt):
     from ftkit.models.count import count_parameters
     from ftkit.recipe import load_recipe
 
     fp32 = count_parameters(load_recipe(write_recipe({"model": {"name": "minilm"}}, "fp32.yaml")))
-    int4 = count_parameters(load_recipe(write_recipe({"quant": {"format": "int4"}}, "int4.yaml")))
+    int4 = count_parameters(load_recipe(write_recipe({"quant": {"format": fmt}}, "int4.yaml")))
     assert int4["total"] == fp32["total"] == 22_713_216 + 770
     linear_weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    # int4: half a byte a weight and a bf16 scale a row; GGUF's: the file's bytes per block of 32 weights
+    stored = {"int4": linear_weights // 2 + 2 * 6 * (4 * 384 + 1536 + 384), "q4_0": linear_weights // 32 * 18,
+              "q4_1": linear_weights // 32 * 20, "q8_0": linear_weights // 32 * 34}[fmt]
     saved = fp32["stored_bytes"] - int4["stored_bytes"]
-    assert saved == linear_weights * 4 - (linear_weights // 2 + 2 * 6 * (4 * 384 + 1536 + 384))
+    assert saved == linear_weights * 4 - stored
     # Quantized codes are not trained by first-order methods: only full-precision parameters remain trainable.
     assert int4["trainable"] == fp32["trainable"] - linear_weights
 
