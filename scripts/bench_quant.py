@@ -56,6 +56,23 @@ GPU_LINEAR_CASES = [
 ]
 
 
+# GGUF's block formats against int4 groups of 64, on a SmolLM2-135M MLP layer (576 inputs, 1536 outputs).
+GGUF_CASES = [("int4 group 64", "int4", 64, "auto"), ("q4_0", "q4_0", 0, "auto"), ("q4_1", "q4_1", 0, "auto"),
+              ("q8_0", "q8_0", 0, "auto"), ("q4_0, dequantize", "q4_0", 0, "dequantize"),
+              ("q4_1, dequantize", "q4_1", 0, "dequantize")]
+
+
+def bench_gguf(repeats: int, rows: int) -> list[tuple[str, float]]:
+    """Each GGUF format's forward (the kernel `auto` picks, and dequantize-then-matmul) against int4 g64's."""
+    torch.manual_seed(0)
+    reference, x = nn.Linear(576, 1536), torch.randn(rows, 576)
+    cases = []
+    for label, fmt, group, kernel in GGUF_CASES:
+        layer = QuantLinear.from_linear(reference, fmt, group_size=group, kernel=kernel)
+        cases.append((f"{label} ({layer.kernel_for(x)})", lambda layer=layer: layer(x)))
+    return round_robin_medians(cases, repeats)
+
+
 def bench_linear(repeats: int, device: torch.device = torch.device("cpu"), rows: int = 64) -> list[tuple[str, float]]:
     """A 4096 x 4096 layer: each path's median time (on a GPU, against bf16; on the CPU, against fp32)."""
     torch.manual_seed(0)
@@ -141,7 +158,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--llama-7b", action="store_true", help="also load a LLaMA-2-7B shape into int4 (minutes)")
     parser.add_argument("--sections", default="bytes,linear,model,memory",
-                        help="comma-separated subset of bytes,linear,model,memory")
+                        help="comma-separated subset of bytes,linear,gguf,model,memory")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the linear section's paths there")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,6 +181,10 @@ def main() -> None:
                 print(table(bench_linear(args.repeats, device, rows), title, "bf16 dense") + "\n")
         else:
             print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
+    if "gguf" in sections:
+        for rows in (8, 128, 1024):
+            title = f"576x1536 layer (SmolLM2 MLP), {rows} rows"
+            print(table(bench_gguf(args.repeats, rows), title, "int4 group 64") + "\n")
     if "model" in sections:
         print(table(bench_model(max(3, args.repeats // 4)), "OPT-125m shape, 16 x 128 tokens") + "\n")
     if "memory" in sections:
