@@ -2,7 +2,8 @@
 ftkit.components).
 
 A format is a grid: `none` keeps the weights in the model's dtype (fp32 or bf16); the low-bit formats store real
-codes: int8 and FP8 one byte per weight, int4 two weights per byte, with bf16 or fp32 scales. Each names its codec
+codes: int8 and FP8 one byte per weight, int4 two weights per byte, with bf16 or fp32 scales; GGUF's q4_0, q4_1
+and q8_0 in blocks of 32 with float16 scales, as llama.cpp quantizes them. Each names its codec
 (codecs.py: grid, per-group tensors, storage, encode / decode) and the kernels that read its codes: this list is
 the one place formats are declared. An engine
 converts a linear layer to hold a format: `native` (ftkit's QuantLinear, whose codes QuZO trains), `bitsandbytes`

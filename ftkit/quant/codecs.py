@@ -1,5 +1,6 @@
 """Codecs: everything ftkit knows of a low-bit weight format, asked by the quantized layer (ftkit.quant.linear), its
-kernels, zeroth-order updates, counting, checkpoints and export. The built-in ones: int8, int4 and the FP8 formats;
+kernels, zeroth-order updates, counting, checkpoints and export. The built-in ones: int8, int4 and the FP8 formats
+(GGUF's blocks, ftkit.quant.gguf_blocks, are integer codecs with llama.cpp's quantizers);
 ftkit.quant.FORMATS names each format's codec (the one list of them).
 
 A codec declares:
