@@ -116,6 +116,11 @@ GRID = {
     "quzo_int4_one_sided": base(quant={"format": "int4"}, train={"lr": 1e-3}, method={
         "optimizer": "quzo", "zo": {"estimator": "one_sided", "n_queries": 2, "direction": "rademacher"}}),
     "mezo_momentum": base(method={"optimizer": "mezo", "zo": {"momentum": 0.9}}, train={"lr": 1e-3}),
+    # GGUF's block formats; Q4_0's negative scales through the random-sign moves
+    "quzo_q4_0": base(quant={"format": "q4_0"}, method={"optimizer": "quzo"}, train=ZO),
+    "quzo_q4_1": base(quant={"format": "q4_1"}, method={"optimizer": "quzo"}, train=ZO),
+    "quzo_q4_0_signs": base(quant={"format": "q4_0"}, train={**ZO, "lr": 1e-5},
+                            method={"optimizer": "quzo", "zo": {"direction": "rademacher"}}),
 }
 
 
