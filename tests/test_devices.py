@@ -185,7 +185,8 @@ def test_stochastic_rounding_is_unbiased_on_the_device(device, fmt):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fmt, group", [("int4", 0), ("int4", 64), ("int8", 0), ("fp8_e4m3", 0)])
+@pytest.mark.parametrize("fmt, group", [("int4", 0), ("int4", 64), ("int8", 0), ("fp8_e4m3", 0), ("q4_0", 32),
+                                        ("q4_1", 32), ("q8_0", 32)])
 def test_a_quantized_layer_gives_the_cpu_codes_and_output_on_the_device(device, fmt, group):
     from conftest import assert_sums_close
 
@@ -195,7 +196,7 @@ def test_a_quantized_layer_gives_the_cpu_codes_and_output_on_the_device(device, 
     linear = torch.nn.Linear(256, 96)
     here = QuantLinear.from_linear(linear.to(device), fmt, group_size=group, kernel="dequantize")
     cpu = QuantLinear.from_linear(linear.cpu(), fmt, group_size=group, kernel="dequantize")
-    assert torch.equal(here.codes.cpu(), cpu.codes) and torch.equal(here.scales.cpu(), cpu.scales)
+    assert all(torch.equal(getattr(here, name).cpu(), getattr(cpu, name)) for name in ("codes", *cpu.codec.params))
     x = torch.randn(8, 256)
     with torch.no_grad():
         weight = cpu.dequantize()

@@ -603,3 +603,13 @@ def test_gguf_formats_refuse_other_groups_and_scale_options_in_one_line(fmt, wri
             load_recipe(write_recipe(tiny_recipe(quant={"format": fmt, **quant})))
         assert "\n" not in str(refused.value)
     assert load_recipe(write_recipe(tiny_recipe(quant={"format": fmt, "group_size": 32}))).quant.group_size == 32
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_TYPES))
+def test_the_straight_through_baseline_computes_with_the_gguf_layers_weights(fmt):
+    from ftkit.quant.straight_through import StraightThroughLinear
+
+    source = linear(rows=48, cols=64)
+    baseline = StraightThroughLinear.from_linear(source, QuantSpec(format=fmt, engine="straight_through"))
+    assert baseline.group_size == 32
+    assert torch.equal(baseline.quantized_weight(), QuantLinear.from_linear(source, fmt).dequantize())

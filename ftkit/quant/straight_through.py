@@ -25,6 +25,7 @@ class StraightThroughLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, group_size: int = 0,
                  scale_method: str = "absmax", scale_dtype: str = "bfloat16", device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        group_size = getattr(FORMATS[fmt].grid(), "block", 0) or group_size  # GGUF's formats: their blocks
         if group_size and in_features % group_size:
             raise ValueError(f"quant.group_size {group_size} does not divide in_features {in_features}")
         self.fmt, self.group_size, self.scale_method = fmt, group_size, scale_method
