@@ -199,6 +199,25 @@ def test_the_thinned_update_leaves_large_moves_and_fp8_to_the_general_path_and_n
     assert torch.equal(layer.codes, before)
 
 
+def test_the_thinned_update_moves_q4_0_weights_along_coef_u_v_whatever_the_sign_of_their_scale():
+    """Q4_0's scales are often negative (the block's signed largest value / -8): each moved weight still moves along
+    coef (U V^T)_ij, by one |scale|."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 256), "q4_0")
+    assert (layer.scales < 0).any() and (layer.scales > 0).any()
+    u, v = torch.randn(256, 2), torch.randn(128, 2)
+    coef = 0.5 / lowrank_update.bounds(layer, u, v, 1.0).max().item()
+    before = layer.dequantize()
+    assert lowrank_update.update([(layer, 0, u, v)], "stochastic", 3, coef) == [layer]
+    change, moved = layer.dequantize() - before, layer.dequantize() != before
+    assert moved.sum() > 20
+    assert torch.equal(change[moved].sign(), (coef * u @ v.T)[moved].sign())
+    scale = layer.scales.float().abs().repeat_interleave(32, dim=1)
+    torch.testing.assert_close(change[moved].abs(), scale[moved], rtol=1e-6, atol=0)
+    expected = (coef * u @ v.T / scale).abs().sum().item()  # each code moves with probability |p_ij|
+    assert abs(moved.sum().item() - expected) < 4 * math.sqrt(expected) + 0.02 * expected  # a few clamp away
+
+
 # --- training: the loop, resume, replay, the library, the Trainer, two processes -----------------------------------
 
 LOWRANK = {"direction": "lowrank", "rank": 2, "refresh": 3}
@@ -206,6 +225,7 @@ LOWRANK = {"direction": "lowrank", "rank": 2, "refresh": 3}
 
 @pytest.mark.parametrize("optimizer, quant, lr, path", [
     ("quzo", {"format": "int4"}, 1e-5, "moves"),  # every update of the codes drawn as its moves
+    ("quzo", {"format": "q4_0"}, 1e-5, "moves"),  # the same with Q4_0's scales of either sign
     ("quzo", {"format": "int8", "group_size": 16}, 2e-3, "general"),  # moves too large (mostly): the general path
     ("mezo", {}, 2e-3, None),  # full-precision matrices moved in place
 ])
