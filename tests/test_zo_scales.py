@@ -25,8 +25,8 @@ from ftkit.optim.trace import read_trace, record_format
 from ftkit.optim.zo import TRACE_FILE
 from ftkit.optim.zo_streams import derive, uniform_chunks
 from ftkit.optim.zo_targets import Directions, ScaleTarget
+from ftkit.quant.codecs import round_to_dtype
 from ftkit.quant.linear import QuantLinear
-from ftkit.quant.scales import round_to_dtype
 from ftkit.recipe import load_recipe
 from ftkit.replay import replay
 from ftkit.training.loop import train

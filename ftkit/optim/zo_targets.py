@@ -19,8 +19,9 @@ import torch.nn as nn
 
 from ftkit.optim.directions import Directions, StepDraws
 from ftkit.optim.zo_streams import Q1, Q2, UPDATE, derive, uniform_chunks
+from ftkit.quant.codecs import round_to_dtype
 from ftkit.quant.linear import QuantLinear
-from ftkit.quant.scales import group_view, round_to_dtype
+from ftkit.quant.scales import group_view
 
 __all__ = ["Directions", "FloatTarget", "QuantTarget", "ScaleTarget", "land", "zo_targets", "prepare_model"]
 

@@ -122,8 +122,9 @@ class IntCodec:
 
 
 @dataclass(frozen=True)
-class FP8Codec:
-    """A float8 format: the scale maps a group's absolute maximum to the format's largest finite value.
+class FloatCodec:
+    """A float format narrower than float32 (the float8 formats; bfloat16 and float16 as the grids of trained
+    scales, `round_to_dtype`): the scale maps a group's absolute maximum to the format's largest finite value.
 
     Rounding saturates at that maximum (never inf or NaN). Normal numbers keep `mantissa_bits` bits below the
     leading one; below the smallest normal the grid is uniform (subnormals). Codes are stored as the float8 dtype.
@@ -193,8 +194,24 @@ class FP8Codec:
 # The built-in codecs; ftkit.quant.FORMATS names each by its format (the one list of formats).
 INT8 = IntCodec("int8", 8)
 INT4 = IntCodec("int4", 4, packed=True)
-FP8_E4M3 = FP8Codec("fp8_e4m3", torch.float8_e4m3fn, mantissa_bits=3, exponent_bias=7)
-FP8_E5M2 = FP8Codec("fp8_e5m2", torch.float8_e5m2, mantissa_bits=2, exponent_bias=15)
+FP8_E4M3 = FloatCodec("fp8_e4m3", torch.float8_e4m3fn, mantissa_bits=3, exponent_bias=7)
+FP8_E5M2 = FloatCodec("fp8_e5m2", torch.float8_e5m2, mantissa_bits=2, exponent_bias=15)
+
+
+# The grids of trained scales (QZO's scale space, ftkit.optim.zo_targets.ScaleTarget): bf16, and float16 (GGUF's).
+SCALE_GRIDS = {torch.bfloat16: FloatCodec("bfloat16", torch.bfloat16, mantissa_bits=7, exponent_bias=127),
+               torch.float16: FloatCodec("float16", torch.float16, mantissa_bits=10, exponent_bias=15)}
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, mode: str = "nearest",
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 `x` onto the grid of `dtype`, as `dtype`: to nearest (the cast), or stochastically with `noise`
+    uniform in [0, 1), unbiased, as a float codec rounds (FloatCodec.round). float32 is its own grid."""
+    if dtype == torch.float32 or mode == "nearest":
+        return x.to(dtype)
+    if dtype not in SCALE_GRIDS:
+        raise ValueError(f"stochastic rounding onto {dtype} is not defined here (bfloat16, float16 or float32)")
+    return SCALE_GRIDS[dtype].round(x, "stochastic", noise=noise.view_as(x)).to(dtype)
 
 
 # --- shared by codecs -------------------------------------------------------------------------------------------

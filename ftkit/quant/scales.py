@@ -42,31 +42,3 @@ def _error(groups: torch.Tensor, scale: torch.Tensor, codec) -> torch.Tensor:
     s = scale.to(torch.float32).unsqueeze(-1)
     return (codec.round(groups / s) * s - groups).pow(2).sum(-1)
 
-
-def round_to_dtype(x: torch.Tensor, dtype: torch.dtype, mode: str = "nearest",
-                   noise: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 `x` onto the grid of `dtype` (bfloat16 or float32), as `dtype`: to nearest (the cast), or
-    stochastically with `noise` uniform in [0, 1): bf16 keeps the top 16 bits of a float32, so adding 16 random bits
-    below them and truncating rounds the magnitude up with probability equal to the dropped fraction (unbiased; a
-    carry moves into the next binade, which is the correct upper neighbour). float16 (GGUF's scales) rounds between its
-two neighbours, up with probability equal to x's distance from the lower one. float32 is its own grid."""
-    if dtype == torch.float32 or mode == "nearest":
-        return x.to(dtype)
-    if dtype == torch.float16:
-        return _stochastic_half(x.to(torch.float32), noise)
-    if dtype != torch.bfloat16:
-        raise ValueError(f"stochastic rounding onto {dtype} is not defined here (bfloat16, float16 or float32)")
-    bits = x.to(torch.float32).contiguous().view(torch.int32)
-    below = (noise * 65536.0).to(torch.int32).view_as(bits)
-    return ((bits + below) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
-
-
-def _stochastic_half(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The magnitude rounded up with probability equal to its distance from the float16 below it (as bf16's)."""
-    magnitude = x.abs()
-    low = magnitude.to(torch.float16)
-    low = torch.where(low.to(torch.float32) > magnitude, torch.nextafter(low, torch.zeros_like(low)), low)
-    high = torch.nextafter(low, torch.full_like(low, torch.inf))
-    spacing = high.to(torch.float32) - low.to(torch.float32)
-    up = noise.view_as(x) * spacing < magnitude - low.to(torch.float32)
-    return torch.where(up, high, low) * x.sign().to(torch.float16)

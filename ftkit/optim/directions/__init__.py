@@ -15,6 +15,7 @@ unchanged.
 
 from __future__ import annotations
 
+import abc
 import functools
 from dataclasses import dataclass
 
@@ -35,16 +36,16 @@ from ftkit.optim.zo_streams import (
 )
 
 
-class DirectionKind:
+class DirectionKind(abc.ABC):
     """The interface of a kind of direction. `draw` and `chunks` must give the same numbers for a seed however the
     tensor is cut (chunk after chunk on a GPU), so a run, its resume and its replay draw the same directions."""
 
     name: str = ""
     on_grid: bool = False  # u lies on every symmetric grid that spans max|u| (QuZO then draws no rounding)
 
+    @abc.abstractmethod
     def draw(self, shape, seed: int, device="cpu") -> torch.Tensor:
         """The whole direction of a tensor of `shape`, from the stream `seed` (float32)."""
-        raise NotImplementedError
 
     def chunks(self, numel: int, seed: int, device="cpu", held=None):
         """The numbers of `draw(numel, seed, device)` as (slice, values) over `chunk_slices(numel)`. `held`: what

@@ -13,33 +13,37 @@ same points without evaluating) lands on the same weights, bit for bit.
 
 from __future__ import annotations
 
+import abc
+
 from ftkit.components import Hook
 
 
-class EstimatorKind:
+class EstimatorKind(abc.ABC):
+    """The interface of an estimator: a kind that leaves out a method cannot be built."""
+
     name: str = ""
 
+    @abc.abstractmethod
     def forwards(self, n_queries: int) -> int:
         """Forward passes (loss evaluations of the whole batch) per step."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def visit(self, query_seeds: list[int], eps: float, evaluate, move) -> tuple[list[float], float]:
         """Walk the weights through the step's evaluation points, `evaluate(query)` at each (query None: the
         unperturbed weights; it returns a list of losses), unless `evaluate` is None (a replay).
         `move(query_seed, current, to)` moves from w + current u1 to w + to u1. Returns (the losses evaluated, in
         order; the offset at which the last query's perturbation is left, which the update folds into its
         restore)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def estimate(self, losses: list[float], eps: float, n_queries: int) -> tuple[list[float], list[float]]:
         """(projected gradient per query, losses whose mean is the step's loss) from the batch losses of every
         evaluation, in the order `visit` made them."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def coefficients(self, gradients: list[float], rate: float) -> list[float]:
         """The coefficient of each query's direction in the update w <- w + sum_i coef_i u2_i, at learning rate
         `rate`."""
-        raise NotImplementedError
 
 
 def estimator_kind(name: str) -> EstimatorKind:
