@@ -105,15 +105,7 @@ class CausalLMScorer(nn.Module):
         hidden = self.lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state[:, :-1]
         targets = batch["input_ids"][:, 1:]
-        scored = batch["option_mask"][:, 1:].bool()
-        # Project only the positions that are scored: the full [rows, tokens, vocab] logits are never built.
-        logits = self.lm.get_output_embeddings()(hidden[scored]).float()
-        token_logprob = logits.log_softmax(-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-        # Back into [rows, tokens] and summed per row: a plain assignment and a sum, deterministic on every device
-        # (an index_add_ of the positions into their rows would use atomic additions on a GPU).
-        per_token = torch.zeros(scored.shape, device=logits.device, dtype=token_logprob.dtype)
-        per_token[scored] = token_logprob
-        return per_token.sum(1), scored.sum(1)
+        return prefix.scored_sums(self.lm, hidden, targets, batch["option_mask"][:, 1:])
 
     def _next_token_logprobs(self, batch: dict) -> torch.Tensor:
         """Single-token candidates: one row per example, the prompt alone (right-padded). A candidate's

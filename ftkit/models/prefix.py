@@ -38,11 +38,18 @@ def candidate_logprobs(lm: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.
     if ids.shape[1] > 1:
         hidden = torch.cat([hidden, _continue(decoder, cache, owner, last, prompt_mask,
                                               ids[:, :-1], mask[:, :-1])], 1)
+    return scored_sums(lm, hidden, ids, mask)
+
+
+def scored_sums(lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """(sum of the log-probabilities of `targets` [rows, tokens] where `mask` is set, their number), both [rows], from
+    the hidden states that predict them. Only the scored positions go through the LM head: the full [rows, tokens,
+    vocab] logits are never built."""
     scored = mask.bool()
-    # Project only the positions that are scored: the full [rows, tokens, vocab] logits are never built.
     logits = lm.get_output_embeddings()(hidden[scored]).float()
-    token_logprob = logits.log_softmax(-1).gather(-1, ids[scored].unsqueeze(-1)).squeeze(-1)
-    # Back into [rows, tokens] and summed per row: a plain assignment and a sum, deterministic on every device.
+    token_logprob = logits.log_softmax(-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+    # Back into [rows, tokens] and summed per row: a plain assignment and a sum, deterministic on every device
+    # (an index_add_ of the positions into their rows would use atomic additions on a GPU).
     per_token = torch.zeros(scored.shape, device=logits.device, dtype=token_logprob.dtype)
     per_token[scored] = token_logprob
     return per_token.sum(1), scored.sum(1)
