@@ -605,6 +605,15 @@ def test_gguf_formats_refuse_other_groups_and_scale_options_in_one_line(fmt, wri
     assert load_recipe(write_recipe(tiny_recipe(quant={"format": fmt, "group_size": 32}))).quant.group_size == 32
 
 
+def test_a_formats_declared_block_is_its_codecs():
+    """`Format.block` (read by validate, which imports no torch) and the codec's `block` (read by the layers) say the
+    same group size for every format."""
+    for fmt in quant.FORMATS:
+        codec = fmt.grid() if fmt.low_bit else None
+        assert fmt.block == getattr(codec, "block", 0), fmt.name
+    assert [f.name for f in quant.FORMATS if f.block] == ["q4_0", "q4_1", "q8_0"]
+
+
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
 def test_the_straight_through_baseline_computes_with_the_gguf_layers_weights(fmt):
     from ftkit.quant.straight_through import StraightThroughLinear
