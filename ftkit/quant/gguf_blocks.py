@@ -11,7 +11,7 @@ The quantizers follow gguf.quants (which is bit-exact with ggml-quants.c): d in 
 and only then d and m rounded to float16. So codes and scales are the file's, and the weights they decode to are
 gguf.quants.dequantize's exactly. ftkit keeps Q4_0's codes as q - 8 (int4's grid: -8..7, same nibbles) and Q4_1's
 as q (an unsigned grid with minimums); the nibbles sit in ftkit's packed layout (ftkit.quant.packing), not the
-file's byte order. One difference: a block whose d is 0 (all its weights equal) stores d = 1 instead, its codes
+file's byte order. One difference: a block whose d is 0 (all its weights equal) stores d = 1 (with d's sign), its codes
 unchanged, so the weights are the same and zeroth-order updates, which work in units of d, stay finite.
 """
 
@@ -30,7 +30,8 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 
 
 def _scales(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d == 0, torch.ones_like(d), d).to(torch.float16)
+    """d in float16, a d of 0 kept as 1 with its sign (Q4_0's d of an all-zero block is -0: the sign is the file's)."""
+    return torch.where(d == 0, torch.ones_like(d).copysign(d), d).to(torch.float16)
 
 
 def _finish(codec, x: torch.Tensor, nearest, shape, rounding: str, generator) -> torch.Tensor:
