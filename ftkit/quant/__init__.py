@@ -31,9 +31,11 @@ FORMATS: Registry = Registry("quant.format", [
     Format("q8_0", "GGUF Q8_0: blocks of 32 int8 codes and a float16 scale (8.5 bits a weight)",
            codec=Hook("ftkit.quant.gguf_blocks:Q8_0"), block=32),
     Format("q4_k", "GGUF Q4_K: super-blocks of 256 with float16 d and dmin, 6-bit scales and minimums per 32, codes "
-                   "0..15 (4.5 bits a weight)", codec=Hook("ftkit.quant.kquants:Q4_K"), kernels=("int4pack",), block=32),
+                   "0..15 (4.5 bits a weight)", codec=Hook("ftkit.quant.kquants:Q4_K"), kernels=("int4pack",), block=32,
+           scales_trainable=False),
     Format("q6_k", "GGUF Q6_K: super-blocks of 256 with a float16 d, int8 scales per 16, codes 0..63 (6.56 bits a "
-                   "weight in a file, 8.56 held)", codec=Hook("ftkit.quant.kquants:Q6_K"), block=16),
+                   "weight in a file, 8.56 held)", codec=Hook("ftkit.quant.kquants:Q6_K"), block=16,
+           scales_trainable=False),
 ])
 
 

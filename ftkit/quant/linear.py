@@ -104,7 +104,8 @@ class QuantLinear(nn.Module):
         stored = {name: getattr(self, name) for name in self.stored_names}
         key = tuple((t._version, t.data_ptr()) for t in stored.values())
         if self._derived_params is None or self._derived_params[0] != key:
-            self._derived_params = (key, self.codec.derive(stored))
+            with torch.inference_mode(False), torch.no_grad():  # a cache outlives the forward that built it
+                self._derived_params = (key, self.codec.derive(stored))
         return self._derived_params[1]
 
     @classmethod
