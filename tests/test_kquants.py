@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, quants
 from test_zo import same_bits, weights, zo_recipe
 
 from ftkit.errors import RecipeError, UserError
-from ftkit.gguf import kquant_layout
+from ftkit.gguf.layout import BY_TYPE, LAYOUTS, layer_from_file, layer_to_file
 from ftkit.optim.trace import read_trace
 from ftkit.optim.zo import TRACE_FILE
 from ftkit.quant.linear import QuantLinear
@@ -38,16 +38,12 @@ def random_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 
 def from_file(fmt: str, raw: np.ndarray, cols: int) -> QuantLinear:
-    layer = QuantLinear(cols, raw.shape[0], fmt, bias=False)
-    grid_values, stored = getattr(kquant_layout, f"{fmt}_from_file")(raw, cols)
-    for name, value in stored.items():
-        getattr(layer, name).copy_(value)
-    layer.set_code_values(grid_values)
-    return layer
+    assert LAYOUTS[fmt].ggml_type == TYPES[fmt] and BY_TYPE[TYPES[fmt]] == fmt  # registered with the simple types
+    return layer_from_file(fmt, raw, cols)
 
 
 def to_file(layer: QuantLinear) -> np.ndarray:
-    return getattr(kquant_layout, f"{layer.fmt}_to_file")(layer, slice(0, layer.out_features))
+    return layer_to_file(layer)
 
 
 def quantized(fmt: str, weight: torch.Tensor) -> QuantLinear:

@@ -9,13 +9,17 @@ A row of K weights is K / 256 blocks, each laid out as llama.cpp writes it (gguf
     Q6_K  128 bytes ql | 64 bytes qh | 16 int8 scales | float16 d                                   210 bytes
           q (0..63) of weight j of half h (128 weights each, r = j mod 128): low four bits in nibble r // 64 of
           ql byte 64 h + r mod 64, high two bits at bit 2 (r // 32) of qh byte 32 h + r mod 32
+
+Importing this module registers both in ftkit.gguf.layout's LAYOUTS (the package imports it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
+from ftkit.gguf.layout import BY_TYPE, LAYOUTS, BlockLayout
 from ftkit.quant.kquants import SUPER_BLOCK
 
 Q4_K_BYTES, Q6_K_BYTES = 144, 210
@@ -80,3 +84,9 @@ def q6_k_from_file(raw: np.ndarray, cols: int):
     params = {"d": _f16(block[:, 208:210].reshape(n, blocks, 2)),
               "sub_scales": torch.from_numpy(np.ascontiguousarray(block[:, 192:208]).view(np.int8).reshape(n, -1))}
     return torch.from_numpy(q.reshape(n, cols)), params
+
+
+KQUANT_LAYOUTS = {"q4_k": BlockLayout(GGMLQuantizationType.Q4_K, q4_k_to_file, q4_k_from_file),
+                  "q6_k": BlockLayout(GGMLQuantizationType.Q6_K, q6_k_to_file, q6_k_from_file)}
+LAYOUTS.update(KQUANT_LAYOUTS)
+BY_TYPE.update({layout.ggml_type: fmt for fmt, layout in KQUANT_LAYOUTS.items()})

@@ -49,10 +49,6 @@ class KQuantCodec(IntCodec):
                              f"{cols} input features are not a multiple of {SUPER_BLOCK} (list the layer in "
                              f"quant.skip, or use q4_1 / q8_0 for it)")
 
-    def empty(self, rows: int, cols: int, device=None) -> torch.Tensor:
-        self._check(cols)
-        return super().empty(rows, cols, device)
-
     def empty_stored(self, rows: int, cols: int, device=None) -> dict[str, torch.Tensor]:
         """Zero buffers of the stored per-super-block tensors of a [rows, cols] layer."""
         self._check(cols)
