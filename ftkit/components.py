@@ -80,6 +80,8 @@ class Format:
     kernels: tuple[str, ...] = ()
     # A group size the format fixes (GGUF's blocks of 32; its codec's `block`): quant.group_size is this or unset.
     block: int = 0
+    # Whether method.zo.low_bit: scales can train its scales (a K-quant's are derived from 6-bit integers: not).
+    scales_trainable: bool = True
 
     @property
     def low_bit(self) -> bool:

@@ -145,6 +145,10 @@ def _check_scales(recipe, chosen, fail) -> None:
     if not chosen.format.low_bit:
         fail("method.zo.low_bit", f"scales trains the per-group scales of low-bit layers, and quant.format is "
              f"{quant.format}: set quant.format (int4, int8, fp8_*)")
+    if chosen.format.low_bit and not chosen.format.scales_trainable:
+        fail("method.zo.low_bit", f"{quant.format}'s sub-block scales are 6- or 8-bit integers times a float16 "
+             f"super-block scale, which scale updates cannot stay on: use method.zo.low_bit: codes, or q4_1 / q4_0 "
+             f"to train scales")
     if not chosen.engine.zo_trains_weights:
         fail("method.zo.low_bit", f"scales trains the scales of ftkit's own low-bit layers; {quant.engine} layers "
              f"are frozen: use quant.engine: native")

@@ -251,4 +251,7 @@ def mark_low_bit(layer: QuantLinear, low_bit: str) -> None:
     """Mark what of a low-bit layer a zeroth-order method trains: its "codes" (QuZO) or its "scales" (QZO)."""
     if low_bit not in ("codes", "scales"):
         raise ValueError(f"low_bit must be 'codes' or 'scales', got {low_bit!r}")
+    if low_bit == "scales" and hasattr(layer.codec, "derive"):
+        raise ValueError(f"{layer.fmt} scales are derived from integer sub-block scales and cannot be trained; "
+                         f"train its codes")
     layer.train_codes, layer.train_scales = low_bit == "codes", low_bit == "scales"

@@ -3,7 +3,8 @@ ftkit.components).
 
 A format is a grid: `none` keeps the weights in the model's dtype (fp32 or bf16); the low-bit formats store real
 codes: int8 and FP8 one byte per weight, int4 two weights per byte, with bf16 or fp32 scales; GGUF's q4_0, q4_1
-and q8_0 in blocks of 32 with float16 scales, as llama.cpp quantizes them. Each names its codec
+and q8_0 in blocks of 32 with float16 scales, and its K-quants q4_k and q6_k in super-blocks of 256, as llama.cpp
+quantizes them. Each names its codec
 (codecs.py: grid, per-group tensors, storage, encode / decode) and the kernels that read its codes: this list is
 the one place formats are declared. An engine
 converts a linear layer to hold a format: `native` (ftkit's QuantLinear, whose codes QuZO trains), `bitsandbytes`
@@ -29,6 +30,12 @@ FORMATS: Registry = Registry("quant.format", [
            codec=Hook("ftkit.quant.gguf_blocks:Q4_1"), kernels=("int4pack",), block=32),
     Format("q8_0", "GGUF Q8_0: blocks of 32 int8 codes and a float16 scale (8.5 bits a weight)",
            codec=Hook("ftkit.quant.gguf_blocks:Q8_0"), block=32),
+    Format("q4_k", "GGUF Q4_K: super-blocks of 256 with float16 d and dmin, 6-bit scales and minimums per 32, codes "
+                   "0..15 (4.5 bits a weight)", codec=Hook("ftkit.quant.kquants:Q4_K"), kernels=("int4pack",), block=32,
+           scales_trainable=False),
+    Format("q6_k", "GGUF Q6_K: super-blocks of 256 with a float16 d, int8 scales per 16, codes 0..63 (6.56 bits a "
+                   "weight in a file, 8.56 held)", codec=Hook("ftkit.quant.kquants:Q6_K"), block=16,
+           scales_trainable=False),
 ])
 
 

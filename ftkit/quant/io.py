@@ -25,7 +25,7 @@ def quant_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, st
     tensors, layout = {}, {}
     for name, layer in quant_layers(model).items():
         tensors[f"{name}.codes"] = layer.codes
-        tensors.update({f"{name}.{param}": value for param, value in layer.group_params().items()})
+        tensors.update({f"{name}.{param}": value for param, value in layer.stored_params().items()})
         layout[name] = {"format": layer.fmt, "group_size": layer.group_size, "in": layer.in_features,
                         "out": layer.out_features, "scale_dtype": str(layer.scales.dtype).removeprefix("torch.")}
     return tensors, ({METADATA_KEY: json.dumps(layout, sort_keys=True)} if layout else {})

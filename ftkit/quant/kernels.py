@@ -181,9 +181,11 @@ def int4_scales_and_zeros(layer, group: int) -> torch.Tensor:
     minimums (nibble = code, w = code * scale + minimum) has minimum + 8 * scale, summed in float32."""
 
     def build():
-        if "minimums" in layer.codec.params:
-            return table(layer.scales.float(), layer.minimums.float() + (8 + layer.codec.qmin) * layer.scales.float())
-        return table(layer.scales, None)
+        params = layer.group_params()
+        if "minimums" in params:
+            scales = params["scales"].float()
+            return table(scales, params["minimums"].float() + (8 + layer.codec.qmin) * scales)
+        return table(params["scales"], None)
 
     def table(scales, zeros):
         scales = scales.to(torch.bfloat16)
@@ -196,7 +198,7 @@ def int4_scales_and_zeros(layer, group: int) -> torch.Tensor:
             scales, zeros = torch.cat([scales, pad]), torch.cat([zeros, pad])
         return torch.stack([scales, zeros], dim=2).transpose(0, 1).contiguous()
 
-    sources = tuple(getattr(layer, name) for name in layer.codec.params)
+    sources = tuple(getattr(layer, name) for name in layer.stored_names)
     return _derived(layer, f"int4_table_{group}", sources, build)
 
 

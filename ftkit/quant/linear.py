@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ftkit.quant import FORMATS
 from ftkit.quant.kernels import kernel_for, matmul
+from ftkit.quant.kquants import decode_view
 
 # Elements per block of rows when dequantizing or rewriting codes: temporaries of about 16 MiB.
 BLOCK_ELEMENTS = 1 << 22
@@ -59,9 +60,13 @@ class QuantLinear(nn.Module):
         self.format_kernels = FORMATS[fmt].kernels  # kernels that read this format's codes directly
         groups = in_features // group_size if group_size else 1
         self.register_buffer("codes", codes)
-        for name in self.codec.params:  # scales start at one, minimums (asymmetric grids) at zero
-            fill = torch.ones if name == "scales" else torch.zeros
-            self.register_buffer(name, fill(out_features, groups, dtype=scale_dtype, device=device))
+        if hasattr(self.codec, "empty_stored"):  # K-quants: the file's per-super-block tensors, scales derived
+            for name, tensor in self.codec.empty_stored(out_features, in_features, device).items():
+                self.register_buffer(name, tensor)
+        else:
+            for name in self.codec.params:  # scales start at one, minimums (asymmetric grids) at zero
+                fill = torch.ones if name == "scales" else torch.zeros
+                self.register_buffer(name, fill(out_features, groups, dtype=scale_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.perturbation: Optional[Callable[[QuantLinear], torch.Tensor]] = None
         self.output_perturbation: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None  # (U, V, scale)
@@ -72,6 +77,36 @@ class QuantLinear(nn.Module):
         self.train_scales = False
         self.scale_perturbation: Optional[torch.Tensor] = None
         self._derived: dict = {}  # kernel layouts of the codes and scales (ftkit.quant.kernels), rebuilt on demand
+        self._derived_params: tuple | None = None  # (key, {name: tensor}): a K-quant's scales from its stored tensors
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # a K-quant's scales and minimums are derived from what it stores
+            codec = self.__dict__.get("codec")
+            if hasattr(codec, "derive") and name in codec.params:
+                return self.derived_params()[name]
+            raise
+
+    @property
+    def stored_names(self) -> tuple[str, ...]:
+        """The buffers beside the codes that the layer stores, checkpoints and counts: its codec's `params`, or a
+        K-quant's per-super-block tensors (from which its params are derived)."""
+        return getattr(self.codec, "stored_names", self.codec.params)
+
+    def stored_params(self, rows: slice | None = None) -> dict:
+        rows = rows or slice(0, self.out_features)
+        return {name: getattr(self, name)[rows] for name in self.stored_names}
+
+    def derived_params(self) -> dict:
+        """A K-quant's float32 per-group tensors (`scales` as updates read them, `minimums`; ftkit.quant.kquants),
+        cached until one of its stored tensors changes (their version counters)."""
+        stored = {name: getattr(self, name) for name in self.stored_names}
+        key = tuple((t._version, t.data_ptr()) for t in stored.values())
+        if self._derived_params is None or self._derived_params[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a cache outlives the forward that built it
+                self._derived_params = (key, self.codec.derive(stored))
+        return self._derived_params[1]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = 0, scale_method: str = "absmax",
@@ -113,6 +148,8 @@ class QuantLinear(nn.Module):
         ([N, groups] float32), the scales are float32 s + delta."""
         rows = rows or slice(0, self.out_features)
         params = {name: getattr(self, name)[rows] for name in self.codec.params}
+        if hasattr(self.codec, "derive"):  # a K-quant's sub-blocks of scale 0 decode with 0 (ftkit.quant.kquants)
+            params["scales"] = decode_view(params["scales"])
         if scale_delta is not None:
             params["scales"] = params["scales"].to(torch.float32) + scale_delta[rows]
         return params
@@ -189,7 +226,7 @@ class QuantLinear(nn.Module):
 
     @property
     def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, *self.group_params().values()))
+        return sum(t.numel() * t.element_size() for t in (self.codes, *self.stored_params().values()))
 
 
 def add_low_rank(out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -227,7 +264,7 @@ def count_tensor(module: nn.Module, leaf: str, tensor: torch.Tensor):
     are trained when `train_codes` is set; the codec's per-group tensors (scales, minimums) are bytes, not
     parameters, unless the scales are trained (`train_scales`): then each scale is a trained parameter. Bytes are
     those of the storage the codec made (int4: half a byte per weight, rows padded to 64)."""
-    if not isinstance(module, QuantLinear) or (leaf != "codes" and leaf not in module.codec.params):
+    if not isinstance(module, QuantLinear) or (leaf != "codes" and leaf not in module.stored_names):
         return None
     nbytes = tensor.numel() * tensor.element_size()
     if leaf == "codes":
