@@ -80,10 +80,12 @@ class Format:
     kernels: tuple[str, ...] = ()
     # A group size the format fixes (GGUF's blocks of 32; its codec's `block`): quant.group_size is this or unset.
     block: int = 0
+    # Each layer takes its format from the model's GGUF file (`gguf`): low-bit, with no codec of its own.
+    from_file: bool = False
 
     @property
     def low_bit(self) -> bool:
-        return self.codec is not None
+        return self.codec is not None or self.from_file
 
     def grid(self):
         """The codec, imported on first use."""

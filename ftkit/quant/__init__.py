@@ -29,6 +29,8 @@ FORMATS: Registry = Registry("quant.format", [
            codec=Hook("ftkit.quant.gguf_blocks:Q4_1"), kernels=("int4pack",), block=32),
     Format("q8_0", "GGUF Q8_0: blocks of 32 int8 codes and a float16 scale (8.5 bits a weight)",
            codec=Hook("ftkit.quant.gguf_blocks:Q8_0"), block=32),
+    Format("gguf", "each linear layer in its GGUF file's own block format, codes and scales as stored (a model read "
+                   "from a .gguf file); float tensors stay float", from_file=True),
 ])
 
 
