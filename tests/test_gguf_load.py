@@ -151,8 +151,9 @@ def bad_files(tiny, tmp_path_factory) -> dict:
     (folder / "foreign.gguf").write_bytes(b"PK\x03\x04" + data[4:200])
     iq4_nl = int(GGMLQuantizationType.IQ4_NL).to_bytes(4, "little")
     return {
-        "short": (folder / "short.gguf", "q4_1", r"short.gguf is truncated: tensor blk.1.ffn_down.weight needs bytes up "
-                                                  r"to 5,160,128 and the file has 5,159,384"),
+        "short": (folder / "short.gguf", "q4_1",
+                  r"short.gguf is truncated: tensor blk.1.ffn_down.weight needs bytes up to 5,160,128 and the file has "
+                  r"5,159,384"),
         "foreign": (folder / "foreign.gguf", "q4_1", r"foreign.gguf is not a GGUF file"),
         "mamba": (edited(tiny, folder / "mamba.gguf", b"\x05\x00\x00\x00\x00\x00\x00\x00llama",
                          b"\x05\x00\x00\x00\x00\x00\x00\x00mamba"), "q4_1",
@@ -187,7 +188,20 @@ def test_the_file_format_needs_a_gguf_model(write_recipe):
                                           r"model.name 'minilm' is not a GGUF file"):
         load_recipe(write_recipe(tiny_recipe(quant={"format": "gguf"})))
     with pytest.raises(RecipeError, match=r"quant.engine: gguf takes the file's blocks into ftkit's own layers"):
-        load_recipe(write_recipe({"model": {"name": "x.gguf"}, "quant": {"format": "gguf", "engine": "straight_through"}}))
+        load_recipe(write_recipe({"model": {"name": "x.gguf"},
+                                  "quant": {"format": "gguf", "engine": "straight_through"}}))
+
+
+def test_count_params_under_the_files_format_reads_the_header_only(tiny, write_recipe):
+    from ftkit.models.count import count_parameters
+
+    def counts(fmt):
+        recipe = load_recipe(write_recipe(tiny_recipe(model={"name": str(tiny), "config": None},
+                                                      quant={"format": fmt}, method={"optimizer": "quzo"})))
+        return count_parameters(recipe)
+
+    own, asked = counts("gguf"), counts("q4_1")
+    assert own == asked and own["trainable"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64) + 5 * 64
 
 
 def test_quzo_trains_the_files_q4_1_codes_and_resumes_bit_exactly(tiny, tmp_path, write_recipe):
