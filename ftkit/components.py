@@ -82,10 +82,12 @@ class Format:
     block: int = 0
     # Whether method.zo.low_bit: scales can train its scales (a K-quant's are derived from 6-bit integers: not).
     scales_trainable: bool = True
+    # Each layer takes its format from the model's GGUF file (`gguf`): low-bit, with no codec of its own.
+    from_file: bool = False
 
     @property
     def low_bit(self) -> bool:
-        return self.codec is not None
+        return self.codec is not None or self.from_file
 
     def grid(self):
         """The codec, imported on first use."""

@@ -299,7 +299,7 @@ def _unbiased(check: Check) -> dict:
     torch, device = check.torch, check.device
     draws = check.shapes["rounding_samples"]
     found = {}
-    for name, codec in ((fmt.name, fmt.grid()) for fmt in FORMATS if fmt.low_bit):
+    for name, codec in ((fmt.name, fmt.grid()) for fmt in FORMATS if fmt.codec):
         # inside the grid, away from its ends: -max..max, or qmin..qmax for integer grids (GGUF's Q4_1 is 0..15)
         low, high = getattr(codec, "qmin", -codec.max_value), codec.max_value
         values = low + (torch.rand(64, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.05) * (high - low)

@@ -16,7 +16,7 @@ from ftkit.quant.packing import pack_int4, step_int4, unpack_int4
 from ftkit.recipe import recipe_from_dict
 from ftkit.recipe.schema import QuantSpec
 
-CODECS = {fmt.name: fmt.grid() for fmt in quant.FORMATS if fmt.low_bit}  # the built-in codecs, by format
+CODECS = {fmt.name: fmt.grid() for fmt in quant.FORMATS if fmt.codec}  # the built-in codecs, by format
 FORMATS = list(CODECS)
 
 

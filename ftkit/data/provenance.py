@@ -27,6 +27,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_entry(path: Path) -> dict:
+    """A file as a record holds it: resolved path, size and SHA-256."""
+    path = Path(path).resolve()
+    return {"path": str(path), "size": path.stat().st_size, "sha256": sha256(path)}
+
+
 def file_origin(path: Path, key: str) -> dict:
     """A file as read (its digest is taken when the record is written)."""
     return {"key": key, "path": str(Path(path).resolve())}

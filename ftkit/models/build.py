@@ -18,8 +18,9 @@ from ftkit.data.tasks import candidate_scoring
 from ftkit.devices import CPU, model_device, to_device
 from ftkit.errors import RecipeError, UserError
 from ftkit.models.heads import CausalLMScorer, EncoderClassifier, init_prototype_head
-from ftkit.models.load import DTYPES, load_backbone, load_config, model_kind
+from ftkit.models.load import DTYPES, gguf_source, load_backbone, load_config, model_kind, random_weights
 from ftkit.optim import OPTIMIZERS
+from ftkit.quant import FORMATS
 from ftkit.quant.convert import quantize_model
 from ftkit.quant.linear import QuantLinear
 from ftkit.recipe.checks import check_architecture
@@ -82,7 +83,7 @@ def assemble_model(recipe: Recipe, tokenizer, num_classes: int, finish: bool = T
     """Backbone (built or loaded straight into its weight format) and head with their initial weights, without the
     data-dependent prototype head (replay restores that from the trace); `finish` applies the adapter and decides
     what is trained."""
-    config = load_config(recipe.model)
+    config = load_config(recipe.model, recipe.quant)
     check_architecture(recipe, config.to_dict(), _fail_for(recipe))  # before any weight is read
     kind = model_kind(recipe.model, config)
     torch.manual_seed(recipe.train.seed)  # config-built weights and a random head depend on the seed only
@@ -100,7 +101,7 @@ def _fail_for(recipe: Recipe):
 
 def build_meta_model(recipe: Recipe, num_classes: int, vocab_size: int | None) -> nn.Module:
     """The same model on the meta device: shapes and dtypes, no memory, no weights read."""
-    config = load_config(recipe.model)
+    config = load_config(recipe.model, recipe.quant)
     kind = model_kind(recipe.model, config)
     if recipe.model.config is not None and vocab_size is not None and "vocab_size" not in recipe.model.config:
         config.vocab_size = vocab_size
@@ -110,8 +111,14 @@ def build_meta_model(recipe: Recipe, num_classes: int, vocab_size: int | None) -
     with torch.device("meta"):
         backbone = auto.from_config(config, dtype=DTYPES[recipe.model.dtype])
         skip = "encoder." if kind == "encoder" else "lm."
-        model = wrap_backbone(quantize_model(backbone, recipe.quant, skip_prefix=skip), kind, num_classes,
-                              candidate_scoring(recipe.data))
+        gguf = None if random_weights(recipe.model) else gguf_source(recipe.model, recipe.quant)
+        if gguf is not None and FORMATS[recipe.quant.format].from_file:  # each layer's format is the file's
+            from ftkit.gguf.read import quantize_meta
+
+            backbone = quantize_meta(backbone, gguf, recipe.quant, skip_prefix=skip)
+        else:
+            backbone = quantize_model(backbone, recipe.quant, skip_prefix=skip)
+        model = wrap_backbone(backbone, kind, num_classes, candidate_scoring(recipe.data))
         return finish_model(model, recipe)
 
 

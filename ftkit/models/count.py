@@ -83,7 +83,7 @@ def count_parameters(recipe: Recipe) -> dict:
 
     vocab_size = None
     if recipe.model.config is not None and "vocab_size" not in recipe.model.config:
-        vocab_size = len(load_tokenizer(recipe.model))
+        vocab_size = len(load_tokenizer(recipe.model, recipe.quant))
     model = build_meta_model(recipe, len(task_spec(recipe).label_words), vocab_size)
     counts = count_model(model)
     counts["backbone"] = count_model(model.backbone)["total"]

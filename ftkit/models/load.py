@@ -1,4 +1,6 @@
-"""Load a backbone and its tokenizer: the packaged MiniLM, a hub id, a local directory, or a config (random init).
+"""Load a backbone and its tokenizer: the packaged MiniLM, a hub id, a local directory, a GGUF file
+(ftkit.gguf.read; the packaged SmolLM2 under GGUF's own formats, ftkit.gguf.source.model_file), or a config
+(random init).
 
 Nothing here reaches the network unless the recipe names a hub id that is not cached; remote code stays off
 unless the recipe turns it on.
@@ -36,8 +38,20 @@ def resolve_source(name: str) -> str:
     return os.path.expanduser(name)
 
 
-def load_config(spec: ModelSpec):
-    """The architecture config, without any weights: from `model.config` if given, else from `model.name`."""
+def gguf_source(spec: ModelSpec, quant: QuantSpec | None) -> Path | None:
+    """The GGUF file the model's config, tokenizer and weights come from, or None (ftkit.gguf.source.model_file)."""
+    from ftkit.gguf.source import model_file
+
+    return model_file(spec.name, quant.format if quant is not None else None)
+
+
+def load_config(spec: ModelSpec, quant: QuantSpec | None = None):
+    """The architecture config, without any weights: from `model.config` if given, else from `model.name` (read
+    under `quant`: a packaged GGUF model under GGUF's formats is read from its file)."""
+    if spec.config is None and gguf_source(spec, quant) is not None:
+        from ftkit.gguf.read import file_config
+
+        return file_config(gguf_source(spec, quant))
     if spec.config is not None:
         options = dict(spec.config)
         model_type = options.pop("model_type")
@@ -59,12 +73,19 @@ def model_kind(spec: ModelSpec, config) -> str:
     return "encoder" if config.model_type in ENCODER_TYPES else "causal_lm"
 
 
-def load_tokenizer(spec: ModelSpec):
+def load_tokenizer(spec: ModelSpec, quant: QuantSpec | None = None):
+    """The tokenizer of `model.tokenizer`, else of `model.name` (a GGUF file's from its metadata, as load_config)."""
     source = spec.tokenizer or ("minilm" if spec.config is not None and spec.name == "minilm" else spec.name)
+    gguf = gguf_source(replace(spec, name=source), quant)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            resolve_source(source), revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
+        if gguf is not None:
+            from ftkit.gguf.read import file_tokenizer
+
+            tokenizer = file_tokenizer(gguf)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_source(source), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
     except (OSError, ValueError) as err:
         raise _load_error(spec, source, err, "the tokenizer from ") from None
     if tokenizer.pad_token_id is None:
@@ -86,17 +107,23 @@ def load_backbone(spec: ModelSpec, kind: str, vocab_size: int | None = None, qua
     random_init = random_weights(spec)
     if not random_init and spec.config is not None:
         spec = replace(spec, config=None)  # pretrained weights come with their own config
-    if quant is not None and FORMATS[quant.format].low_bit:
+    gguf = None if random_init else gguf_source(spec, quant)
+    if gguf is not None:
+        from ftkit.gguf.read import load_gguf_backbone
+
+        model = load_gguf_backbone(gguf, auto, load_config(spec, quant), quant or QuantSpec(), dtype,
+                                   skip_prefix="encoder." if kind == "encoder" else "lm.", device=device)
+    elif quant is not None and FORMATS[quant.format].low_bit:
         from ftkit.quant.convert import load_quantized_backbone
 
-        config = load_config(spec)
+        config = load_config(spec, quant)
         if spec.config is not None and vocab_size is not None and "vocab_size" not in spec.config:
             config.vocab_size = vocab_size
         weights = None if random_init else weights_directory(spec)
         model = load_quantized_backbone(auto, config, quant, dtype, weights,
                                         skip_prefix="encoder." if kind == "encoder" else "lm.", device=device)
     elif random_init:
-        config = load_config(spec)
+        config = load_config(spec, quant)
         if vocab_size is not None and (spec.config is None or "vocab_size" not in spec.config):
             config.vocab_size = vocab_size
         with torch.device(device) if device != CPU else nullcontext():  # initialised where it will live

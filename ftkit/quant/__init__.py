@@ -36,6 +36,8 @@ FORMATS: Registry = Registry("quant.format", [
     Format("q6_k", "GGUF Q6_K: super-blocks of 256 with a float16 d, int8 scales per 16, codes 0..63 (6.56 bits a "
                    "weight in a file, 8.56 held)", codec=Hook("ftkit.quant.kquants:Q6_K"), block=16,
            scales_trainable=False),
+    Format("gguf", "each linear layer in its GGUF file's own block format, codes and scales as stored (a model read "
+                   "from a .gguf file); float tensors stay float", from_file=True),
 ])
 
 

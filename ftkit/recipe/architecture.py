@@ -17,6 +17,13 @@ ENCODER_TYPES = {
 }
 # Config keys that bound the positions a model reads, by architecture family.
 POSITION_KEYS = ("max_position_embeddings", "n_positions")
+# Packaged models that ship as a GGUF file (ftkit.gguf.source finds it).
+PACKAGED_GGUF_MODELS = ("smollm2-135m",)
+
+
+def names_gguf_file(name: str) -> bool:
+    """Whether `model.name` stands for a GGUF file: a `.gguf` path or a packaged model that ships as one."""
+    return name in PACKAGED_GGUF_MODELS or name.endswith(".gguf")
 
 
 def known_architecture(model: ModelSpec) -> dict | None:

@@ -17,7 +17,7 @@ from ftkit.data.tasks import BUILTIN_TASKS
 from ftkit.errors import RecipeError
 from ftkit.optim import OPTIMIZERS
 from ftkit.quant import ENGINES, FORMATS
-from ftkit.recipe.architecture import ENCODER_TYPES, known_architecture, positions
+from ftkit.recipe.architecture import ENCODER_TYPES, known_architecture, names_gguf_file, positions
 from ftkit.recipe.schema import Recipe, engine_sections, method_sections
 from ftkit.task_kinds import TASK_KINDS
 
@@ -40,6 +40,7 @@ def run_checks(recipe: Recipe, where: str) -> None:
         component.validate(recipe, chosen, fail)
     _check_kernel(q.kernel, chosen.format, fail)
     _check_blocks(q, chosen.format, fail)
+    _check_from_file(recipe, chosen, fail)
     if q.group_size and q.group_size % 2:
         fail("quant.group_size", f"must be even (0 for one scale per output channel), got {q.group_size}")
     _check_patterns(fail, "quant.skip", q.skip)
@@ -84,6 +85,19 @@ def _check_blocks(q, fmt, fail) -> None:
         fail("quant.scale_method", f"{fmt.name} scales are llama.cpp's (from each block's range); use absmax")
     if q.scale_dtype != "bfloat16":
         fail("quant.scale_dtype", f"{fmt.name} stores float16 scales, as GGUF files do; leave quant.scale_dtype unset")
+
+
+def _check_from_file(recipe: Recipe, chosen, fail) -> None:
+    """A format taken from the model's GGUF file (`gguf`) needs such a file, and ftkit's own layers to hold it."""
+    if not chosen.format.from_file:
+        return
+    if recipe.model.config is not None or not names_gguf_file(recipe.model.name):
+        fail("quant.format", f"{chosen.format.name} keeps each layer in its GGUF file's format, and model.name "
+             f"'{recipe.model.name}' is not a GGUF file (a .gguf path or smollm2-135m); set quant.format (q4_1, int4, "
+             f"...) to convert it")
+    if not chosen.engine.zo_trains_weights:  # an engine with layers of its own (bitsandbytes, straight-through)
+        fail("quant.engine", f"{chosen.format.name} takes the file's blocks into ftkit's own layers; use "
+             f"quant.engine: native (or set quant.format to convert the weights for {chosen.engine.name})")
 
 
 def check_architecture(recipe: Recipe, architecture: dict, fail) -> None:

@@ -23,8 +23,8 @@ DEFAULT_QUANT_SKIP = (r"(^|\.)head$", r"lm_head", r"pooler", r"classifier", r"(^
 @dataclass
 class ModelSpec:
     name: str = option("minilm", help="A packaged model (`minilm`: the MiniLM-L6 encoder; `smollm2-135m`: "
-                                      "SmolLM2-135M-Instruct, a causal LM), a hub id, or a local directory. Gives the "
-                                      "tokenizer and, unless `config` is set, the weights.")
+                                      "SmolLM2-135M-Instruct, a causal LM), a hub id, a local directory, or a LLaMA "
+                                      "`.gguf` file. Gives the tokenizer and, unless `config` is set, the weights.")
     config: Optional[dict[str, Any]] = option(None, help="Architecture inline, e.g. {model_type: llama, hidden_size: "
                                               "64, ...}: `validate` and `count-params` then need nothing from the hub. "
                                               "Training builds it with random weights unless `weights: pretrained`.")

@@ -29,6 +29,7 @@ from ftkit.distributed import NPROC_ENV, World, close_world, init_world
 from ftkit.errors import Interrupted, TrainingDiverged, UserError
 from ftkit.memory import current_rss_mb, peak_rss_mb, reuse_freed_memory
 from ftkit.models.count import count_model
+from ftkit.models.load import gguf_source, random_weights
 from ftkit.optim.schedules import learning_rate
 from ftkit.recipe import Recipe, recipe_to_dict
 from ftkit.recipe.compare import computing_differences, non_computing_keys
@@ -246,10 +247,13 @@ def _set_up(recipe: Recipe, run_dir: Path, resume_from: Path | None, console: Co
 
 def record_data(run: Run, run_dir: Path) -> None:
     """What the run directory needs to be evaluated and exported anywhere: where each split came from (data.json),
-    and a head initialised from the data that training does not change (initial_head.safetensors), which a
-    checkpoint does not hold."""
-    write_atomic(run_dir / provenance.RECORD, json.dumps(provenance.record(run.task.name, run.task.origins),
-                                                         indent=2) + "\n")
+    the GGUF file the model was read from (data.json's "model": path, size, SHA-256), and a head initialised from
+    the data that training does not change (initial_head.safetensors), which a checkpoint does not hold."""
+    data = provenance.record(run.task.name, run.task.origins)
+    model_file = None if random_weights(run.recipe.model) else gguf_source(run.recipe.model, run.recipe.quant)
+    if model_file is not None:  # the GGUF file the weights were read from, for an export back to its format
+        data["model"] = provenance.file_entry(model_file)
+    write_atomic(run_dir / provenance.RECORD, json.dumps(data, indent=2) + "\n")
     head = getattr(run.model, "head", None)
     if "prototype_scale" in run.facts and any(not p.requires_grad for p in head.parameters()):
         from safetensors.torch import save

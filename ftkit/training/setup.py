@@ -65,12 +65,12 @@ def build_run(recipe: Recipe, device: torch.device = CPU, *, splits: tuple[str, 
     starts from its seeded random weights (replay restores a prototype head from its trace). `recorded` is a run
     directory's data record (ftkit.data.provenance): the data is read where the run read it."""
     if num_classes is not None:
-        tokenizer = load_tokenizer(recipe.model)
+        tokenizer = load_tokenizer(recipe.model, recipe.quant)
         model, kind = assemble_model(recipe, tokenizer, num_classes, device=device)
         run = Run(recipe, None, tokenizer, model, kind, {"kind": kind}, device)
     else:
         task = task if task is not None else load_task_data(recipe, splits, recorded)
-        tokenizer = load_tokenizer(recipe.model)
+        tokenizer = load_tokenizer(recipe.model, recipe.quant)
         model, kind, facts = build_model(recipe, task, tokenizer, device)
         run = Run(recipe, task, tokenizer, model, kind, facts, device)
         for split in encode:
