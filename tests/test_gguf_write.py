@@ -5,6 +5,8 @@ written."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -25,14 +27,17 @@ MIXED = {"attn_v": T.Q4_0, "ffn_down": T.Q8_0}  # the others Q4_1: three block t
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Tiny LLaMA GGUF files by kind and their readers, built once per module (a few seconds each)."""
+    """Tiny LLaMA GGUF files by kind, their readers and ftkit's model of them (a copy each time), built once per
+    module (seconds each)."""
     root, made = tmp_path_factory.mktemp("gguf"), {}
 
     def get(kind: str):
         if kind not in made:
             path = tiny_llama_gguf(root / f"{kind}.gguf", MIXED if kind == "mixed" else T[kind.upper()])
-            made[kind] = path, GGUFReader(path)
-        return made[kind]
+            reader = GGUFReader(path)
+            made[kind] = path, reader, ftkit_model(reader)
+        path, reader, model = made[kind]
+        return path, reader, copy.deepcopy(model)
     return get
 
 
@@ -40,7 +45,7 @@ def heads_of(reader: GGUFReader) -> tuple[int, int]:
     return field_value(reader, "llama.attention.head_count"), field_value(reader, "llama.attention.head_count_kv")
 
 
-def ftkit_model(path, reader: GGUFReader):
+def ftkit_model(reader: GGUFReader):
     """The file's model as ftkit holds it: each linear layer the file's own blocks as a QuantLinear (computing through
     its dequantized weight: the int4 kernels round activations to bfloat16), the other tensors gguf.quants'
     dequantization, q/k rows un-permuted. (transformers' own GGUF loader gives the same model, in seconds more.)"""
@@ -73,10 +78,10 @@ def tensor_bytes(reader: GGUFReader) -> list:
     return [(t.name, t.tensor_type, np.asarray(t.data).tobytes()) for t in reader.tensors]
 
 
-@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "mixed"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "mixed"])  # mixed: Q4_0, Q4_1 and Q8_0 tensors
 def test_an_untrained_model_writes_its_file_back_byte_for_byte(files, kind, tmp_path):
-    source, reader = files(kind)
-    out = write_gguf(ftkit_model(source, reader), source, tmp_path / "out.gguf", note=pytest.fail)
+    source, reader, model = files(kind)
+    out = write_gguf(model, source, tmp_path / "out.gguf", note=pytest.fail, reader=reader)
     before, after = reader, GGUFReader(out)
     assert tensor_bytes(after) == tensor_bytes(before)  # names, order, types and bytes
     assert fields(after) == fields(before)  # metadata with its stored types, file_type included
@@ -92,14 +97,13 @@ def ftkit_weight(model, name: str, reader: GGUFReader) -> np.ndarray:
 
 
 def test_trained_codes_and_norms_are_written_exactly_and_transformers_loads_the_file(files, tmp_path):
-    source, reader = files("mixed")
-    model = ftkit_model(source, reader)
+    source, reader, model = files("mixed")
     generator = torch.Generator().manual_seed(0)
     for layer in [m for m in model.modules() if isinstance(m, QuantLinear)]:  # some codes of every layer move
         positions = torch.randint(0, layer.in_features * layer.out_features, (40,), generator=generator)
         layer.step_codes(positions, torch.randint(0, 2, (40,), generator=generator) * 2 - 1)
     model.model.layers[1].input_layernorm.weight.data.add_(0.125)
-    out = write_gguf(model, source, tmp_path / "trained.gguf", note=pytest.fail)
+    out = write_gguf(model, source, tmp_path / "trained.gguf", note=pytest.fail, reader=reader)
     original = {t.name: t for t in reader.tensors}
     reader = GGUFReader(out)
     for tensor in reader.tensors:
@@ -120,11 +124,10 @@ def test_trained_codes_and_norms_are_written_exactly_and_transformers_loads_the_
 
 
 def test_a_trained_quantized_embedding_is_quantized_again_with_a_note(files, tmp_path):
-    source, reader = files("q4_1")
-    model = ftkit_model(source, reader)
+    source, reader, model = files("q4_1")
     model.model.embed_tokens.weight.data[7] += 0.01
     notes = []
-    out = write_gguf(model, source, tmp_path / "out.gguf", note=notes.append)
+    out = write_gguf(model, source, tmp_path / "out.gguf", note=notes.append, reader=reader)
     assert len(notes) == 1 and "token_embd.weight" in notes[0] and "quantized" in notes[0]
     written = next(t for t in GGUFReader(out).tensors if t.name == "token_embd.weight")
     assert written.tensor_type == T.Q8_0
@@ -140,25 +143,27 @@ def refused(model, source, out, message: str, **options) -> None:
 
 
 def test_what_gguf_cannot_hold_is_refused_by_name_and_nothing_is_written(files, tmp_path):
-    source, reader = files("q4_1")
+    source, reader, model = files("q4_1")
     out = tmp_path / "out.gguf"
-    model = ftkit_model(source, reader)
     down = model.model.layers[0].mlp.down_proj
     replace_module(model, "model.layers.0.mlp.down_proj", QuantLinear.from_linear(_linear(down.dequantize()), "int4"))
-    refused(model, source, out, r"blk.0.ffn_down.weight: format int4 has no GGUF block type; train with quant.format")
-    model = ftkit_model(source, reader)
+    refused(model, source, out, r"blk.0.ffn_down.weight: format int4 has no GGUF block type; train with quant.format",
+            reader=reader)
+    _, _, model = files("q4_1")
     model.lm_head = torch.nn.Linear(64, model.config.vocab_size, bias=False)
-    refused(model, source, out, r"lm_head.weight: the model's tensor is tied to the token embedding in")
-    refused(ftkit_model(source, reader), files("q4_0")[0], out, r"tensor blk.0.attn_q.weight is Q4_0 where the run trained it "
-            r"as Q4_1; the file has changed since training", types_from_file=True)
-    refused(ftkit_model(source, reader), source, out, r"has changed since the run was trained",
+    refused(model, source, out, r"lm_head.weight: the model's tensor is tied to the token embedding in", reader=reader)
+    _, _, model = files("q4_1")
+    other, other_reader, _ = files("q4_0")
+    refused(model, other, out, r"tensor blk.0.attn_q.weight is Q4_0 where the run trained it as Q4_1; the file has "
+            r"changed since training", types_from_file=True, reader=other_reader)
+    refused(model, source, out, r"has changed since the run was trained",
             recorded={"bytes": source.stat().st_size, "sha256": "0" * 64})
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(source.read_bytes()[:5000])
-    refused(ftkit_model(source, reader), truncated, out, rf"{truncated}: not a GGUF file")
+    refused(model, truncated, out, rf"{truncated}: not a GGUF file")
     out.write_bytes(b"mine")
     with pytest.raises(UserError, match="exists; choose another -o"):
-        write_gguf(ftkit_model(source, reader), source, out)
+        write_gguf(model, source, out, reader=reader)
     assert out.read_bytes() == b"mine"
 
 
@@ -169,8 +174,38 @@ def _linear(weight: torch.Tensor) -> torch.nn.Linear:
 
 
 def test_a_shape_that_changed_is_named(files, tmp_path):
-    source, reader = files("q4_1")
-    model = ftkit_model(source, reader)
+    source, reader, model = files("q4_1")
     model.model.norm.weight = torch.nn.Parameter(torch.ones(65))
     refused(model, source, tmp_path / "out.gguf", r"tensor output_norm.weight is \[64\] where the model's "
-            r"model.norm.weight is \[65\]; the file has changed since training")
+            r"model.norm.weight is \[65\]; the file has changed since training", reader=reader)
+
+
+@pytest.mark.parametrize("sections, merge, message", [
+    ({"model": {"name": "minilm"}}, False, r"model.name minilm is not read from a GGUF file .*; export --format hf"),
+    ({"model": {"name": "smollm2-135m"}, "quant": {"format": "int4"}}, False,
+     r"quant.format int4 \(engine native\) has no GGUF block type; train with quant.format q4_0, q4_1, q8_0 or gguf"),
+    ({"quant": {"format": "q4_1"}, "method": {"adapter": "loretta_rep"}}, True,
+     r"a loretta_rep update cannot be merged into q4_1 codes exactly; export --format hf --merge"),
+    ({"method": {"adapter": "lora"}}, False, r"a GGUF file has no place for lora tensors; add --merge"),
+    ({"method": {"adapter": "loretta_adp"}}, True, r"loretta_adp adapters are not a weight update GGUF can hold"),
+])
+def test_export_refuses_what_gguf_cannot_hold_before_loading_anything(tmp_path, sections, merge, message):
+    import re
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    recipe = {"model": {"name": str(tmp_path / "model.gguf")}, "data": {"task": "sst2"}}  # no such file: not read
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "model.out.gguf"
+    result = CliRunner().invoke(app, ["export", str(run), "--format", "gguf", "-o", str(out)]
+                                + (["--merge"] if merge else []))
+    assert result.exit_code == 2, result.output
+    assert re.search(rf"^error: {run} cannot be exported as GGUF: {message}", result.output), result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()

@@ -105,12 +105,13 @@ def model_tensors(model: nn.Module) -> dict[str, QuantLinear | torch.Tensor]:
 
 
 def write_gguf(model: nn.Module, source: Path, out: Path, note: Callable[[str], None] = print,
-               recorded: dict | None = None, types_from_file: bool = False) -> Path:
+               recorded: dict | None = None, types_from_file: bool = False, reader: GGUFReader | None = None) -> Path:
     """Write `model` (a LLaMA-architecture Hugging Face model whose linear layers may be QuantLinear) as a GGUF file
     at `out`, shaped after `source`. `recorded` ({"bytes", "sha256"}): the source as the run saw it;
-    `types_from_file`: the layers took their formats from the file, so a layer of another type means it changed."""
+    `types_from_file`: the layers took their formats from the file, so a layer of another type means it changed;
+    `reader`: the source already open (parsing a tokenizer's metadata takes seconds)."""
     check_recorded(source, recorded)
-    reader = read_source(source)
+    reader = reader or read_source(source)
     tensors = model_tensors(model)
     arch = field_value(reader, "general.architecture") or "llama"
     heads = (field_value(reader, f"{arch}.attention.head_count"), field_value(reader, f"{arch}.attention.head_count_kv"))
