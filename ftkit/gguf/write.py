@@ -113,7 +113,9 @@ def write_gguf(model: nn.Module, source: Path, out: Path, note: Callable[[str], 
     check_recorded(source, recorded)
     reader = reader or read_source(source)
     tensors = model_tensors(model)
-    arch = field_value(reader, "general.architecture") or "llama"
+    arch = field_value(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"{source}: general.architecture is {arch}; GGUF export writes LLaMA-architecture files")
     heads = (field_value(reader, f"{arch}.attention.head_count"), field_value(reader, f"{arch}.attention.head_count_kv"))
     _check_names(tensors, {t.name for t in reader.tensors}, source)
     requantized: list[str] = []
@@ -132,7 +134,7 @@ def _check_names(tensors: dict, names: set[str], source: Path) -> None:
         if name == TIED[0] and TIED[1] in tensors and not isinstance(value, QuantLinear) \
                 and torch.equal(value, tensors[TIED[1]]):
             continue  # tied, as in the file
-        where = "is tied to the token embedding in" if name == TIED[0] else "has no tensor in"
+        where = "is tied to the token embedding in" if name == TIED[0] else "has no counterpart in"
         raise UserError(f"{name}: the model's tensor {where} {source}; export --format hf")
     for name in names:
         hf = hf_name(name)
@@ -177,13 +179,13 @@ def _floats(name: str, values: np.ndarray, tensor, requantized: list):
     if ggml in FLOAT_TYPES:
         return (values if ggml == GGMLQuantizationType.F32 else quants.quantize(values, ggml)), ggml
     raw = np.asarray(tensor.data)
-    if np.array_equal(quants.dequantize(raw, ggml), values):
-        return raw, ggml  # untouched: the source's own bytes
     try:
+        if np.array_equal(quants.dequantize(raw, ggml), values):
+            return raw, ggml  # untouched: the source's own bytes
         encoded = quants.quantize(values, ggml)
     except NotImplementedError:
-        raise UserError(f"{name} was trained in full precision and its source type {ggml.name} has no quantizer "
-                        f"here; export --format hf") from None
+        raise UserError(f"{name}: the source's type {ggml.name} for this full-precision tensor has no "
+                        f"gguf.quants codec here; export --format hf") from None
     requantized.append(name)
     return encoded, ggml
 
