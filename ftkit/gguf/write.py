@@ -51,7 +51,7 @@ def refusal(recipe, source: Path | None, merge: bool) -> str | None:
     if source is None or recipe.model.config:
         return (f"model.name {recipe.model.name} is not read from a GGUF file (a .gguf path or smollm2-135m); "
                 f"export --format hf")
-    low_bit = fmt != "none" and (fmt == "gguf" or FORMATS[fmt].low_bit)
+    low_bit = fmt != "none" and (fmt not in FORMATS or FORMATS[fmt].low_bit)  # "gguf": each tensor the file's
     if low_bit and (fmt not in LAYOUTS and fmt != "gguf" or recipe.quant.engine != "native"):
         return f"quant.format {fmt} (engine {recipe.quant.engine}) has no GGUF block type; {SUGGEST}"
     if adapter.trains_base:
