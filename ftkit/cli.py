@@ -220,15 +220,25 @@ def _warn(line: str) -> None:
 @friendly
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory"),
-    out_dir: Path = typer.Option(..., "-o", "--out", help="Directory to write (must be new or empty)"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="Directory to write (must be new or empty); with "
+                                 "--format gguf, the .gguf file (must be new)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A step directory (default: best, else last)"),
     merge: bool = typer.Option(False, "--merge", help="Merge LoRETTA_rep / LoRA updates into the weights"),
+    fmt: str = typer.Option("hf", "--format", help="hf: a Hugging Face directory; gguf: a GGUF file in the block "
+                            "formats the run trained, for runs of a GGUF model (docs/runs.md)"),
 ):
-    """Write a run's model as a Hugging Face directory that from_pretrained loads (quantized weights dequantized)."""
-    from ftkit.runs import export_run
+    """Write a run's model as a Hugging Face directory that from_pretrained loads (quantized weights dequantized),
+    or as a GGUF file that llama.cpp runs."""
+    from ftkit.runs import export_gguf_run, export_run
 
     if not run_dir.is_dir():
         raise UserError(f"not a run directory: {run_dir}")
+    if fmt not in ("hf", "gguf"):
+        raise UserError(f"--format {fmt}: choose hf or gguf")
+    if fmt == "gguf":
+        written = export_gguf_run(run_dir, out_dir, checkpoint, merge, warn=_warn)
+        out.print(f"exported {run_dir} to {written} (llama.cpp loads it; scripts/gguf_check.py compares)", markup=False)
+        return
     written = export_run(run_dir, out_dir, checkpoint, merge, warn=_warn)
     out.print(f"exported {run_dir} to {written} (load with transformers' from_pretrained)", markup=False)
 

@@ -171,6 +171,31 @@ def export_run(run_dir: Path, out_dir: Path, checkpoint: Path | None = None, mer
     return out_dir
 
 
+def export_gguf_run(run_dir: Path, out_file: Path, checkpoint: Path | None = None, merge: bool = False,
+                    warn: Callable[[str], None] = print) -> Path:
+    """Write the run's model as one GGUF file shaped after the file its model was read from (ftkit.gguf.write):
+    the trained codes in their block formats as they are, float tensors in the source's types, the metadata
+    carried over. A run this cannot hold exactly is refused before anything is loaded or written."""
+    from ftkit.adapters import ADAPTERS
+    from ftkit.gguf.source import gguf_file
+    from ftkit.gguf.write import refusal, write_gguf
+
+    recipe = load_run_recipe(run_dir)
+    source = gguf_file(recipe.model.name)
+    why = refusal(recipe, source, merge)
+    if why is not None:
+        raise UserError(f"{run_dir} cannot be exported as GGUF: {why}")
+    if out_file.exists() or out_file.is_symlink():
+        raise UserError(f"{out_file} exists; choose another -o")
+    step_dir = checkpoint_to_use(run_dir, checkpoint, warn)
+    run = _run_without_data(recipe, run_dir)
+    ckpt.load_checkpoint(Path(step_dir), run.model)
+    adapter = ADAPTERS[recipe.method.adapter]
+    if adapter.unwrap is not None:
+        adapter.unwrap(run.model.backbone, True)
+    return write_gguf(run.model.backbone, source, out_file, note=warn, types_from_file=recipe.quant.format == "gguf")
+
+
 def _run_without_data(recipe: Recipe, run_dir: Path):
     """The run's model as training built it, without reading its data: the labels come from the recipe, a head
     initialised from the data from the run directory's record. A run directory from before the record was kept is
