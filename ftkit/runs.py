@@ -181,7 +181,8 @@ def export_gguf_run(run_dir: Path, out_file: Path, checkpoint: Path | None = Non
     from ftkit.gguf.write import refusal, write_gguf
 
     recipe = load_run_recipe(run_dir)
-    source = gguf_file(recipe.model.name)
+    recorded = _recorded_model_file(run_dir)
+    source = Path(recorded["path"]) if recorded else gguf_file(recipe.model.name)
     why = refusal(recipe, source, merge)
     if why is not None:
         raise UserError(f"{run_dir} cannot be exported as GGUF: {why}")
@@ -193,7 +194,21 @@ def export_gguf_run(run_dir: Path, out_file: Path, checkpoint: Path | None = Non
     adapter = ADAPTERS[recipe.method.adapter]
     if adapter.unwrap is not None:
         adapter.unwrap(run.model.backbone, True)
-    return write_gguf(run.model.backbone, source, out_file, note=warn, types_from_file=recipe.quant.format == "gguf")
+    return write_gguf(run.model.backbone, source, out_file, note=warn, recorded=recorded,
+                      types_from_file=recipe.quant.format == "gguf")
+
+
+def _recorded_model_file(run_dir: Path) -> dict | None:
+    """The GGUF file the run's model was read from, as training recorded it (data.json's "model": resolved path,
+    size, SHA-256), or None (a model not read from a GGUF file, or a run directory from before the record)."""
+    import json
+
+    from ftkit.data import provenance
+
+    try:
+        return json.loads((run_dir / provenance.RECORD).read_text()).get("model")
+    except (OSError, ValueError):
+        return None
 
 
 def _run_without_data(recipe: Recipe, run_dir: Path):

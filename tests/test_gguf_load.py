@@ -204,7 +204,7 @@ def test_count_params_under_the_files_format_reads_the_header_only(tiny, write_r
     assert own == asked and own["trainable"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64) + 5 * 64
 
 
-def test_quzo_trains_the_files_q4_1_codes_and_resumes_bit_exactly(tiny, tmp_path, write_recipe):
+def test_quzo_trains_the_files_q4_1_codes_resumes_bit_exactly_and_exports_into_its_file(tiny, tmp_path, write_recipe):
     def recipe(name, steps):
         return load_recipe(write_recipe(tiny_recipe(
             model={"name": str(tiny), "config": None}, quant={"format": "q4_1"}, method={"optimizer": "quzo"},
@@ -227,3 +227,48 @@ def test_quzo_trains_the_files_q4_1_codes_and_resumes_bit_exactly(tiny, tmp_path
     assert codes and any(not torch.equal(end[k], start[k.removeprefix("lm.")]) for k in codes)
     record = json.loads((tmp_path / "full" / "data.json").read_text())["model"]
     assert record["path"] == str(tiny.resolve()) and record["size"] == tiny.stat().st_size
+    exported_into_the_file(tiny, tmp_path / "full", tmp_path / "full.gguf")
+
+
+def exported_into_the_file(source, run_dir, out):
+    """`ftkit export --format gguf` of a run trained on the file's own Q4_1 codes: the tensors training left alone
+    come back as the source's bytes, the trained ones as the run's codes exactly (through gguf.quants), and a source
+    changed since training is refused in one line."""
+    from ftkit.gguf.names import hf_name, permuted_heads
+    from ftkit.runs import export_gguf_run
+
+    export_gguf_run(run_dir, out)
+    before, after = ({t.name: t for t in GGUFReader(path).tensors} for path in (source, out))
+    model = backbone(source, format="q4_1")
+    trained = load_checkpoint_weights(run_dir)
+    moved = 0
+    for name, tensor in after.items():
+        assert tensor.tensor_type == before[name].tensor_type
+        key = "lm." + hf_name(name).removesuffix(".weight")
+        if f"{key}.codes" not in trained:  # a float tensor: the trained norms as they are, the Q8_0 embedding's bytes
+            values = trained.get(f"{key}.weight")
+            expected = before[name].data if values is None or tensor.tensor_type != 0 else values.numpy()
+            assert np.array_equal(tensor.data, expected), name
+            continue
+        layer = model.get_submodule(key[3:])
+        if torch.equal(trained[f"{key}.codes"], layer.codes):
+            assert np.array_equal(tensor.data, before[name].data), name  # untouched: the source's bytes
+            continue
+        moved += 1
+        layer.codes.copy_(trained[f"{key}.codes"])
+        weight = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type))
+        heads = permuted_heads(name, 4, 2)
+        assert torch.equal(to_hf_rows(weight, heads) if heads else weight, layer.dequantize()), name
+    assert moved > 0
+    record = json.loads((run_dir / "data.json").read_text())
+    record["model"]["sha256"] = "0" * 64  # as if the file had changed since training
+    (run_dir / "data.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="has changed since the run was trained"):
+        export_gguf_run(run_dir, out.with_name("again.gguf"))
+    assert not out.with_name("again.gguf").exists()
+
+
+def load_checkpoint_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt.resolve(run_dir / "checkpoints", "last") / ckpt.WEIGHTS))

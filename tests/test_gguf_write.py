@@ -148,7 +148,7 @@ def test_what_gguf_cannot_hold_is_refused_by_name_and_nothing_is_written(files, 
     refused(model, other, out, r"tensor blk.0.attn_q.weight is Q4_0 where the run trained it as Q4_1; the file has "
             r"changed since training", types_from_file=True, reader=other_reader)
     refused(model, source, out, r"has changed since the run was trained",
-            recorded={"bytes": source.stat().st_size, "sha256": "0" * 64})
+            recorded={"size": source.stat().st_size, "sha256": "0" * 64})
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(source.read_bytes()[:5000])
     refused(model, truncated, out, rf"{truncated}: not a GGUF file")

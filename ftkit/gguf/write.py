@@ -83,7 +83,7 @@ def check_recorded(source: Path, recorded: dict | None) -> None:
         return
     from ftkit.data.provenance import sha256
 
-    if source.stat().st_size != recorded.get("bytes") or sha256(source) != recorded.get("sha256"):
+    if source.stat().st_size != recorded.get("size") or sha256(source) != recorded.get("sha256"):
         raise UserError(f"{source} has changed since the run was trained (its size or sha256 differs from the "
                         f"run's record); export --format hf, or restore the file")
 
@@ -107,7 +107,7 @@ def model_tensors(model: nn.Module) -> dict[str, QuantLinear | torch.Tensor]:
 def write_gguf(model: nn.Module, source: Path, out: Path, note: Callable[[str], None] = print,
                recorded: dict | None = None, types_from_file: bool = False, reader: GGUFReader | None = None) -> Path:
     """Write `model` (a LLaMA-architecture Hugging Face model whose linear layers may be QuantLinear) as a GGUF file
-    at `out`, shaped after `source`. `recorded` ({"bytes", "sha256"}): the source as the run saw it;
+    at `out`, shaped after `source`. `recorded` ({"size", "sha256"}: data.json's "model" entry): the source as the run saw it;
     `types_from_file`: the layers took their formats from the file, so a layer of another type means it changed;
     `reader`: the source already open (parsing a tokenizer's metadata takes seconds)."""
     check_recorded(source, recorded)
