@@ -186,7 +186,7 @@ def test_stochastic_rounding_is_unbiased_on_the_device(device, fmt):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt, group", [("int4", 0), ("int4", 64), ("int8", 0), ("fp8_e4m3", 0), ("q4_0", 32),
-                                        ("q4_1", 32), ("q8_0", 32)])
+                                        ("q4_1", 32), ("q5_0", 32), ("q8_0", 32)])
 def test_a_quantized_layer_gives_the_cpu_codes_and_output_on_the_device(device, fmt, group):
     from conftest import assert_sums_close
 

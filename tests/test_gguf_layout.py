@@ -13,7 +13,7 @@ from ftkit.gguf.layout import LAYOUTS, layer_from_file, layer_to_file
 from ftkit.gguf.names import gguf_name, hf_name, to_file_rows, to_hf_rows
 from ftkit.quant.linear import QuantLinear
 
-SIMPLE = ["q4_0", "q4_1", "q8_0"]
+SIMPLE = ["q4_0", "q4_1", "q5_0", "q8_0"]
 
 
 def weights(rows=70, cols=96, seed=0) -> torch.Tensor:
@@ -57,6 +57,18 @@ def test_a_trained_block_writes_its_new_codes():
     written = layer_to_file(layer)
     assert (written != raw).sum() == 2  # two nibbles in two bytes, nothing else
     assert torch.equal(torch.from_numpy(quants.dequantize(written, GGMLQuantizationType.Q4_1)), layer.dequantize())
+
+
+def test_a_q5_0_code_moved_across_16_writes_its_high_bit():
+    w = weights(seed=3)
+    raw = quants.quantize(w.numpy(), GGMLQuantizationType.Q5_0)
+    layer = layer_from_file("q5_0", raw, w.shape[1])
+    at = int((layer.code_values().view(-1) == -1).nonzero()[0])  # q = 15 -> 16: low nibble 15 -> 0, high bit set
+    layer.step_codes(torch.tensor([at]), torch.tensor([1]))
+    written = layer_to_file(layer)
+    row, block, j = at // 96, at % 96 // 32, at % 32
+    assert [tuple(i) for i in np.argwhere(written != raw)] == [(row, block * 22 + 2 + j // 8), (row, block * 22 + 6 + j % 16)]
+    assert torch.equal(torch.from_numpy(quants.dequantize(written, GGMLQuantizationType.Q5_0)), layer.dequantize())
 
 
 def test_the_query_and_key_row_permutation_is_undone_exactly():

@@ -106,6 +106,21 @@ def test_other_formats_convert_from_the_dequantized_file(tiny, reference):
     assert type(down) is nn.Linear and torch.equal(down.weight, full.model.layers[0].mlp.down_proj.weight)
 
 
+def test_the_fallback_types_of_a_q4_k_m_file_load_as_they_are(tmp_path):
+    """Where rows are no multiple of 256 llama.cpp's Q4_K_M stores Q5_0 and Q8_0 instead of Q4_K and Q6_K (SmolLM2's
+    attention and gate / up projections): under quant.format gguf each becomes its own format's layer holding the
+    file's blocks byte for byte (q rows in Hugging Face order)."""
+    q5, q8 = GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0
+    path = tiny_llama_gguf(tmp_path / "mixed.gguf", {"attn_q": q5, "ffn_gate": q5, "attn_v": q8}, seed=1)
+    reader = {t.name: t for t in open_gguf(path).tensors}
+    layers = backbone(path, format="gguf", kernel="dequantize").model.layers[1]
+    for layer, name, fmt in [(layers.self_attn.q_proj, "attn_q", "q5_0"), (layers.mlp.gate_proj, "ffn_gate", "q5_0"),
+                             (layers.self_attn.v_proj, "attn_v", "q8_0"), (layers.mlp.up_proj, "ffn_up", "q4_1")]:
+        raw = torch.from_numpy(np.array(reader[f"blk.1.{name}.weight"].data))
+        assert layer.fmt == fmt and np.array_equal(layer_to_file(layer), (to_hf_rows(raw, 4) if name == "attn_q"
+                                                                          else raw).numpy()), name
+
+
 def test_tokenizer_and_chat_template_come_from_the_file(tiny):
     tokenizer = load_tokenizer(ModelSpec(name=str(tiny)))
     assert len(tokenizer) == 49152 and "<|im_start|>" in tokenizer.chat_template

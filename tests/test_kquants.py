@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import TINY_BERT, tiny_recipe
-from gguf import GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, GGUFReader, quants
 from test_zo import same_bits, weights, zo_recipe
 
 from ftkit.errors import RecipeError, UserError
 from ftkit.gguf.layout import BY_TYPE, LAYOUTS, layer_from_file, layer_to_file
 from ftkit.optim.trace import read_trace
 from ftkit.optim.zo import TRACE_FILE
+from ftkit.quant.kquants import unpack_scale_mins
 from ftkit.quant.linear import QuantLinear
 from ftkit.recipe import load_recipe
 from ftkit.replay import replay
@@ -93,6 +94,46 @@ def test_quantizer_error_is_below_the_simpler_formats_on_gaussian_weights():
             for fmt in ("q4_1", "q4_k", "q6_k")}
     assert rmse["q4_k"] < 0.97 * rmse["q4_1"]
     assert rmse["q6_k"] < rmse["q4_k"] / 3.5
+
+
+def test_q4_k_rounds_a_six_bit_minimum_on_a_tie_as_llama_cpp_does():
+    """Sub-blocks on an exact grid (step 1/16) whose minimums, like those of weights read from a Q4_1 file, put
+    63 m / max m on 27.5 exactly for sub-block 6: llama.cpp's 63.f / max_min, one rounding, gives 27.5 and the even
+    28 (its quantize_row_q4_K_ref wrote these eight minimums for this super-block); the reciprocal times 63 rounds
+    twice, to 27.499998 and 27."""
+    mins = torch.tensor([0.349609375, 0.58203125, 0.44140625, 0.73828125, 0.388671875, 0.2578125, 0.322265625,
+                         0.337890625])
+    weight = (-mins[:, None] + torch.arange(32).remainder(16) / 16).reshape(1, 256)
+    packed = quantized("q4_k", weight).sub_scales.view(1, 1, 12)
+    sc, m = unpack_scale_mins(packed)
+    assert m.flatten().tolist() == [30, 50, 38, 63, 33, 22, 28, 29] and sc.flatten().tolist() == [63] * 8
+
+
+# (row, super-block) of SmolLM2's blk.3.ffn_down -> the bytes llama.cpp's quantize_row_q4_K_ref (llama-cpp-python
+# 0.3.36) writes for its float32 weights (scripts/make_gguf.py --compare checks every block of the model)
+LLAMA_CPP_Q4_K = {
+    (2, 3): (
+        "22150022a4bfacbe9e72667f1b64cbdda07f95990afc947936af776e735b75b67e80778958798c6c477469739dad3562"
+        "6aa3bb97aba3ebf8b4bc8fa47dc880a96805e4b69895e2984db9cabe7bbcb7c852aa2bfad8ba87993635a980646c6748"
+        "4aa9768c3e5f7d0745725467137a50563087baaa09297755c971a7b784692981857c481289a9635da0a7621f7695aaf6"),
+    (300, 4): (
+        "e914db20e1bf9feddcbf5db0300ff0c3d55138a55f87b07bdf9856a69c67ba0e7bc63ab96a78546c729359f67c5bab66"
+        "78755c84cb99a97de6778eb785a69af16a8649c0838f44a967b5b6d8c90c753e4d2c37863a6b575b59c8478cdf098a69"
+        "6a6e78377012f228aa8d775c5c65893561c24a2388037a9d50c2677672bb545b798b6d40a74e74fac409995b7771461f"),
+}
+
+
+def test_q4_k_writes_llama_cpps_bytes_where_float32_rounding_decides():
+    """Two super-blocks of the packaged model (Q4_1 weights, so on a 4-bit grid, where ties are common): a 6-bit
+    minimum on a tie (the test above) and a sub-block whose RMS, torch's float32 sqrt one unit off, changed the
+    weights of the fit and the minimum it chose: ftkit writes llama.cpp's bytes for both."""
+    from ftkit.models.packaged import smollm2_gguf
+
+    reader = GGUFReader(smollm2_gguf())
+    tensor = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
+    for (row, block), expected in LLAMA_CPP_Q4_K.items():
+        weight = quants.dequantize(np.asarray(tensor.data)[row:row + 1], tensor.tensor_type)[:, block * 256:][:, :256]
+        assert to_file(quantized("q4_k", torch.from_numpy(weight.copy()))).tobytes().hex() == expected, (row, block)
 
 
 @pytest.mark.parametrize("fmt", list(TYPES))

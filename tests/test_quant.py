@@ -179,7 +179,8 @@ def test_quant_linear_storage_and_dequantization(fmt, group_size):
         return
     layer = QuantLinear.from_linear(source, fmt, group_size=group_size, scale_dtype=torch.float32)
     expected_dtype = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn,
-                      "fp8_e5m2": torch.float8_e5m2, "q4_0": torch.uint8, "q4_1": torch.uint8, "q8_0": torch.int8}[fmt]
+                      "fp8_e5m2": torch.float8_e5m2, "q4_0": torch.uint8, "q4_1": torch.uint8, "q5_0": torch.int8,
+                      "q8_0": torch.int8}[fmt]
     assert layer.codes.dtype == expected_dtype
     assert not any(t.dtype == torch.float32 and t.numel() >= source.weight.numel() for t in layer.state_dict().values())
     weight = source.weight.detach()
@@ -187,8 +188,9 @@ def test_quant_linear_storage_and_dequantization(fmt, group_size):
     scales = layer.scales.float().repeat_interleave(group_size or weight.shape[1], dim=1).abs()
     # GGUF's quantizers choose d in float32 and round it to float16 after: up to 2^-9 of a row's largest weight more
     slack = 2**-9 * weight.abs().amax(dim=1, keepdim=True) if block else 1e-6
-    # Q4_0 maps the signed largest value to -8, so values beyond +7 steps (of the opposite sign) clamp: a whole step
-    steps = 1.0 if fmt == "q4_0" else 0.5
+    # Q4_0 (Q5_0) maps the signed largest value to -8 (-16), so values beyond +7 (+15) steps of the opposite sign
+    # clamp: a whole step
+    steps = 1.0 if fmt in ("q4_0", "q5_0") else 0.5
     error = (layer.dequantize() - weight).abs()
     assert torch.all(error <= CODECS[fmt].spacing(weight / scales) * scales * steps + slack)
 
@@ -332,7 +334,7 @@ def test_bitsandbytes_engine_runs_frozen_and_counts_its_bytes(fmt, kind, double)
     assert count_model(model)["total"] == 256 * 96 + 96 + 96 * 64 + 64
 
 
-@pytest.mark.parametrize("fmt", ["int4", "q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["int4", "q4_0", "q4_1", "q5_0", "q8_0"])
 def test_count_params_reports_int4_storage_with_logical_counts(write_recipe, fmt):
     from ftkit.models.count import count_parameters
     from ftkit.recipe import load_recipe
@@ -341,9 +343,11 @@ def test_count_params_reports_int4_storage_with_logical_counts(write_recipe, fmt
     int4 = count_parameters(load_recipe(write_recipe({"quant": {"format": fmt}}, "int4.yaml")))
     assert int4["total"] == fp32["total"] == 22_713_216 + 770
     linear_weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
-    # int4: half a byte a weight and a bf16 scale a row; GGUF's: the file's bytes per block of 32 weights
+    # int4: half a byte a weight and a bf16 scale a row; GGUF's: the file's bytes per block of 32 weights, but Q5_0's
+    # 5-bit codes take a byte each (34 bytes a block held, 22 in a file)
     stored = {"int4": linear_weights // 2 + 2 * 6 * (4 * 384 + 1536 + 384), "q4_0": linear_weights // 32 * 18,
-              "q4_1": linear_weights // 32 * 20, "q8_0": linear_weights // 32 * 34}[fmt]
+              "q4_1": linear_weights // 32 * 20, "q5_0": linear_weights // 32 * 34,
+              "q8_0": linear_weights // 32 * 34}[fmt]
     saved = fp32["stored_bytes"] - int4["stored_bytes"]
     assert saved == linear_weights * 4 - stored
     # Quantized codes are not trained by first-order methods: only full-precision parameters remain trainable.
@@ -557,7 +561,7 @@ def test_a_runs_summary_counts_parameters_as_count_params_does(write_recipe, tmp
 
 # --- GGUF's block formats -------------------------------------------------------------------------------------
 
-GGUF_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0"}
+GGUF_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q8_0": "Q8_0"}
 
 
 def gguf_reference_matrix() -> torch.Tensor:
@@ -569,13 +573,16 @@ def gguf_reference_matrix() -> torch.Tensor:
     weight[1, 0] = 0.0
     weight[3, :64], weight[4, 32:64] = 0.0, 0.25  # d = 0 in the file
     weight[5] *= 1e4  # large blocks: float16 scales near their range
+    weight[6, :32] = halves
+    weight[6, 0] = 16.0  # pins Q5_0's d to -1: its ties
     return weight
 
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
 def test_gguf_block_codes_dequantize_to_what_gguf_quants_gives_for_its_own_bytes(fmt):
     """The same float matrix quantized by ftkit and by gguf.quants (bit-exact with llama.cpp's quantizer): equal
-    weights to the bit, and true bytes: 18 (Q4_0), 20 (Q4_1) or 34 (Q8_0) per block of 32."""
+    weights to the bit, and true bytes: 18 (Q4_0), 20 (Q4_1) or 34 (Q8_0) per block of 32; Q5_0 holds 34 (one byte
+    a code, the file packs 22)."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
@@ -587,8 +594,8 @@ def test_gguf_block_codes_dequantize_to_what_gguf_quants_gives_for_its_own_bytes
     layer = QuantLinear.from_linear(source, fmt)
     assert layer.group_size == 32 and layer.scales.dtype == torch.float16
     assert torch.equal(layer.dequantize(), torch.from_numpy(np.ascontiguousarray(expected)))
-    per_block = {"q4_0": 18, "q4_1": 20, "q8_0": 34}[fmt]
-    padded = 128 if fmt != "q8_0" else 96  # 4-bit codes: rows in blocks of 64
+    per_block = {"q4_0": 18, "q4_1": 20, "q5_0": 34, "q8_0": 34}[fmt]
+    padded = 128 if fmt in ("q4_0", "q4_1") else 96  # 4-bit codes: rows in blocks of 64
     blocks = 96 * 256 // 32
     assert layer.stored_bytes == blocks * per_block + (padded - 96) * 256 // 2
 
@@ -613,7 +620,7 @@ def test_a_formats_declared_block_is_its_codecs():
     for fmt in quant.FORMATS:
         codec = fmt.grid() if fmt.low_bit else None
         assert fmt.block == getattr(codec, "block", 0), fmt.name
-    assert [f.name for f in quant.FORMATS if f.block] == ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"]
+    assert [f.name for f in quant.FORMATS if f.block] == ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k"]
 
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))

@@ -65,7 +65,7 @@ def test_key_in_wrong_section_points_to_the_right_one(write_recipe):
         ("train", {"warmup_steps": 50}, "train.warmup_steps: 50 is more than train.max_steps (12)"),
         ("train", {"batch_size": 0}, "train.batch_size: must be at least 1"),
         ("quant", {"format": "int3"}, "quant.format: unknown choice 'int3' (available: fp8_e4m3, fp8_e5m2, gguf, int4, "
-                                      "int8, none, q4_0, q4_1, q4_k, q6_k, q8_0; did you mean 'int8'?)"),
+                                      "int8, none, q4_0, q4_1, q4_k, q5_0, q6_k, q8_0; did you mean 'int8'?)"),
         ("quant", {"format": "fp8_e4m3", "engine": "bitsandbytes"}, "the bitsandbytes engine provides int8, int4"),
         ("quant", {"group_size": 33}, "quant.group_size: must be even"),
         ("quant", {"kernel": "int4pak"}, "quant.kernel: unknown kernel 'int4pak' (available: auto, dequantize, "

@@ -18,6 +18,7 @@ from ftkit.training.setup import build_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import codes_moved  # noqa: E402
+import make_gguf  # noqa: E402
 import zo_race  # noqa: E402
 
 
@@ -111,3 +112,36 @@ def test_zo_race_table_gives_the_seed_spread_and_the_forwards_to_the_target():
     assert "| 77.0 +- 1.4 (2) |  | 800 (1/2 runs) | 60 | 1.00 | 2.0 |" in rows["| QuZO, Gaussian, central"]
     # The screen's run and the longer one: the costs and the forwards to the target of the longer.
     assert "| 71.0 (1) | 80.0 (1) | 2,400 (1/1 runs) | 120 |" in rows["| QuZO, random signs, central"]
+
+
+def test_make_gguf_expands_every_tensor_to_float32_and_counts_the_blocks_ftkit_quantizes_alike(tmp_path):
+    """The float32 file holds each tensor's reference dequantization under its name, the metadata, file type ALL_F32;
+    quantizing it again with ftkit gives the Q5_0 and Q8_0 tensors' own bytes (their grids hold their largest
+    values exactly, so requantizing finds the same scales and codes)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+
+    from ftkit.gguf.metadata import field_value
+
+    rng, source = np.random.default_rng(0), tmp_path / "small.gguf"
+    writer = GGUFWriter(str(source), "llama")
+    writer.add_file_type(8)  # MOSTLY_Q5_0
+    writer.add_block_count(1)
+    for name, shape, kind in [("token_embd.weight", (100, 64), "Q8_0"), ("blk.0.attn_norm.weight", (64,), "F32"),
+                              ("blk.0.ffn_up.weight", (96, 64), "Q5_0"), ("blk.0.ffn_down.weight", (64, 96), "Q5_0")]:
+        values, ggml = rng.normal(0, 0.05, shape).astype(np.float32), GGMLQuantizationType[kind]
+        writer.add_tensor(name, quants.quantize(values, ggml) if kind != "F32" else values, raw_dtype=ggml)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    make_gguf.write_f32(source, tmp_path / "small.f32.gguf")
+    original, expanded = GGUFReader(source), GGUFReader(tmp_path / "small.f32.gguf")
+    assert field_value(expanded, "general.file_type") == 0 and field_value(expanded, "llama.block_count") == 1
+    assert [t.name for t in expanded.tensors] == [t.name for t in original.tensors]
+    for ours, theirs in zip(expanded.tensors, original.tensors):
+        assert ours.tensor_type == GGMLQuantizationType.F32
+        assert np.array_equal(ours.data, quants.dequantize(np.asarray(theirs.data), theirs.tensor_type))
+    assert make_gguf.compare(tmp_path / "small.f32.gguf", source) == {
+        "Q5_0": {"tensors": 2, "identical_tensors": 2, "blocks": 384, "identical_blocks": 384},
+        "Q8_0": {"tensors": 1, "identical_tensors": 1, "blocks": 200, "identical_blocks": 200}}

@@ -388,7 +388,7 @@ def test_a_perturbed_forward_draws_its_direction_on_several_threads_inside_infer
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 0), ("int8", 0), ("fp8_e5m2", 32), ("q4_0", 32),
-                                       ("q4_1", 32), ("q8_0", 32)])
+                                       ("q4_1", 32), ("q5_0", 32), ("q8_0", 32)])
 def test_row_blocks_and_noise_chunks_do_not_change_a_single_bit(monkeypatch, fmt, group):
     """Large layers are perturbed, dequantized and rewritten a block of rows at a time to bound their temporaries;
     the arithmetic per element is the same, so 64-row blocks (200 rows: 64, 64, 64, 8) give what one block gives."""
@@ -753,7 +753,8 @@ def test_replay_refuses_a_different_recipe(write_recipe, tmp_path):
         replay(changed, tmp_path / "mezo" / TRACE_FILE, tmp_path / "other")
 
 
-@pytest.mark.parametrize("optimizer, quant", [("quzo", {"format": "int4"}), ("mezo", {}), ("quzo", {"format": "q4_1"})])
+@pytest.mark.parametrize("optimizer, quant", [("quzo", {"format": "int4"}), ("mezo", {}), ("quzo", {"format": "q4_1"}),
+                                              ("quzo", {"format": "q5_0"})])
 def test_resume_is_bit_exact_and_the_trace_continues(write_recipe, tmp_path, optimizer, quant):
     full = zo_recipe(write_recipe, tmp_path, "full", optimizer, quant=quant, train={"max_steps": 12, "save_every": 6})
     train(full)

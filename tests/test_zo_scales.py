@@ -139,6 +139,7 @@ def test_clipping_bounds_the_recorded_gradients_and_replays(write_recipe, tmp_pa
     ("quzo", {"format": "int8"}, {"direction": "rademacher", "n_queries": 2}),
     ("mezo", {"format": "int4", "group_size": 16, "scale_dtype": "float32"}, {}),
     ("quzo", {"format": "q4_0"}, {}),  # float16 scales, rounded stochastically
+    ("quzo", {"format": "q5_0"}, {}),
 ])
 def test_scales_train_the_codes_stay_and_runs_resume_and_replay_bit_for_bit(write_recipe, tmp_path, optimizer, quant,
                                                                           zo):

@@ -6,13 +6,15 @@ llama.cpp writes them (gguf.quants reads the same layout):
 
     Q4_0  float16 d,            16 bytes: byte j holds nibble q_j low, q_(j+16) high      18 bytes per 32
     Q4_1  float16 d, float16 m, the same 16 bytes                                         20 bytes per 32
+    Q5_0  float16 d, 4 bytes qh: bit j the high bit of q_j (little-endian), then the
+          16 bytes of Q4_0 holding the low four bits of each q                            22 bytes per 32
     Q8_0  float16 d,            32 int8 codes                                             34 bytes per 32
 
-ftkit's layers hold the same numbers (ftkit.quant.gguf_blocks): Q4_0's code is q - 8, Q4_1's q, Q8_0's q, and the
-scales and minimums are the blocks' float16 d and m. The one difference is a block whose d is 0 (all its weights
-equal): the layer keeps d = 1 (with d's sign: Q4_0 writes -0) and the same codes, all zero, so that zeroth-order updates stay finite; its weights
-are those of d = 0 either way, and writing such a block puts d = 0 back, so an untouched tensor's bytes come back
-as they were read.
+ftkit's layers hold the same numbers (ftkit.quant.gguf_blocks): Q4_0's code is q - 8, Q4_1's q, Q5_0's q - 16,
+Q8_0's q, and the scales and minimums are the blocks' float16 d and m. The one difference is a block whose d is 0
+(all its weights equal): the layer keeps d = 1 (with d's sign: Q4_0 and Q5_0 write -0) and the same codes, all
+zero, so that zeroth-order updates stay finite; its weights are those of d = 0 either way, and writing such a block
+puts d = 0 back, so an untouched tensor's bytes come back as they were read.
 
 LAYOUTS maps a format name to its BlockLayout; the K-quants register theirs from kquant_layout.py.
 """
@@ -64,8 +66,9 @@ def _zero_blocks_back(scales: torch.Tensor, q: torch.Tensor, zero_code: int) -> 
 
 
 def _blocks(layer: QuantLinear, rows: slice) -> torch.Tensor:
-    """The layer's file codes of `rows` as int64 [rows, blocks, 32] (Q4_0: q = code + 8)."""
-    values = layer.code_values(rows) - layer.codec.qmin if layer.codec.bits == 4 else layer.code_values(rows)
+    """The layer's file codes of `rows` as int64 [rows, blocks, 32] (Q4_0: q = code + 8, Q5_0: code + 16; Q8_0's
+    file codes are signed, as the layer's)."""
+    values = layer.code_values(rows) - layer.codec.qmin if layer.codec.bits < 8 else layer.code_values(rows)
     return values.to(torch.int64).view(values.shape[0], -1, BLOCK)
 
 
@@ -77,6 +80,13 @@ def _q4_to_file(layer: QuantLinear, rows: slice) -> np.ndarray:
         fields.append(_f16_bytes(layer.minimums[rows]))
     fields.append(_halves(q.numpy().astype(np.uint8)))
     return np.concatenate(fields, axis=-1).reshape(q.shape[0], -1)
+
+
+def _q5_to_file(layer: QuantLinear, rows: slice) -> np.ndarray:
+    q = _blocks(layer, rows).numpy().astype(np.uint8)
+    d = _f16_bytes(_zero_blocks_back(layer.scales[rows], torch.from_numpy(q), 16))
+    qh = np.packbits(q >> 4, axis=-1, bitorder="little")  # bit j of the 32 is q_j's fifth bit: 4 bytes
+    return np.concatenate([d, qh, _halves(q & 0x0F)], axis=-1).reshape(q.shape[0], -1)
 
 
 def _q8_to_file(layer: QuantLinear, rows: slice) -> np.ndarray:
@@ -100,6 +110,13 @@ def _q4_from_file(signed: bool) -> Callable:
     return read
 
 
+def _q5_from_file(raw: np.ndarray, cols: int):
+    blocks = raw.reshape(raw.shape[0], cols // BLOCK, -1)
+    high = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")
+    q = torch.from_numpy((_nibbles(blocks[..., 6:]) | (high << 4)).astype(np.float32))
+    return (q - 16).reshape(raw.shape[0], cols), {"scales": _file_scales(_f16(blocks[..., 0:2]))}
+
+
 def _q8_from_file(raw: np.ndarray, cols: int):
     blocks = raw.reshape(raw.shape[0], cols // BLOCK, -1)
     q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).astype(np.float32))
@@ -109,6 +126,7 @@ def _q8_from_file(raw: np.ndarray, cols: int):
 LAYOUTS: dict[str, BlockLayout] = {
     "q4_0": BlockLayout(GGMLQuantizationType.Q4_0, _q4_to_file, _q4_from_file(signed=True)),
     "q4_1": BlockLayout(GGMLQuantizationType.Q4_1, _q4_to_file, _q4_from_file(signed=False)),
+    "q5_0": BlockLayout(GGMLQuantizationType.Q5_0, _q5_to_file, _q5_from_file),
     "q8_0": BlockLayout(GGMLQuantizationType.Q8_0, _q8_to_file, _q8_from_file),
 }
 BY_TYPE = {layout.ggml_type: fmt for fmt, layout in LAYOUTS.items()}

@@ -5,8 +5,10 @@ matrix at once.
 How faithful: every arithmetic step is the reference's, in float32, in the reference's order: sums are
 accumulated one term at a time in index order (not tree-reduced), products are grouped as the C expressions group
 them, the trial scales' loop constants are float32 (0.1f * is), rounding to an integer is nearest-even (what
-nearest_int's magic-number addition does), and float16 conversions round to nearest-even, so the stored bytes are
-those of a build of ggml that does not contract a * b + c into fused multiply-adds. A compiler that contracts
+nearest_int's magic-number addition does), divisions and square roots are correctly rounded as C's are, and
+float16 conversions round to nearest-even, so the stored bytes are those of a build of ggml that does not contract
+a * b + c into fused multiply-adds: every block of a Q4_K_M SmolLM2 that llama.cpp (llama-cpp-python 0.3.36)
+quantized from float32 (scripts/make_gguf.py --compare). A compiler that contracts
 (GCC's default -ffp-contract=fast with FMA enabled) rounds some of the search's sums differently, and may pick a
 different trial scale for a sub-block where two are within a rounding of each other. Both produce valid files.
 
@@ -118,12 +120,15 @@ def quantize_q4_k(weight: torch.Tensor, rounding: str = "nearest", generator=Non
     rows, cols = weight.shape
     blocks = cols // SUPER_BLOCK
     x = weight.to(torch.float32).reshape(-1, 32).T.contiguous()  # [32, sub-blocks]
-    av = torch.sqrt(sequential_sum(x * x) / 32)
+    # sqrtf is correctly rounded; torch's float32 sqrt on the CPU can be one unit in the last place off. The float64
+    # root of a float32 number rounds to float32's correctly rounded root (53 >= 2 * 24 + 2 bits).
+    av = torch.sqrt((sequential_sum(x * x) / 32).double()).float()
     fitted, scale, mins = fit_scale_and_min(x, av + x.abs(), 15, -1.0, 0.1, 20)
     scale, mins = scale.view(-1, 8), mins.view(-1, 8)
     max_scale, max_min = scale.amax(1).clamp(min=0), mins.amax(1).clamp(min=0)
-    inv_scale = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
+    # 63.f / max as C divides: a Python number over a tensor is its reciprocal times the number, rounded twice
+    inv_scale = torch.where(max_scale > 0, _f32(63) / max_scale, torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _f32(63) / max_min, torch.zeros_like(max_min))
     sc, m = _nearest_byte(inv_scale[:, None] * scale), _nearest_byte(inv_min[:, None] * mins)
     d, dmin = (max_scale / 63).to(torch.float16), (max_min / 63).to(torch.float16)
     sub_d = (d.to(torch.float32)[:, None] * sc).view(-1, 8, 1)
@@ -145,7 +150,7 @@ def quantize_q6_k(weight: torch.Tensor, rounding: str = "nearest", generator=Non
     scale = scale.view(-1, 16)
     top = scale.gather(1, scale.abs().argmax(1, keepdim=True)).squeeze(1)
     empty = top.abs() < 1e-15
-    iscale = -128 / top
+    iscale = _f32(-128) / top  # a true division (a power of two: the same as the reciprocal times -128)
     d = torch.where(empty, torch.zeros_like(top), 1 / iscale).to(torch.float16)
     sc = torch.round(iscale[:, None] * scale).clamp_(-128, 127)
     sc = torch.where(empty[:, None], torch.zeros_like(sc), sc)

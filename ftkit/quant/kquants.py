@@ -47,7 +47,7 @@ class KQuantCodec(IntCodec):
         if cols % SUPER_BLOCK:
             raise ValueError(f"{self.name} stores super-blocks of {SUPER_BLOCK} weights along each row, and "
                              f"{cols} input features are not a multiple of {SUPER_BLOCK} (list the layer in "
-                             f"quant.skip, or use q4_1 / q8_0 for it)")
+                             f"quant.skip, or use q5_0 / q8_0 for it, as llama.cpp does)")
 
     def empty_stored(self, rows: int, cols: int, device=None) -> dict[str, torch.Tensor]:
         """Zero buffers of the stored per-super-block tensors of a [rows, cols] layer."""

@@ -49,7 +49,7 @@ class QuantSpec:
     format: str = option("none", help="Weight format of the linear layers.", choices=lambda: _registry("FORMATS"))
     engine: str = option("native", help="How a linear layer holds the format.", choices=lambda: _registry("ENGINES"))
     group_size: int = option(0, help="0: one scale per output channel; otherwise one scale per group of this many "
-                                     "input columns (GGUF's q4_0 / q4_1 / q8_0: their blocks of 32).")
+                                     "input columns (GGUF's q4_0 / q4_1 / q5_0 / q8_0: blocks of 32).")
     scale_method: Literal["absmax", "mse"] = option("absmax", help="Scales from the absolute maximum or an MSE "
                                                                    "search over clipping ratios.")
     scale_dtype: Literal["bfloat16", "float32"] = option("bfloat16", help="Dtype the scales are stored in.")
