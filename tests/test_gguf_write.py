@@ -179,7 +179,7 @@ def test_a_shape_that_changed_is_named(files, tmp_path):
 @pytest.mark.parametrize("sections, merge, message", [
     ({"model": {"name": "minilm"}}, False, r"model.name minilm is not read from a GGUF file .*; export --format hf"),
     ({"model": {"name": "smollm2-135m"}, "quant": {"format": "int4"}}, False,
-     r"quant.format int4 \(engine native\) has no GGUF block type; train with quant.format q4_0, q4_1, q8_0 or gguf"),
+     r"quant.format int4 \(engine native\) has no GGUF block type; train with a GGUF format \(q4_0, q4_1, q5_0"),
     ({"quant": {"format": "q4_1"}, "method": {"adapter": "loretta_rep"}}, True,
      r"a loretta_rep update cannot be merged into q4_1 codes exactly; export --format hf --merge"),
     ({"method": {"adapter": "lora"}}, False, r"a GGUF file has no place for lora tensors; add --merge"),

@@ -38,7 +38,7 @@ FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizat
 FILE_TYPES = {GGMLQuantizationType.Q4_0: LlamaFileType.MOSTLY_Q4_0, GGMLQuantizationType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
               GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0}
 TIED = ("lm_head.weight", "model.embed_tokens.weight")  # the output layer and the embedding it is tied to
-SUGGEST = "train with quant.format q4_0, q4_1, q8_0 or gguf, or export --format hf"
+SUGGEST = "train with a GGUF format (q4_0, q4_1, q5_0, q8_0, q4_k, q6_k, or gguf: the file's own), or export --format hf"
 
 
 def refusal(recipe, source: Path | None, merge: bool) -> str | None:
