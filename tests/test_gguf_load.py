@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from conftest import EPS32, tiny_recipe
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
-from gguf_files import tiny_llama_gguf
+from gguf_files import VOCAB, tiny_llama_gguf
 
 from ftkit.errors import RecipeError, UserError
 from ftkit.gguf.layout import layer_to_file
@@ -123,14 +123,14 @@ def test_the_fallback_types_of_a_q4_k_m_file_load_as_they_are(tmp_path):
 
 def test_tokenizer_and_chat_template_come_from_the_file(tiny):
     tokenizer = load_tokenizer(ModelSpec(name=str(tiny)))
-    assert len(tokenizer) == 49152 and "<|im_start|>" in tokenizer.chat_template
+    assert len(tokenizer) == VOCAB and "<|im_start|>" in tokenizer.chat_template
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "<|im_start|>user\nhi<|im_end|>" in chat
 
 
 def test_an_untied_output_is_read_in_its_format_or_kept_in_full_precision(tiny, tmp_path):
     rng = np.random.default_rng(1)
-    untied = rewrite(tiny, tmp_path / "untied.gguf", add={"output.weight": (rng.normal(0, 0.05, (49152, 64)), Q4_1)})
+    untied = rewrite(tiny, tmp_path / "untied.gguf", add={"output.weight": (rng.normal(0, 0.05, (VOCAB, 64)), Q4_1)})
     output = next(t for t in open_gguf(untied).tensors if t.name == "output.weight")  # the loader's reader
     expected = torch.from_numpy(quants.dequantize(output.data, output.tensor_type))
     default = backbone(untied, format="q4_1")  # lm_head is in quant.skip by default: float, from the file
@@ -167,8 +167,8 @@ def bad_files(tiny, tmp_path_factory) -> dict:
     iq4_nl = int(GGMLQuantizationType.IQ4_NL).to_bytes(4, "little")
     return {
         "short": (folder / "short.gguf", "q4_1",
-                  r"short.gguf is truncated: tensor blk.1.ffn_down.weight needs bytes up to 5,160,128 and the file has "
-                  r"5,159,384"),
+                  r"short.gguf is truncated: tensor blk.1.ffn_down.weight needs bytes up to 145,920 and the file has "
+                  r"145,176"),
         "foreign": (folder / "foreign.gguf", "q4_1", r"foreign.gguf is not a GGUF file"),
         "mamba": (edited(tiny, folder / "mamba.gguf", b"\x05\x00\x00\x00\x00\x00\x00\x00llama",
                          b"\x05\x00\x00\x00\x00\x00\x00\x00mamba"), "q4_1",

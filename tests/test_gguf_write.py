@@ -107,7 +107,7 @@ def test_trained_codes_and_norms_are_written_exactly_and_transformers_loads_the_
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
-    ids = torch.tensor([[1, 42, 420, 4200, 42000]])
+    ids = torch.tensor([[1, 42, 420, 700, 1000]])
     with torch.no_grad():
         expected, got = model(ids).logits, loaded(ids).logits
     # The same weights in float32 computed by two modules: a relative 1e-5 of the logits' scale.
@@ -138,7 +138,7 @@ def test_what_gguf_cannot_hold_is_refused_by_name_and_nothing_is_written(files, 
     out = tmp_path / "out.gguf"
     down = model.model.layers[0].mlp.down_proj
     replace_module(model, "model.layers.0.mlp.down_proj", QuantLinear.from_linear(_linear(down.dequantize()), "int4"))
-    refused(model, source, out, r"blk.0.ffn_down.weight: format int4 has no GGUF block type; train with quant.format",
+    refused(model, source, out, r"blk.0.ffn_down.weight: format int4 has no GGUF block type; train with a GGUF format",
             reader=reader)
     _, _, model = files("q4_1")
     model.lm_head = torch.nn.Linear(64, model.config.vocab_size, bias=False)
