@@ -58,14 +58,17 @@ GPU_LINEAR_CASES = [
 
 # GGUF's block formats against int4 groups of 64, on a SmolLM2-135M MLP layer (576 inputs, 1536 outputs).
 GGUF_CASES = [("int4 group 64", "int4", 64, "auto"), ("q4_0", "q4_0", 0, "auto"), ("q4_1", "q4_1", 0, "auto"),
-              ("q8_0", "q8_0", 0, "auto"), ("q4_0, dequantize", "q4_0", 0, "dequantize"),
-              ("q4_1, dequantize", "q4_1", 0, "dequantize")]
+              ("q5_0", "q5_0", 0, "auto"), ("q8_0", "q8_0", 0, "auto"), ("q4_k", "q4_k", 0, "auto"),
+              ("q6_k", "q6_k", 0, "auto"), ("q4_0, dequantize", "q4_0", 0, "dequantize"),
+              ("q4_1, dequantize", "q4_1", 0, "dequantize"), ("q4_k, dequantize", "q4_k", 0, "dequantize")]
+# SmolLM2's ffn_down: its 1,536 inputs are whole super-blocks of 256, so the K-quants run on it too
+GGUF_SHAPE = (1536, 576)
 
 
 def bench_gguf(repeats: int, rows: int) -> list[tuple[str, float]]:
     """Each GGUF format's forward (the kernel `auto` picks, and dequantize-then-matmul) against int4 g64's."""
     torch.manual_seed(0)
-    reference, x = nn.Linear(576, 1536), torch.randn(rows, 576)
+    reference, x = nn.Linear(*GGUF_SHAPE), torch.randn(rows, GGUF_SHAPE[0])
     cases = []
     for label, fmt, group, kernel in GGUF_CASES:
         layer = QuantLinear.from_linear(reference, fmt, group_size=group, kernel=kernel)
@@ -183,7 +186,7 @@ def main() -> None:
             print(table(bench_linear(args.repeats), "nn.Linear 4096x4096, batch 64") + "\n")
     if "gguf" in sections:
         for rows in (8, 128, 1024):
-            title = f"576x1536 layer (SmolLM2 MLP), {rows} rows"
+            title = f"{GGUF_SHAPE[0]}x{GGUF_SHAPE[1]} layer (SmolLM2's ffn_down), {rows} rows"
             print(table(bench_gguf(args.repeats, rows), title, "int4 group 64") + "\n")
     if "model" in sections:
         print(table(bench_model(max(3, args.repeats // 4)), "OPT-125m shape, 16 x 128 tokens") + "\n")
