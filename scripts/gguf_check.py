@@ -6,7 +6,9 @@ log-probabilities of the label words are compared, then each side's test accurac
     python scripts/gguf_check.py FILE.gguf recipes/smollm2/zero_shot.yaml quant.format=none --n 200
 
 The second argument is a run directory (its best checkpoint, else its last) or a recipe with overrides: what
-`ftkit eval` would evaluate. Needs llama-cpp-python (`pip install llama-cpp-python`, built from source: cmake and a
+`ftkit eval` would evaluate, and as it computes it: ftkit's side runs one example at a time, where the CPU int4
+kernel (taken below 512 tokens) would round activations and scales to bfloat16, so it dequantizes
+(`quant.kernel=dequantize`, as an evaluation batch does) unless an override names a kernel. Needs llama-cpp-python (`pip install llama-cpp-python`, built from source: cmake and a
 C++ compiler); docs/runs.md has the figures on the packaged SmolLM2 file. Not part of the test suite.
 """
 
@@ -91,7 +93,7 @@ def main() -> None:
 
     use_shared_data()
     torch.set_num_threads(args.threads)
-    model, run = ftkit_run(args.target, args.overrides)
+    model, run = ftkit_run(args.target, ["quant.kernel=dequantize", *args.overrides])  # a later override wins
     rows = prompts(run, args.n)
     llm = Llama(model_path=str(args.gguf), logits_all=True, n_ctx=max(len(r[0]) for r in rows) + 8,
                 n_threads=args.threads, n_threads_batch=args.threads, n_batch=512, verbose=False)
