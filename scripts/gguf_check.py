@@ -100,6 +100,7 @@ def main() -> None:
     if llm.n_vocab() != len(run.tokenizer):
         sys.exit(f"{args.gguf} has {llm.n_vocab()} tokens, ftkit's tokenizer {len(run.tokenizer)}: not the same model")
     label_diffs, logit_diffs, correct = [], [], {"ftkit": 0, "llama.cpp": 0}
+    split_margins = []  # ftkit's margin between its top two label words where the two sides' predictions differ
     seconds = {"ftkit": 0.0, "llama.cpp": 0.0}
     for index, (ids, candidates, label) in enumerate(rows):
         start = time.perf_counter()
@@ -112,6 +113,9 @@ def main() -> None:
         logit_diffs.append(np.abs(ours - theirs).mean())
         correct["ftkit"] += int(np.argmax(ours[candidates]) == label)
         correct["llama.cpp"] += int(np.argmax(theirs[candidates]) == label)
+        if np.argmax(ours[candidates]) != np.argmax(theirs[candidates]):
+            top = np.sort(ours[candidates])
+            split_margins.append(top[-1] - top[-2])
         if (index + 1) % 100 == 0:
             print(f"{index + 1} / {len(rows)}", file=sys.stderr, flush=True)
     label_diffs = np.concatenate(label_diffs)
@@ -120,6 +124,9 @@ def main() -> None:
     print(f"label words' log-probabilities, |ftkit - llama.cpp|: mean {label_diffs.mean():.4f}, "
           f"max {label_diffs.max():.4f}")
     print(f"all {llm.n_vocab()} log-probabilities at the prompt's end: mean |difference| {np.mean(logit_diffs):.4f}")
+    if split_margins:
+        print(f"predictions differ on {len(split_margins)} examples, where ftkit's two label words are "
+              f"{', '.join(f'{m:.4f}' for m in sorted(split_margins))} apart in log-probability")
     for side, hits in correct.items():
         print(f"accuracy {side}: {hits / len(rows):.4f} ({hits}/{len(rows)})")
 
