@@ -121,6 +121,7 @@ GRID = {
     "quzo_q4_1": base(quant={"format": "q4_1"}, method={"optimizer": "quzo"}, train=ZO),
     "quzo_q4_0_signs": base(quant={"format": "q4_0"}, train={**ZO, "lr": 1e-5},
                             method={"optimizer": "quzo", "zo": {"direction": "rademacher"}}),
+    "quzo_q5_0": base(quant={"format": "q5_0"}, method={"optimizer": "quzo"}, train=ZO),
     # GGUF's Q4_K: super-blocks of 256 along each row, so a BERT with rows of 256
     "quzo_q4_k": {**base(quant={"format": "q4_k"}, method={"optimizer": "quzo"}, train={**ZO, "lr": 1e-3}),
                   "model": {"name": "minilm", "config": {**TINY_BERT, "hidden_size": 256, "intermediate_size": 256,
