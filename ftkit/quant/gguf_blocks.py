@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ftkit.quant.bitplanes import FIVE_BITS
 from ftkit.quant.codecs import IntCodec, round_to_integers
 from ftkit.quant.scales import group_view
 
@@ -88,5 +89,5 @@ def encode_q8_0(codec, weight, group_size, rounding="nearest", generator=None):
 
 Q4_0 = IntCodec("q4_0", 4, packed=True, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q4_0)
 Q4_1 = IntCodec("q4_1", 4, packed=True, signed=False, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q4_1)
-Q5_0 = IntCodec("q5_0", 5, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q5_0)
+Q5_0 = IntCodec("q5_0", 5, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q5_0, storage=FIVE_BITS)
 Q8_0 = IntCodec("q8_0", 8, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q8_0)
