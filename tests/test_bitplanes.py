@@ -32,8 +32,11 @@ def test_all_32_codes_round_trip_exactly_in_any_column():
     one = Q5_0.empty(1, 8)  # the layout: nibbles two per byte (low first), then the fifth bits, column c in bit c
     Q5_0.pack(torch.tensor([[15.0, -16, -1, 0, 1, 2, 3, 4]]), one)
     assert one.tolist() == [[0x0F | 0x00 << 4, 0x0F | 0x00 << 4, 0x1 | 0x2 << 4, 0x3 | 0x4 << 4, 0b11111001]]
-    with pytest.raises(ValueError, match="input features must be a multiple of 8, got 12"):
-        Q5_0.empty(2, 12)
+    ragged = torch.tensor([[-16.0, 15, 0, -1, 7, -8, 3, 2, 1, -2, 15, -16]])  # padded to 16 columns with zero bits
+    stored = Q5_0.empty(1, 12)
+    Q5_0.pack(ragged, stored)
+    assert stored.shape == (1, 10) and torch.equal(Q5_0.unpack(stored, 1, 12), ragged)
+    assert stored[0, 6:8].tolist() == [0, 0] and stored[0, 9] == 0b0101
 
 
 def moved(codes: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@
 
 A stored row of K codes is K/2 + K/8 uint8 bytes: first the low four bits of each code, two per byte (column 2j in
 byte j's low nibble, 2j + 1 in its high nibble), then the fifth bits, eight per byte (column c in bit c % 8 of byte
-K/2 + c // 8). Each code is held as code + offset, 0..31 (Q5_0's -16..15 as the file's q). Rows are independent,
-so any range of rows is a slice of the storage. No kernel reads this layout: the codes are unpacked to dequantize.
+K/2 + c // 8). Each code is held as code + offset, 0..31 (Q5_0's -16..15 as the file's q). A row whose K is no
+multiple of 8 is padded to one with zero bits (Q5_0's rows are blocks of 32). Rows are independent, so any range of
+rows is a slice of the storage. No kernel reads this layout: the codes are unpacked to dequantize.
 
 `FIVE_BITS` bundles the four functions an integer codec asks of its storage (ftkit.quant.codecs.IntCodec.storage).
 """
@@ -23,21 +24,23 @@ class CodeStorage(NamedTuple):
     step: Callable  # (stored list, positions list, steps list, cols list, low, high) -> None, in stored values
 
 
+def padded(cols: int) -> int:
+    return -(-cols // 8) * 8
+
+
 def row_bytes(cols: int) -> int:
-    return cols // 2 + cols // 8
+    return padded(cols) // 2 + padded(cols) // 8
 
 
 def empty_5bit(rows: int, cols: int, device=None) -> torch.Tensor:
-    if cols % 8:
-        raise ValueError(f"5-bit codes are stored eight high bits to a byte: input features must be a multiple of 8, "
-                         f"got {cols}")
     return torch.zeros(rows, row_bytes(cols), dtype=torch.uint8, device=device)
 
 
 def pack_5bit(codes: torch.Tensor, offset: int, out: torch.Tensor) -> None:
     """[n, K] codes with code + offset in 0..31 (float grid values or integers) into `out` [n, K/2 + K/8] uint8."""
-    rows, cols = codes.shape
-    q = codes.to(torch.int16).add_(offset).to(torch.uint8)
+    rows, cols = codes.shape[0], padded(codes.shape[1])
+    q = torch.zeros(rows, cols, dtype=torch.uint8, device=codes.device)
+    q[:, :codes.shape[1]] = codes.to(torch.int16).add_(offset)
     low = q & 0x0F
     out[:, :cols // 2] = low[:, 0::2] | (low[:, 1::2] << 4)
     bits = (q >> 4).view(rows, cols // 8, 8) << torch.arange(8, dtype=torch.uint8, device=q.device)
@@ -46,11 +49,12 @@ def pack_5bit(codes: torch.Tensor, offset: int, out: torch.Tensor) -> None:
 
 def unpack_5bit(stored: torch.Tensor, rows: int, cols: int, offset: int) -> torch.Tensor:
     """Storage [rows, K/2 + K/8] -> the codes [rows, K] as float32 (stored value - offset)."""
-    half = stored[:rows, :cols // 2]
-    q = torch.stack([half & 0x0F, half >> 4], dim=-1).view(rows, cols)
+    width = padded(cols)
+    half = stored[:rows, :width // 2]
+    q = torch.stack([half & 0x0F, half >> 4], dim=-1).view(rows, width)
     shifts = torch.arange(8, dtype=torch.uint8, device=stored.device)
-    high = ((stored[:rows, cols // 2:].unsqueeze(-1) >> shifts) & 1).view(rows, cols)
-    return q.bitwise_or_(high << 4).to(torch.float32).sub_(offset)
+    high = ((stored[:rows, width // 2:].unsqueeze(-1) >> shifts) & 1).view(rows, width)
+    return q.bitwise_or_(high << 4)[:, :cols].to(torch.float32).sub_(offset)
 
 
 def step_5bit(stored: list[torch.Tensor], positions: list[torch.Tensor], steps: list[torch.Tensor],
@@ -62,7 +66,7 @@ def step_5bit(stored: list[torch.Tensor], positions: list[torch.Tensor], steps: 
         flat = flat_codes.view(-1)
         row, col = where // width, where % width
         start = row * row_bytes(width)
-        nibble_at, bit_at = start + col // 2, start + width // 2 + col // 8
+        nibble_at, bit_at = start + col // 2, start + padded(width) // 2 + col // 8
         nibble_unit, bit_unit = 1 << (col % 2) * 4, 1 << col % 8  # a field's lowest bit within its byte
         touched, slot = torch.unique(torch.cat([nibble_at, bit_at]), return_inverse=True)
         current = flat[touched].to(torch.int16)
