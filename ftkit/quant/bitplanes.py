@@ -51,10 +51,12 @@ def unpack_5bit(stored: torch.Tensor, rows: int, cols: int, offset: int) -> torc
     """Storage [rows, K/2 + K/8] -> the codes [rows, K] as float32 (stored value - offset)."""
     width = padded(cols)
     half = stored[:rows, :width // 2]
-    q = torch.stack([half & 0x0F, half >> 4], dim=-1).view(rows, width)
+    q = torch.empty(rows, width // 2, 2, dtype=torch.uint8, device=stored.device)  # nibbles written in place
+    torch.bitwise_and(half, 0x0F, out=q[..., 0])
+    torch.bitwise_right_shift(half, 4, out=q[..., 1])
     shifts = torch.arange(8, dtype=torch.uint8, device=stored.device)
-    high = ((stored[:rows, width // 2:].unsqueeze(-1) >> shifts) & 1).view(rows, width)
-    return q.bitwise_or_(high << 4)[:, :cols].to(torch.float32).sub_(offset)
+    high = (stored[:rows, width // 2:].unsqueeze(-1) >> shifts).bitwise_and_(1).bitwise_left_shift_(4)
+    return q.view(rows, -1, 8).bitwise_or_(high).view(rows, width)[:, :cols].to(torch.float32).sub_(offset)
 
 
 def step_5bit(stored: list[torch.Tensor], positions: list[torch.Tensor], steps: list[torch.Tensor],
