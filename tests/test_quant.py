@@ -179,7 +179,7 @@ def test_quant_linear_storage_and_dequantization(fmt, group_size):
         return
     layer = QuantLinear.from_linear(source, fmt, group_size=group_size, scale_dtype=torch.float32)
     expected_dtype = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn,
-                      "fp8_e5m2": torch.float8_e5m2, "q4_0": torch.uint8, "q4_1": torch.uint8, "q5_0": torch.int8,
+                      "fp8_e5m2": torch.float8_e5m2, "q4_0": torch.uint8, "q4_1": torch.uint8, "q5_0": torch.uint8,
                       "q8_0": torch.int8}[fmt]
     assert layer.codes.dtype == expected_dtype
     assert not any(t.dtype == torch.float32 and t.numel() >= source.weight.numel() for t in layer.state_dict().values())
@@ -343,10 +343,10 @@ def test_count_params_reports_int4_storage_with_logical_counts(write_recipe, fmt
     int4 = count_parameters(load_recipe(write_recipe({"quant": {"format": fmt}}, "int4.yaml")))
     assert int4["total"] == fp32["total"] == 22_713_216 + 770
     linear_weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
-    # int4: half a byte a weight and a bf16 scale a row; GGUF's: the file's bytes per block of 32 weights, but Q5_0's
-    # 5-bit codes take a byte each (34 bytes a block held, 22 in a file)
+    # int4: half a byte a weight and a bf16 scale a row; GGUF's: the file's bytes per block of 32 weights (Q5_0's
+    # codes five bits each: 22)
     stored = {"int4": linear_weights // 2 + 2 * 6 * (4 * 384 + 1536 + 384), "q4_0": linear_weights // 32 * 18,
-              "q4_1": linear_weights // 32 * 20, "q5_0": linear_weights // 32 * 34,
+              "q4_1": linear_weights // 32 * 20, "q5_0": linear_weights // 32 * 22,
               "q8_0": linear_weights // 32 * 34}[fmt]
     saved = fp32["stored_bytes"] - int4["stored_bytes"]
     assert saved == linear_weights * 4 - stored
@@ -581,8 +581,7 @@ def gguf_reference_matrix() -> torch.Tensor:
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
 def test_gguf_block_codes_dequantize_to_what_gguf_quants_gives_for_its_own_bytes(fmt):
     """The same float matrix quantized by ftkit and by gguf.quants (bit-exact with llama.cpp's quantizer): equal
-    weights to the bit, and true bytes: 18 (Q4_0), 20 (Q4_1) or 34 (Q8_0) per block of 32; Q5_0 holds 34 (one byte
-    a code, the file packs 22)."""
+    weights to the bit, and true bytes: 18 (Q4_0), 20 (Q4_1), 22 (Q5_0) or 34 (Q8_0) per block of 32, the file's."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
@@ -594,7 +593,7 @@ def test_gguf_block_codes_dequantize_to_what_gguf_quants_gives_for_its_own_bytes
     layer = QuantLinear.from_linear(source, fmt)
     assert layer.group_size == 32 and layer.scales.dtype == torch.float16
     assert torch.equal(layer.dequantize(), torch.from_numpy(np.ascontiguousarray(expected)))
-    per_block = {"q4_0": 18, "q4_1": 20, "q5_0": 34, "q8_0": 34}[fmt]
+    per_block = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q8_0": 34}[fmt]
     padded = 128 if fmt in ("q4_0", "q4_1") else 96  # 4-bit codes: rows in blocks of 64
     blocks = 96 * 256 // 32
     assert layer.stored_bytes == blocks * per_block + (padded - 96) * 256 // 2

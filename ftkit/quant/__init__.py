@@ -28,8 +28,8 @@ FORMATS: Registry = Registry("quant.format", [
            codec=Hook("ftkit.quant.gguf_blocks:Q4_0"), kernels=("int4pack",), block=32),
     Format("q4_1", "GGUF Q4_1: blocks of 32 codes 0..15, a float16 scale and minimum (5 bits a weight)",
            codec=Hook("ftkit.quant.gguf_blocks:Q4_1"), kernels=("int4pack",), block=32),
-    Format("q5_0", "GGUF Q5_0: blocks of 32 codes 0..31 minus 16 and a float16 scale (5.5 bits a weight in a file, "
-                   "8.5 held)", codec=Hook("ftkit.quant.gguf_blocks:Q5_0"), block=32),
+    Format("q5_0", "GGUF Q5_0: blocks of 32 codes 0..31 minus 16 and a float16 scale (5.5 bits a weight)",
+           codec=Hook("ftkit.quant.gguf_blocks:Q5_0"), block=32),
     Format("q8_0", "GGUF Q8_0: blocks of 32 int8 codes and a float16 scale (8.5 bits a weight)",
            codec=Hook("ftkit.quant.gguf_blocks:Q8_0"), block=32),
     Format("q4_k", "GGUF Q4_K: super-blocks of 256 with float16 d and dmin, 6-bit scales and minimums per 32, codes "

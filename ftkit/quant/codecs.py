@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ftkit.quant.bitplanes import CodeStorage
 from ftkit.quant.packing import BLOCK, pack_nibbles, padded_rows, step_nibbles, unpack_codes
 from ftkit.quant.scales import compute_scales, group_view
 
@@ -39,7 +40,8 @@ from ftkit.quant.scales import compute_scales, group_view
 @dataclass(frozen=True)
 class IntCodec:
     """Signed integers qmin..qmax; the scale maps a group's absolute maximum to qmax (symmetric). Codes are stored
-    one per int8 byte, or `packed` two per byte (bits <= 4) in the layout of ftkit.quant.packing.
+    one per int8 byte, or `packed` two per byte (bits <= 4) in the layout of ftkit.quant.packing, or in a `storage`
+    of their own (ftkit.quant.bitplanes: five bits a code), which holds code - qmin.
 
     A format with a quantizer of its own (GGUF's blocks, ftkit.quant.gguf_blocks) sets `encoder`, and may fix the
     group size (`block`) and the scales' dtype; `signed=False` is the grid 0..2^bits - 1 with a per-group minimum
@@ -52,6 +54,7 @@ class IntCodec:
     block: int = 0  # the format's own group size (0: quant.group_size)
     scale_dtype: Optional[torch.dtype] = None  # the format's own scale dtype (None: quant.scale_dtype)
     encoder: Optional[Callable] = None  # encoder(codec, weight, group_size, rounding, generator) -> as `encode`
+    storage: Optional[CodeStorage] = None  # where codes are neither bytes nor packed nibbles
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -93,6 +96,8 @@ class IntCodec:
         return scale_groups(x, params, self.block or group_size, into)
 
     def empty(self, rows: int, cols: int, device=None) -> torch.Tensor:
+        if self.storage is not None:
+            return self.storage.empty(rows, cols, device)
         if self.packed:
             if cols % 2:
                 raise ValueError(f"{self.name} needs an even number of input features, got {cols}")
@@ -100,18 +105,25 @@ class IntCodec:
         return torch.zeros(rows, cols, dtype=torch.int8, device=device)
 
     def pack(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self.packed:  # nibbles hold code - qmin: int4's -8..7 as 0..15, unsigned codes as they are
+        if self.storage is not None:
+            self.storage.pack(x, -self.qmin, out)
+        elif self.packed:  # nibbles hold code - qmin: int4's -8..7 as 0..15, unsigned codes as they are
             pack_nibbles(x, -self.qmin, out=out)
         else:
             out.copy_(x.to(torch.int8))
 
     def unpack(self, stored: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        if self.storage is not None:
+            return self.storage.unpack(stored, rows, cols, -self.qmin)
         if self.packed:
             return unpack_codes(stored, rows, cols, -self.qmin, torch.float32)
         return stored.to(torch.float32)
 
     def step(self, stored: list[torch.Tensor], positions: list[torch.Tensor], steps: list[torch.Tensor],
              cols: list[int]) -> None:
+        if self.storage is not None:  # in stored values, code - qmin
+            self.storage.step(stored, positions, steps, cols, 0, self.qmax - self.qmin)
+            return
         if self.packed:  # all layers' moves at once: one read and one write of the touched bytes per layer
             step_nibbles(stored, positions, steps, cols, 0, self.qmax - self.qmin)
             return

@@ -11,17 +11,18 @@ The quantizers follow gguf.quants (which is bit-exact with ggml-quants.c): d in 
 1/d in float32, Q4_0, Q4_1 and Q5_0 rounded by truncating x + 8.5, x + 0.5 and x + 16.5, Q8_0 to nearest with ties
 away from zero, and only then d and m rounded to float16. So codes and scales are the file's, and the weights they
 decode to are gguf.quants.dequantize's exactly. ftkit keeps Q4_0's codes as q - 8 (int4's grid: -8..7, same
-nibbles), Q4_1's as q (an unsigned grid with minimums) and Q5_0's as q - 16 (-16..15, one int8 byte each: 34 bytes a
-block held where the file packs 22; 5-bit packing is not done); the nibbles sit in ftkit's packed layout
-(ftkit.quant.packing), not the file's byte order. One difference: a block whose d is 0 (all its weights equal) stores
-d = 1 (with d's sign), its codes unchanged, so the weights are the same and zeroth-order updates, which work in units
-of d, stay finite.
+nibbles), Q4_1's as q (an unsigned grid with minimums) and Q5_0's as q - 16 (-16..15 in five bits,
+ftkit.quant.bitplanes: 22 bytes a block, as the file); the bits sit in ftkit's layouts (ftkit.quant.packing,
+bitplanes), not the file's byte order. One difference: a block whose d is 0 (all its weights equal) stores d = 1
+(with d's sign), its codes unchanged, so the weights are the same and zeroth-order updates, which work in units of
+d, stay finite.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ftkit.quant.bitplanes import FIVE_BITS
 from ftkit.quant.codecs import IntCodec, round_to_integers
 from ftkit.quant.scales import group_view
 
@@ -88,5 +89,5 @@ def encode_q8_0(codec, weight, group_size, rounding="nearest", generator=None):
 
 Q4_0 = IntCodec("q4_0", 4, packed=True, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q4_0)
 Q4_1 = IntCodec("q4_1", 4, packed=True, signed=False, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q4_1)
-Q5_0 = IntCodec("q5_0", 5, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q5_0)
+Q5_0 = IntCodec("q5_0", 5, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q5_0, storage=FIVE_BITS)
 Q8_0 = IntCodec("q8_0", 8, block=BLOCK, scale_dtype=torch.float16, encoder=encode_q8_0)
