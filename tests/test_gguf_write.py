@@ -151,12 +151,12 @@ def test_what_gguf_cannot_hold_is_refused_by_name_and_nothing_is_written(files, 
             recorded={"size": source.stat().st_size, "sha256": "0" * 64})
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(source.read_bytes()[:5000])
-    refused(model, truncated, out, rf"{truncated}: not a GGUF file")
+    refused(model, truncated, out, rf"{truncated} is truncated or damaged")
     foreign = tmp_path / "foreign.gguf"
     writer = GGUFWriter(str(foreign), "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    refused(model, foreign, out, rf"{foreign}: general.architecture is gpt2; GGUF export writes LLaMA-architecture")
+    refused(model, foreign, out, rf"{foreign} holds a 'gpt2' model; ftkit reads GGUF files of the LLaMA architecture")
     out.write_bytes(b"mine")
     with pytest.raises(UserError, match="exists; choose another -o"):
         write_gguf(model, source, out, reader=reader)

@@ -30,6 +30,8 @@ from gguf import GGMLQuantizationType
 from ftkit.quant.linear import QuantLinear
 
 BLOCK = 32
+# The float tensor types of a GGUF file (norms; a model's unquantized weights): read and written as floats.
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 class BlockLayout(NamedTuple):

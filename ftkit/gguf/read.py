@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, quants
 from ftkit import devices
 from ftkit.devices import CPU
 from ftkit.errors import UserError, first_line
-from ftkit.gguf.layout import BY_TYPE, layer_from_file
+from ftkit.gguf.layout import BY_TYPE, FLOAT_TYPES, layer_from_file
 from ftkit.gguf.metadata import field_value
 from ftkit.gguf.names import DERIVED, gguf_name, hf_name, permuted_heads, to_hf_rows
 from ftkit.memory import memory_returned_while_loading
@@ -36,7 +36,6 @@ from ftkit.quant import ENGINES, FORMATS
 from ftkit.quant.convert import convert_linear, is_skipped, skip_patterns
 
 ARCHITECTURES = ("llama",)  # what ftkit.gguf.names maps
-FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 MAGIC = b"GGUF"
 
 
@@ -114,6 +113,8 @@ def _from_file(auto, what: str, resolved: str, size: int, mtime_ns: int):
     try:
         return auto.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, NotImplementedError) as err:
+        # transformers' GGUF reader raises NotImplementedError for a tokenizer model or architecture it does not
+        # convert, KeyError / ValueError for missing or malformed metadata: each is the user's file, in one line
         raise UserError(f"model.name: cannot read the {what} of {path}: {first_line(err)}") from None
 
 
@@ -160,7 +161,7 @@ def dequantized(tensor, config, path: Path) -> torch.Tensor:
     """A tensor's weights as float32, exactly as gguf.quants dequantizes them, rows in the Hugging Face order."""
     try:
         values = quants.dequantize(tensor.data, tensor.tensor_type)
-    except (NotImplementedError, ValueError, KeyError) as err:
+    except (NotImplementedError, ValueError, KeyError) as err:  # gguf.quants has no dequantizer for this type
         raise UserError(f"model.name: {path}: tensor {tensor.name} is {tensor.tensor_type.name}, which cannot be "
                         f"dequantized ({first_line(err)})") from None
     weight = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: F32 tensors come as the read-only map

@@ -27,16 +27,15 @@ import torch.nn as nn
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, quants
 
 from ftkit.errors import UserError
-from ftkit.gguf.layout import LAYOUTS, layer_to_file
+from ftkit.gguf.layout import FLOAT_TYPES, LAYOUTS, layer_to_file
 from ftkit.gguf.metadata import copy_fields, field_value
 from ftkit.gguf.names import gguf_name, hf_name, permuted_heads, to_file_rows
 from ftkit.quant.linear import QuantLinear
 from ftkit.safe_files import remove, storage_error
 
-FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 # general.file_type of a file whose linear weights are all of one block type (llama.cpp's "mostly" types)
 FILE_TYPES = {GGMLQuantizationType.Q4_0: LlamaFileType.MOSTLY_Q4_0, GGMLQuantizationType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
-              GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0}
+              GGMLQuantizationType.Q5_0: LlamaFileType.MOSTLY_Q5_0, GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0}
 TIED = ("lm_head.weight", "model.embed_tokens.weight")  # the output layer and the embedding it is tied to
 SUGGEST = "train with a GGUF format (q4_0, q4_1, q5_0, q8_0, q4_k, q6_k, or gguf: the file's own), or export --format hf"
 
@@ -65,16 +64,6 @@ def refusal(recipe, source: Path | None, merge: bool) -> str | None:
         return (f"a GGUF file has no place for {adapter.name} tensors; add --merge (merged weights are quantized to "
                 f"the file's types) or export --format hf")
     return None
-
-
-def read_source(source: Path) -> GGUFReader:
-    """The source file, or one line naming it when it is not a readable GGUF file."""
-    try:
-        return GGUFReader(source)
-    except FileNotFoundError:
-        raise UserError(f"{source}: the model's GGUF file is gone; put it back to export --format gguf") from None
-    except (OSError, ValueError, KeyError, IndexError) as error:
-        raise UserError(f"{source}: not a GGUF file this version reads ({error})") from None
 
 
 def check_recorded(source: Path, recorded: dict | None) -> None:
@@ -111,7 +100,9 @@ def write_gguf(model: nn.Module, source: Path, out: Path, note: Callable[[str], 
     `types_from_file`: the layers took their formats from the file, so a layer of another type means it changed;
     `reader`: the source already open (parsing a tokenizer's metadata takes seconds)."""
     check_recorded(source, recorded)
-    reader = reader or read_source(source)
+    from ftkit.gguf.read import open_gguf
+
+    reader = reader or open_gguf(source)  # one line for a missing, short, foreign or other-architecture file
     tensors = model_tensors(model)
     arch = field_value(reader, "general.architecture")
     if arch != "llama":
@@ -183,7 +174,7 @@ def _floats(name: str, values: np.ndarray, tensor, requantized: list):
         if np.array_equal(quants.dequantize(raw, ggml), values):
             return raw, ggml  # untouched: the source's own bytes
         encoded = quants.quantize(values, ggml)
-    except NotImplementedError:
+    except NotImplementedError:  # gguf.quants dequantizes K-quants but quantizes only the simple types
         raise UserError(f"{name}: the source's type {ggml.name} for this full-precision tensor has no "
                         f"gguf.quants codec here; export --format hf") from None
     requantized.append(name)
