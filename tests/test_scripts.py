@@ -112,6 +112,12 @@ def test_zo_race_table_gives_the_seed_spread_and_the_forwards_to_the_target():
     assert "| 77.0 +- 1.4 (2) |  | 800 (1/2 runs) | 60 | 1.00 | 2.0 |" in rows["| QuZO, Gaussian, central"]
     # The screen's run and the longer one: the costs and the forwards to the target of the longer.
     assert "| 71.0 (1) | 80.0 (1) | 2,400 (1/1 runs) | 120 |" in rows["| QuZO, random signs, central"]
+    # A task raced at its own budget (`--forwards`) says so in its column's head, not in every cell of it.
+    cb = [dict(race_record(cell, 0, [[0, 0, 30.0], [400, 200, 50.0]], 45.0, 400), task="cb", metric="macro_f1",
+               test={"macro_f1": 45.0}) for cell in ("norms-gauss", "codes-signs")]
+    lines = zo_race.table(records + cb).splitlines()
+    assert "| sst2 test accuracy, 2,400 F | cb test macro_f1, 400 F |" in lines[0]
+    assert "| 77.0 +- 1.4 (2) |  | 45.0 (1) |" in lines[2]
 
 
 def test_make_gguf_expands_every_tensor_to_float32_and_counts_the_blocks_ftkit_quantizes_alike(tmp_path):
