@@ -390,13 +390,19 @@ def table(records: list[dict]) -> str:
         texts = [mean_spread(column_runs(records, cell.name, t, p), column_budget(records, t, p)) for t, p in columns]
         longest = [r for r in mine if r["budget"] == max(r["budget"] for r in mine)]  # the costs of the largest
         minutes = statistics.mean((r.get("elapsed_seconds") or r.get("wall_seconds") or 0) / 60 for r in longest)
-        step = statistics.mean(r["seconds_per_step"] or 0 for r in longest)
+        step = statistics.mean(seconds_per_step(r) for r in longest)
         peak = max(r["peak_rss_mb"] or 0 for r in mine) / 1024
         trainable = f"{mine[0]['trainable_params']:,}" if mine[0].get("trainable_params") else ""
         sst2 = [r for r in longest if r["task"] == "sst2"]
         lines.append(f"| {cell.estimator} | {cell.trained} | {trainable} | " + " | ".join(texts) +
                      f" | {reach(sst2)} | {minutes:.0f} | {step:.2f} | {peak:.1f} | {CLAIMS.get(cell.paper, '')} |")
     return "\n".join(lines)
+
+
+def seconds_per_step(record: dict) -> float:
+    """The run's own figure, or its elapsed time over its steps where the last session only evaluated (a resume
+    that found training done writes none)."""
+    return record.get("seconds_per_step") or (record.get("elapsed_seconds") or 0.0) / max(record.get("steps") or 1, 1)
 
 
 def mean_curve(runs: list[dict], x: int) -> tuple[list[float], list[float]]:

@@ -77,6 +77,8 @@ def test_zo_race_counts_forwards_as_each_cell_declares_them_and_records_a_run(tm
     assert (record["forwards"], record["dev_curve"][-1], record["test"]) == (4, [4, 2, 60.0, 8.0],
                                                                              {"accuracy": 55.0, "macro_f1": 50.0})
     assert (record["best_dev"], record["peak_rss_mb"], record["elapsed_seconds"]) == (60.0, 900.0, 8.0)
+    # a resume that found training done writes no s/step: the run's elapsed time over its steps stands in
+    assert zo_race.seconds_per_step({"seconds_per_step": None, "elapsed_seconds": 120.0, "steps": 60}) == 2.0
 
 
 def test_zo_race_skips_cells_this_ftkit_does_not_know_and_takes_the_screens_leaders_on_three_seeds(tmp_path):
