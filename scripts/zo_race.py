@@ -455,11 +455,12 @@ def figure(records: list[dict], out: Path, title: str) -> bool:
 def report(records: list[dict], skipped: dict, command: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     body = (f"_`{command}`, {stamp}; SmolLM2-135M-Instruct over its int4 g64 base, SST-2 in the chat prompt (MeZO's "
-            f"1,000 / 500 draw; test: the 872 validation sentences on the best dev checkpoint), CB as MeZO draws "
-            f"it. F: training forward passes (2 per query and step for central estimates, a method's own count "
-            f"where it logs one, 3 forward-equivalents per first-order step); dev every 200 F (the first-order "
-            f"line: every 25 steps, 75 F); s/step and minutes include the evaluations. One thread a run on a "
-            f"shared 2-core machine: minutes and s/step rank rows within this table only._\n\n" + table(records))
+            f"1,000 / 500 draw; test: the 872 validation sentences on the best dev checkpoint), CB in its own "
+            f"prompt (150 training examples, 100 held out for dev, test: the 56 validation examples, macro-F1). F: "
+            f"training forward passes (2 per query and step for central estimates, a method's own count where it "
+            f"logs one, 3 forward-equivalents per first-order step); dev every 200 F, CB every 100 F (the "
+            f"first-order line: every 25 steps, 75 F); s/step and minutes include the evaluations. One thread a run "
+            f"on a shared 2-core machine: minutes and s/step rank rows within this table only._\n\n" + table(records))
     if skipped:
         body += "\n\nCells not run (this ftkit does not accept their recipes yet):\n\n" + "\n".join(
             f"- `{name}`: {problem}" for name, problem in skipped.items())
