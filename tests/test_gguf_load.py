@@ -287,3 +287,23 @@ def load_checkpoint_weights(run_dir):
     from safetensors.torch import load_file
 
     return load_file(str(ckpt.resolve(run_dir / "checkpoints", "last") / ckpt.WEIGHTS))
+
+
+def test_what_the_libraries_cannot_read_ends_in_one_line_naming_file_and_tensor(tiny, tmp_path):
+    """transformers builds no tokenizer for an unknown tokenizer model, and gguf.quants has no dequantizer for some
+    block types (Q8_1, llama.cpp's activation type): each is the user's file, said in one line."""
+    from types import SimpleNamespace
+
+    from ftkit.gguf.read import dequantized, file_config, file_tokenizer
+
+    odd = edited(tiny, tmp_path / "wxyz.gguf", b"\x04\x00\x00\x00\x00\x00\x00\x00gpt2",
+                 b"\x04\x00\x00\x00\x00\x00\x00\x00wxyz")
+    with pytest.raises(UserError, match=r"model.name: cannot read the tokenizer of .*wxyz.gguf: .*'wxyz'") as caught:
+        file_tokenizer(odd)
+    assert "\n" not in str(caught.value)
+    q8_1 = SimpleNamespace(name="blk.0.ffn_up.weight", tensor_type=GGMLQuantizationType.Q8_1,
+                           data=np.zeros((1, 36), dtype=np.uint8), shape=[32, 1])
+    with pytest.raises(UserError, match=r"tiny.gguf: tensor blk.0.ffn_up.weight is Q8_1, which cannot be "
+                                        r"dequantized") as caught:
+        dequantized(q8_1, file_config(tiny), tiny)
+    assert "\n" not in str(caught.value)

@@ -205,3 +205,19 @@ def test_export_refuses_what_gguf_cannot_hold_before_loading_anything(tmp_path, 
     assert result.exit_code == 2, result.output
     assert re.search(rf"^error: {run} cannot be exported as GGUF: {message}", result.output), result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_changed_tensor_whose_source_type_gguf_cannot_quantize_is_refused_in_one_line():
+    """gguf.quants dequantizes Q4_K but quantizes only the simple types: a full-precision tensor stored as Q4_K in the
+    source, changed by training, cannot be written back in its type; untouched, its own bytes go back."""
+    from types import SimpleNamespace
+
+    from ftkit.gguf.write import _floats
+
+    zeros = np.zeros((1, 144), dtype=np.uint8)  # one Q4_K block of 256 zeros
+    source = SimpleNamespace(tensor_type=T.Q4_K, data=zeros)
+    raw, ggml = _floats("model.embed_tokens.weight", np.zeros((1, 256), dtype=np.float32), source, [])
+    assert ggml == T.Q4_K and np.array_equal(raw, zeros)  # untouched: the source's own bytes
+    with pytest.raises(UserError, match=r"model.embed_tokens.weight: the source's type Q4_K for this full-precision "
+                                        r"tensor has no gguf.quants codec here; export --format hf"):
+        _floats("model.embed_tokens.weight", np.ones((1, 256), dtype=np.float32), source, [])
