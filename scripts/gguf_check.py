@@ -111,9 +111,10 @@ def main() -> None:
         seconds["llama.cpp"] += time.perf_counter() - start
         label_diffs.append(np.abs(ours[candidates] - theirs[candidates]))
         logit_diffs.append(np.abs(ours - theirs).mean())
-        correct["ftkit"] += int(np.argmax(ours[candidates]) == label)
-        correct["llama.cpp"] += int(np.argmax(theirs[candidates]) == label)
-        if np.argmax(ours[candidates]) != np.argmax(theirs[candidates]):
+        ours_pick, theirs_pick = np.argmax(ours[candidates]), np.argmax(theirs[candidates])
+        correct["ftkit"] += int(ours_pick == label)
+        correct["llama.cpp"] += int(theirs_pick == label)
+        if ours_pick != theirs_pick:
             top = np.sort(ours[candidates])
             split_margins.append(top[-1] - top[-2])
         if (index + 1) % 100 == 0:

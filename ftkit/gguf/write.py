@@ -30,6 +30,7 @@ from ftkit.errors import UserError
 from ftkit.gguf.layout import FLOAT_TYPES, LAYOUTS, layer_to_file
 from ftkit.gguf.metadata import copy_fields, field_value
 from ftkit.gguf.names import gguf_name, hf_name, permuted_heads, to_file_rows
+from ftkit.gguf.read import open_gguf
 from ftkit.quant.linear import QuantLinear
 from ftkit.safe_files import remove, storage_error
 
@@ -100,8 +101,6 @@ def write_gguf(model: nn.Module, source: Path, out: Path, note: Callable[[str], 
     `types_from_file`: the layers took their formats from the file, so a layer of another type means it changed;
     `reader`: the source already open (parsing a tokenizer's metadata takes seconds)."""
     check_recorded(source, recorded)
-    from ftkit.gguf.read import open_gguf
-
     reader = reader or open_gguf(source)  # one line for a missing, short, foreign or other-architecture file
     tensors = model_tensors(model)
     arch = field_value(reader, "general.architecture")
