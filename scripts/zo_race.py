@@ -103,10 +103,10 @@ CELLS = [
     # a low-rank kind leaves the scales full Gaussian directions (few numbers), so scales-lowrank would be this cell
     Cell("scales-gauss-hi", "QuZO, Gaussian, central, clipped, lr 1e-5", "int4 scales", NORMS,
          zo(**{**SCALES, "lr": 1e-5}), paper="QZO"),
-    # rate screens where the screen's first rates were not chosen for the trained set: the scales learn faster at
-    # 1e-5 than at 1e-6 (dev 70.2% against 66.4% at 400 forwards); the codes drift at 1e-6
     # the norms at three times their rate, for the target of 79.2% in a third of its 2,400 forwards
     Cell("norms-gauss-3x", "QuZO, Gaussian, central, lr 1.5e-4", "norm scales", NORMS, zo(lr=1.5e-4), paper="QuZO"),
+    # rate screens where the screen's first rates were not chosen for the trained set: the scales learn faster at
+    # 1e-5 than at 1e-6 (dev 70.2% against 66.4% at 400 forwards); the codes drift at 1e-6
     Cell("scales-gauss-3e5", "QuZO, Gaussian, central, clipped, lr 3e-5", "int4 scales", NORMS,
          zo(**{**SCALES, "lr": 3e-5}), paper="QZO"),
     Cell("codes-signs-2e7", "QuZO, random signs, central, lr 2e-7", "int4 codes", NORMS,
@@ -379,7 +379,8 @@ def reach(runs: list[dict]) -> str:
 def table(records: list[dict]) -> str:
     """Rows estimator x trained set, columns task x phase (test, mean +- std over seeds), then the costs."""
     columns = sorted({(r["task"], r["phase"]) for r in records}, key=lambda c: (TASKS.index(c[0]), c[1]))
-    head = [f"{t} test {SMOLLM2_TASKS[t]['metric']}, {column_budget(records, t, p):,} F" for t, p in columns]
+    budgets = {column: column_budget(records, *column) for column in columns}
+    head = [f"{t} test {SMOLLM2_TASKS[t]['metric']}, {budgets[t, p]:,} F" for t, p in columns]
     lines = ["| estimator | trained set | trainable | " + " | ".join(head) + " | SST-2 forwards to dev >= "
              f"{TARGET} | min per run | s/step | peak RSS GB | paper claims |",
              "| --- | --- | ---: |" + " ---: |" * (len(columns) + 4) + " --- |"]
@@ -387,7 +388,7 @@ def table(records: list[dict]) -> str:
         mine = [r for r in records if r["cell"] == cell.name]
         if not mine:
             continue
-        texts = [mean_spread(column_runs(records, cell.name, t, p), column_budget(records, t, p)) for t, p in columns]
+        texts = [mean_spread(column_runs(records, cell.name, t, p), budgets[t, p]) for t, p in columns]
         longest = [r for r in mine if r["budget"] == max(r["budget"] for r in mine)]  # the costs of the largest
         minutes = statistics.mean((r.get("elapsed_seconds") or r.get("wall_seconds") or 0) / 60 for r in longest)
         step = statistics.mean(seconds_per_step(r) for r in longest)
@@ -402,7 +403,7 @@ def table(records: list[dict]) -> str:
 def seconds_per_step(record: dict) -> float:
     """The run's own figure, or its elapsed time over its steps where the last session only evaluated (a resume
     that found training done writes none)."""
-    return record.get("seconds_per_step") or (record.get("elapsed_seconds") or 0.0) / max(record.get("steps") or 1, 1)
+    return record.get("seconds_per_step") or (record.get("elapsed_seconds") or 0.0) / (record.get("steps") or 1)
 
 
 def mean_curve(runs: list[dict], x: int) -> tuple[list[float], list[float]]:
@@ -452,13 +453,23 @@ def figure(records: list[dict], out: Path, title: str) -> bool:
     return True
 
 
+def eval_intervals(records: list[dict]) -> str:
+    """How often each task's zeroth-order runs evaluated dev, in forwards, as their curves show (e.g. "200 F on
+    sst2, 100 F on cb")."""
+    gaps = {}
+    for r in records:
+        if not BY_NAME[r["cell"]].reference and len(r["dev_curve"]) > 1:
+            gaps.setdefault(r["task"], set()).add(int(r["dev_curve"][1][0] - r["dev_curve"][0][0]))
+    return ", ".join(f"{'/'.join(f'{g:,}' for g in sorted(found))} F on {task}" for task, found in gaps.items())
+
+
 def report(records: list[dict], skipped: dict, command: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     body = (f"_`{command}`, {stamp}; SmolLM2-135M-Instruct over its int4 g64 base, SST-2 in the chat prompt (MeZO's "
             f"1,000 / 500 draw; test: the 872 validation sentences on the best dev checkpoint), CB in its own "
             f"prompt (150 training examples, 100 held out for dev, test: the 56 validation examples, macro-F1). F: "
             f"training forward passes (2 per query and step for central estimates, a method's own count where it "
-            f"logs one, 3 forward-equivalents per first-order step); dev every 200 F, CB every 100 F (the "
+            f"logs one, 3 forward-equivalents per first-order step); dev every {eval_intervals(records)} (the "
             f"first-order line: every 25 steps, 75 F); s/step and minutes include the evaluations. One thread a run "
             f"on a shared 2-core machine: minutes and s/step rank rows within this table only._\n\n" + table(records))
     if skipped:

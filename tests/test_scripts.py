@@ -120,6 +120,8 @@ def test_zo_race_table_gives_the_seed_spread_and_the_forwards_to_the_target():
     lines = zo_race.table(records + cb).splitlines()
     assert "| sst2 test accuracy, 2,400 F | cb test macro_f1, 400 F |" in lines[0]
     assert "| 77.0 +- 1.4 (2) |  | 45.0 (1) |" in lines[2]
+    # the report says how often dev was evaluated from the curves themselves, per task
+    assert zo_race.eval_intervals(records + cb) == "800/1,200/2,400 F on sst2, 400 F on cb"
 
 
 def test_make_gguf_expands_every_tensor_to_float32_and_counts_the_blocks_ftkit_quantizes_alike(tmp_path):
